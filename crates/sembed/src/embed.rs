@@ -1,0 +1,433 @@
+//! Texts → unit vectors. [`Embedder`] wraps one model: prompts and input roles, tokenisation,
+//! length-sorted batching (order restored), pooling, Matryoshka truncation and normalisation.
+//! [`Fusion`] joins several embedders into one vector (the Qodo ⊕ Jina pipeline).
+
+use crate::config::{Architecture, ModelFolder, Pooling};
+use crate::error::{Error, Result};
+use crate::models::{bert::Bert, jina::Jina, qwen::Qwen, Batch, Encoder};
+use crate::nn::positions_from_mask;
+use crate::pool::{normalize_rows, pool};
+use crate::tokenize::TextTokenizer;
+use crate::weights::{WeightStore, Weights};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+/// What an input is, for models that embed queries and documents differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputRole {
+    Query,
+    Document,
+}
+
+impl std::str::FromStr for InputRole {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "query" => Ok(InputRole::Query),
+            "document" | "passage" => Ok(InputRole::Document),
+            other => Err(Error::InvalidInput(format!(
+                "input type `{other}`: expected `query` or `document`"
+            ))),
+        }
+    }
+}
+
+/// Options of one embedding call.
+#[derive(Debug, Clone)]
+pub struct EmbedOptions {
+    pub role: Option<InputRole>,
+    /// A Jina task (`retrieval.query`, `text-matching`, ...) or a sentence-transformers prompt name.
+    pub task: Option<String>,
+    /// Matryoshka dimension: keep the first `d` values, then normalise.
+    pub dimensions: Option<usize>,
+    pub normalize: bool,
+    pub truncate: bool,
+    /// Cut long texts at the start instead of the end.
+    pub truncate_left: Option<bool>,
+    pub max_length: Option<usize>,
+    pub batch_size: usize,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        EmbedOptions {
+            role: None,
+            task: None,
+            dimensions: None,
+            normalize: true,
+            truncate: true,
+            truncate_left: None,
+            max_length: None,
+            batch_size: 32,
+        }
+    }
+}
+
+/// Anything that turns texts into vectors: one model or a fusion of several.
+pub trait Embed: Send + Sync {
+    fn embed(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>>;
+    /// Output dimension with default options.
+    fn dimension(&self) -> usize;
+    fn name(&self) -> &str;
+    /// Whether `task` means something here (a Jina adapter or a prompt name).
+    fn knows_task(&self, task: &str) -> bool;
+}
+
+/// One model, ready to embed.
+pub struct Embedder {
+    name: String,
+    folder: ModelFolder,
+    model: Box<dyn Encoder>,
+    tokenizer: TextTokenizer,
+    device: Device,
+    pad_id: u32,
+}
+
+/// How a call's options resolve for a given model.
+struct Resolved {
+    prefix: String,
+    adapter: Option<usize>,
+}
+
+impl Embedder {
+    /// Load a model folder in the given compute dtype.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let folder = ModelFolder::read(dir)?;
+        let tokenizer = TextTokenizer::from_dir(dir)?;
+        let store = WeightStore::from_dir(dir)?;
+        let weights = Weights::new(store, dtype, device);
+        let model = build_model(&folder.arch, &weights)?;
+        let pad_id = match &folder.arch {
+            Architecture::Qwen(_) => tokenizer.token_to_id("<|endoftext|>").unwrap_or(0),
+            Architecture::Jina(_) => tokenizer.token_to_id("<pad>").unwrap_or(1),
+            Architecture::Bert(_) => tokenizer.token_to_id("[PAD]").unwrap_or(0),
+        };
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(Embedder {
+            name,
+            folder,
+            model,
+            tokenizer,
+            device: device.clone(),
+            pad_id,
+        })
+    }
+
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Pad batches on the left (true) or right (false), overriding `tokenizer_config.json`.
+    pub fn set_padding_left(&mut self, left: bool) {
+        self.folder.tokenizer.padding_side_left = left;
+    }
+
+    /// The last hidden state `[tokens][hidden]` of one text, as the pooling sees it.
+    pub fn last_hidden_state(&self, text: &str, opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+        let r = self.resolve(opts)?;
+        let ids = self.tokenize_resolved(&[text.to_string()], opts, &r)?;
+        let (hidden, _, _) = self.forward_hidden(&[&ids[0]], r.adapter)?;
+        Ok(hidden.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+
+    pub fn folder(&self) -> &ModelFolder {
+        &self.folder
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.folder.max_seq_length()
+    }
+
+    /// Jina task names, in adapter order (empty for other models).
+    pub fn tasks(&self) -> &[String] {
+        match &self.folder.arch {
+            Architecture::Jina(c) => &c.lora_adaptations,
+            _ => &[],
+        }
+    }
+
+    fn resolve(&self, opts: &EmbedOptions) -> Result<Resolved> {
+        let sentence = &self.folder.sentence;
+        if let Architecture::Jina(cfg) = &self.folder.arch {
+            let task = match (&opts.task, opts.role) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(InputRole::Query)) => Some("retrieval.query".to_string()),
+                (None, Some(InputRole::Document)) => Some("retrieval.passage".to_string()),
+                (None, None) => None,
+            };
+            return match task {
+                None => Ok(Resolved {
+                    prefix: String::new(),
+                    adapter: None,
+                }),
+                Some(t) => {
+                    let idx = cfg.lora_adaptations.iter().position(|a| *a == t).ok_or_else(|| {
+                        Error::InvalidInput(format!(
+                            "unknown task `{t}` for {}; available: {}",
+                            self.name,
+                            cfg.lora_adaptations.join(", ")
+                        ))
+                    })?;
+                    Ok(Resolved {
+                        prefix: cfg.task_instructions.get(&t).cloned().unwrap_or_default(),
+                        adapter: Some(idx),
+                    })
+                }
+            };
+        }
+        let prompt_name = match (&opts.task, opts.role) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(InputRole::Query)) => ["query"]
+                .iter()
+                .find(|k| sentence.prompts.contains_key(**k))
+                .map(|s| s.to_string()),
+            (None, Some(InputRole::Document)) => ["document", "passage"]
+                .iter()
+                .find(|k| sentence.prompts.contains_key(**k))
+                .map(|s| s.to_string()),
+            (None, None) => sentence.default_prompt_name.clone(),
+        };
+        let prefix = match prompt_name {
+            None => String::new(),
+            Some(p) => sentence.prompts.get(&p).cloned().ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "unknown prompt name `{p}` for {}; available: {}",
+                    self.name,
+                    sentence.prompts.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })?,
+        };
+        if !prefix.is_empty() && !sentence.include_prompt && sentence.pooling != Pooling::LastToken {
+            return Err(Error::Unsupported(format!(
+                "{}: pooling that excludes the prompt (include_prompt: false)",
+                self.name
+            )));
+        }
+        Ok(Resolved {
+            prefix,
+            adapter: None,
+        })
+    }
+
+    /// Token ids per text, exactly as the model will see them.
+    pub fn tokenize(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<u32>>> {
+        let r = self.resolve(opts)?;
+        self.tokenize_resolved(texts, opts, &r)
+    }
+
+    fn tokenize_resolved(&self, texts: &[String], opts: &EmbedOptions, r: &Resolved) -> Result<Vec<Vec<u32>>> {
+        let lower = self.folder.sentence.do_lower_case;
+        let inputs: Vec<String> = texts
+            .iter()
+            .map(|t| {
+                let t = if lower { t.to_lowercase() } else { t.clone() };
+                format!("{}{}", r.prefix, t)
+            })
+            .collect();
+        let model_max = self.max_length();
+        let max_length = opts.max_length.unwrap_or(model_max);
+        if max_length > model_max {
+            return Err(Error::InvalidInput(format!(
+                "max length {max_length} exceeds the model's maximum of {model_max}"
+            )));
+        }
+        let left = opts
+            .truncate_left
+            .unwrap_or(self.folder.tokenizer.truncation_side_left);
+        self.tokenizer.encode(&inputs, max_length, left, opts.truncate)
+    }
+
+    fn check_dimensions(&self, opts: &EmbedOptions) -> Result<()> {
+        let Some(d) = opts.dimensions else {
+            return Ok(());
+        };
+        let full = self.model.hidden_size();
+        match &self.folder.arch {
+            Architecture::Jina(c) if !c.matryoshka_dimensions.is_empty() => {
+                if d == 0 || d > full {
+                    return Err(Error::InvalidInput(format!(
+                        "dimensions {d} out of range 1..={full} for {}",
+                        self.name
+                    )));
+                }
+                Ok(())
+            }
+            _ => Err(Error::InvalidInput(format!(
+                "{} is not a Matryoshka model: `dimensions` cannot be set",
+                self.name
+            ))),
+        }
+    }
+
+    /// Embed already-tokenised rows (one forward pass per batch of similar lengths).
+    pub fn embed_ids(&self, ids: &[Vec<u32>], adapter: Option<usize>, opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+        self.check_dimensions(opts)?;
+        let batch_size = opts.batch_size.max(1);
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        // Longest first: batches hold similar lengths, so little padding; output order is restored.
+        order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+        let mut out = vec![Vec::new(); ids.len()];
+        for chunk in order.chunks(batch_size) {
+            let rows: Vec<&Vec<u32>> = chunk.iter().map(|&i| &ids[i]).collect();
+            let vectors = self.forward_rows(&rows, adapter)?;
+            for (&i, v) in chunk.iter().zip(vectors) {
+                out[i] = v;
+            }
+        }
+        if let Some(d) = opts.dimensions {
+            for v in &mut out {
+                v.truncate(d);
+            }
+        }
+        if opts.normalize {
+            normalize_rows(&mut out);
+        }
+        Ok(out)
+    }
+
+    /// Pooled (unnormalised, untruncated) vectors of one padded batch.
+    fn forward_rows(&self, rows: &[&Vec<u32>], adapter: Option<usize>) -> Result<Vec<Vec<f32>>> {
+        let (hidden, mask, mask_rows) = self.forward_hidden(rows, adapter)?;
+        let pooled = pool(&hidden, &mask, &mask_rows, self.folder.sentence.pooling)?;
+        Ok(pooled.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+
+    /// Pad `rows` into one batch and run the model: (hidden states, mask tensor, mask rows).
+    fn forward_hidden(&self, rows: &[&Vec<u32>], adapter: Option<usize>) -> Result<(Tensor, Tensor, Vec<Vec<u32>>)> {
+        let b = rows.len();
+        let s = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let left = self.folder.tokenizer.padding_side_left;
+        let mut flat_ids = Vec::with_capacity(b * s);
+        let mut mask_rows = Vec::with_capacity(b);
+        for r in rows {
+            let pad = s - r.len();
+            let mut m = Vec::with_capacity(s);
+            if left {
+                flat_ids.extend(std::iter::repeat_n(self.pad_id, pad));
+                m.extend(std::iter::repeat_n(0u32, pad));
+            }
+            flat_ids.extend_from_slice(r);
+            m.extend(std::iter::repeat_n(1u32, r.len()));
+            if !left {
+                flat_ids.extend(std::iter::repeat_n(self.pad_id, pad));
+                m.extend(std::iter::repeat_n(0u32, pad));
+            }
+            mask_rows.push(m);
+        }
+        let input_ids = Tensor::from_vec(flat_ids, (b, s), &self.device)?;
+        let attention_mask = Tensor::from_vec(mask_rows.concat(), (b, s), &self.device)?;
+        let positions = positions_from_mask(&mask_rows, &self.device)?;
+        let batch = Batch {
+            input_ids,
+            attention_mask: attention_mask.clone(),
+            positions,
+            adapter,
+        };
+        let hidden = self.model.forward(&batch)?;
+        Ok((hidden, attention_mask, mask_rows))
+    }
+}
+
+impl Embed for Embedder {
+    fn embed(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Err(Error::InvalidInput("no texts to embed".into()));
+        }
+        self.check_dimensions(opts)?;
+        let r = self.resolve(opts)?;
+        let ids = self.tokenize_resolved(texts, opts, &r)?;
+        // Output is normalised unless the caller asks otherwise (as TEI), whether or not the folder
+        // lists a Normalize module; `normalize: false` returns the raw pooled vectors.
+        self.embed_ids(&ids, r.adapter, opts)
+    }
+    fn dimension(&self) -> usize {
+        self.model.hidden_size()
+    }
+    fn knows_task(&self, task: &str) -> bool {
+        self.tasks().iter().any(|t| t == task) || self.folder.sentence.prompts.contains_key(task)
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Build the encoder an architecture describes from `weights`.
+pub fn build_model(arch: &Architecture, weights: &Weights) -> Result<Box<dyn Encoder>> {
+    Ok(match arch {
+        Architecture::Bert(c) => Box::new(Bert::load(c, weights)?),
+        Architecture::Qwen(c) => Box::new(Qwen::load(c, weights)?),
+        Architecture::Jina(c) => Box::new(Jina::load(c, weights)?),
+    })
+}
+
+/// Several embedders joined into one vector: each part is L2-normalised, scaled by
+/// `sqrt(w_i / Σw)`, and concatenated. The result has unit norm and its cosine is the weighted mean of
+/// the parts' cosines (equal weights: concatenation times 1/√2 for two parts).
+pub struct Fusion {
+    name: String,
+    parts: Vec<(Box<dyn Embed>, f64)>,
+}
+
+impl Fusion {
+    pub fn new(name: impl Into<String>, parts: Vec<(Box<dyn Embed>, f64)>) -> Result<Self> {
+        if parts.is_empty() {
+            return Err(Error::InvalidInput("a fusion needs at least one model".into()));
+        }
+        if parts.iter().any(|(_, w)| !(w.is_finite() && *w > 0.0)) {
+            return Err(Error::InvalidInput("fusion weights must be positive".into()));
+        }
+        Ok(Fusion {
+            name: name.into(),
+            parts,
+        })
+    }
+}
+
+impl Embed for Fusion {
+    fn embed(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+        if opts.dimensions.is_some() {
+            return Err(Error::InvalidInput(format!(
+                "{}: `dimensions` cannot be set on a fusion (its dimension is fixed at {})",
+                self.name,
+                self.dimension()
+            )));
+        }
+        if let Some(t) = &opts.task {
+            if !self.knows_task(t) {
+                return Err(Error::InvalidInput(format!("no model of {} knows task `{t}`", self.name)));
+            }
+        }
+        let total: f64 = self.parts.iter().map(|(_, w)| w).sum();
+        let mut out = vec![Vec::with_capacity(self.dimension()); texts.len()];
+        for (part, weight) in &self.parts {
+            let mut part_opts = opts.clone();
+            part_opts.normalize = true;
+            // A task only goes to the parts that know it (the Jina half); others use the role.
+            if let Some(t) = &opts.task {
+                if !part.knows_task(t) {
+                    part_opts.task = None;
+                }
+            }
+            let vectors = part.embed(texts, &part_opts)?;
+            let scale = (weight / total).sqrt() as f32;
+            for (o, v) in out.iter_mut().zip(vectors) {
+                o.extend(v.into_iter().map(|x| x * scale));
+            }
+        }
+        // Parts are always normalised, so the fused vector has unit norm whatever `normalize` says.
+        Ok(out)
+    }
+    fn dimension(&self) -> usize {
+        self.parts.iter().map(|(p, _)| p.dimension()).sum()
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn knows_task(&self, task: &str) -> bool {
+        self.parts.iter().any(|(p, _)| p.knows_task(task))
+    }
+}

@@ -1,0 +1,123 @@
+//! BERT (all-MiniLM-L6-v2 and the like): absolute positions, post-LN, GELU.
+
+use super::{Batch, Encoder};
+use crate::config::BertConfig;
+use crate::error::{Error, Result};
+use crate::nn::{self, LayerNorm, Linear};
+use crate::weights::Weights;
+use candle_core::Tensor;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    GeluErf,
+    GeluTanh,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Activation::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
+            other => return Err(Error::Unsupported(format!("activation `{other}`"))),
+        })
+    }
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::GeluErf => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Relu => x.relu()?,
+            Activation::Silu => x.silu()?,
+        })
+    }
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+pub struct Bert {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    hidden: usize,
+    act: Activation,
+}
+
+impl Bert {
+    pub fn load(cfg: &BertConfig, w: &Weights) -> Result<Self> {
+        let w = w.with_detected_prefix(&["", "bert"], "embeddings.word_embeddings.weight");
+        let h = cfg.hidden_size;
+        let eps = cfg.layer_norm_eps;
+        let e = w.pp("embeddings");
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = w.pp(format!("encoder.layer.{i}"));
+            layers.push(Layer {
+                query: Linear::load(&l.pp("attention.self.query"), h, h, true)?,
+                key: Linear::load(&l.pp("attention.self.key"), h, h, true)?,
+                value: Linear::load(&l.pp("attention.self.value"), h, h, true)?,
+                attn_out: Linear::load(&l.pp("attention.output.dense"), h, h, true)?,
+                attn_norm: LayerNorm::load(&l.pp("attention.output.LayerNorm"), h, eps)?,
+                intermediate: Linear::load(&l.pp("intermediate.dense"), h, cfg.intermediate_size, true)?,
+                output: Linear::load(&l.pp("output.dense"), cfg.intermediate_size, h, true)?,
+                out_norm: LayerNorm::load(&l.pp("output.LayerNorm"), h, eps)?,
+            });
+        }
+        Ok(Bert {
+            word: e.get(&[cfg.vocab_size, h], "word_embeddings.weight")?,
+            position: e.get(&[cfg.max_position_embeddings, h], "position_embeddings.weight")?,
+            token_type: e.get(&[cfg.type_vocab_size, h], "token_type_embeddings.weight")?,
+            emb_norm: LayerNorm::load(&e.pp("LayerNorm"), h, eps)?,
+            layers,
+            heads: cfg.num_attention_heads,
+            hidden: h,
+            act: Activation::parse(&cfg.hidden_act)?,
+        })
+    }
+}
+
+impl Encoder for Bert {
+    fn forward(&self, batch: &Batch) -> Result<Tensor> {
+        let (b, s) = batch.input_ids.dims2()?;
+        if s > self.position.dim(0)? {
+            return Err(Error::InvalidInput(format!(
+                "sequence of {s} tokens exceeds the model's {} positions",
+                self.position.dim(0)?
+            )));
+        }
+        let words = nn::embedding(&self.word, &batch.input_ids)?;
+        let pos = nn::embedding(&self.position, &batch.positions)?;
+        // token_type_ids are all 0 for single sentences.
+        let tt = self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?;
+        let mut x = self.emb_norm.forward(&(words + pos)?.broadcast_add(&tt)?)?;
+        let bias = nn::attention_bias(&batch.attention_mask, false, nn::MASK_VALUE)?;
+        for l in &self.layers {
+            let q = nn::split_heads(&l.query.forward(&x)?, self.heads)?;
+            let k = nn::split_heads(&l.key.forward(&x)?, self.heads)?;
+            let v = nn::split_heads(&l.value.forward(&x)?, self.heads)?;
+            let a = nn::attention(&q, &k, &v, &bias)?;
+            x = l.attn_norm.forward(&(l.attn_out.forward(&a)? + &x)?)?;
+            let m = l.output.forward(&self.act.apply(&l.intermediate.forward(&x)?)?)?;
+            x = l.out_norm.forward(&(m + &x)?)?;
+        }
+        debug_assert_eq!(x.dims(), &[b, s, self.hidden]);
+        Ok(x)
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+}

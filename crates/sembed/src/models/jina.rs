@@ -1,0 +1,176 @@
+//! jina-embeddings-v3: XLM-RoBERTa with rotary positions (no position table), post-LN, and five task
+//! LoRA adapters on every Linear and Embedding. The adapter is applied as a low-rank side path,
+//! `x W^T + ((x A_t^T) B_t^T)·s`, which equals the upstream merged weight `W + (B_t A_t)·s` without
+//! materialising it per task.
+
+use super::{Batch, Encoder};
+use crate::config::JinaConfig;
+use crate::error::{Error, Result};
+use crate::models::bert::Activation;
+use crate::nn::{self, LayerNorm, Linear};
+use crate::weights::Weights;
+use candle_core::Tensor;
+
+/// Jina masks padded keys with this value (not -inf); kept for parity.
+const JINA_MASK: f32 = -10000.0;
+
+struct LoraLinear {
+    base: Linear,
+    /// `[tasks, rank, in]`
+    a: Tensor,
+    /// `[tasks, out, rank]`
+    b: Tensor,
+    scale: f64,
+}
+
+impl LoraLinear {
+    fn load(w: &Weights, in_dim: usize, out_dim: usize, cfg: &JinaConfig) -> Result<Self> {
+        let p = w.pp("parametrizations.weight");
+        let (t, r) = (cfg.lora_adaptations.len(), cfg.lora_rank);
+        Ok(LoraLinear {
+            base: Linear {
+                weight: p.get(&[out_dim, in_dim], "original")?,
+                bias: Some(w.get(&[out_dim], "bias")?),
+            },
+            a: p.get(&[t, r, in_dim], "0.lora_A")?,
+            b: p.get(&[t, out_dim, r], "0.lora_B")?,
+            scale: cfg.lora_scaling(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, task: Option<usize>) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match task {
+            None => Ok(y),
+            Some(t) => {
+                let a = self.a.get(t)?;
+                let b = self.b.get(t)?;
+                let side = nn::matmul_t(&nn::matmul_t(x, &a)?, &b)?;
+                Ok((y + (side * self.scale)?)?)
+            }
+        }
+    }
+}
+
+struct LoraEmbedding {
+    table: Tensor,
+    /// `[tasks, vocab, rank]`
+    a: Tensor,
+    /// `[tasks, rank, dim]`
+    b: Tensor,
+    scale: f64,
+}
+
+impl LoraEmbedding {
+    fn load(w: &Weights, rows: usize, dim: usize, cfg: &JinaConfig) -> Result<Self> {
+        let p = w.pp("parametrizations.weight");
+        let (t, r) = (cfg.lora_adaptations.len(), cfg.lora_rank);
+        Ok(LoraEmbedding {
+            table: p.get(&[rows, dim], "original")?,
+            a: p.get(&[t, rows, r], "0.lora_A")?,
+            b: p.get(&[t, r, dim], "0.lora_B")?,
+            scale: cfg.lora_scaling(),
+        })
+    }
+
+    fn forward(&self, ids: &Tensor, task: Option<usize>) -> Result<Tensor> {
+        let e = nn::embedding(&self.table, ids)?;
+        match task {
+            None => Ok(e),
+            Some(t) => {
+                let a = nn::embedding(&self.a.get(t)?, ids)?; // [B, S, r]
+                let side = a.broadcast_matmul(&self.b.get(t)?)?;
+                Ok((e + (side * self.scale)?)?)
+            }
+        }
+    }
+}
+
+struct Layer {
+    wqkv: LoraLinear,
+    out_proj: LoraLinear,
+    norm1: LayerNorm,
+    fc1: LoraLinear,
+    fc2: LoraLinear,
+    norm2: LayerNorm,
+}
+
+pub struct Jina {
+    word: LoraEmbedding,
+    token_type: LoraEmbedding,
+    emb_ln: LayerNorm,
+    layers: Vec<Layer>,
+    cfg: JinaConfig,
+    act: Activation,
+}
+
+impl Jina {
+    pub fn load(cfg: &JinaConfig, w: &Weights) -> Result<Self> {
+        let w = w.with_detected_prefix(
+            &["roberta", ""],
+            "embeddings.word_embeddings.parametrizations.weight.original",
+        );
+        let h = cfg.hidden_size;
+        let eps = cfg.layer_norm_eps;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = w.pp(format!("encoder.layers.{i}"));
+            layers.push(Layer {
+                wqkv: LoraLinear::load(&l.pp("mixer.Wqkv"), h, 3 * h, cfg)?,
+                out_proj: LoraLinear::load(&l.pp("mixer.out_proj"), h, h, cfg)?,
+                norm1: LayerNorm::load(&l.pp("norm1"), h, eps)?,
+                fc1: LoraLinear::load(&l.pp("mlp.fc1"), h, cfg.intermediate_size, cfg)?,
+                fc2: LoraLinear::load(&l.pp("mlp.fc2"), cfg.intermediate_size, h, cfg)?,
+                norm2: LayerNorm::load(&l.pp("norm2"), h, eps)?,
+            });
+        }
+        Ok(Jina {
+            word: LoraEmbedding::load(&w.pp("embeddings.word_embeddings"), cfg.vocab_size, h, cfg)?,
+            token_type: LoraEmbedding::load(
+                &w.pp("embeddings.token_type_embeddings"),
+                cfg.type_vocab_size,
+                h,
+                cfg,
+            )?,
+            emb_ln: LayerNorm::load(&w.pp("emb_ln"), h, eps)?,
+            layers,
+            cfg: cfg.clone(),
+            act: Activation::parse(&cfg.hidden_act)?,
+        })
+    }
+}
+
+impl Encoder for Jina {
+    fn forward(&self, batch: &Batch) -> Result<Tensor> {
+        let task = batch.adapter;
+        if let Some(t) = task {
+            if t >= self.cfg.lora_adaptations.len() {
+                return Err(Error::InvalidInput(format!("adapter index {t} out of range")));
+            }
+        }
+        let heads = self.cfg.num_attention_heads;
+        let hd = self.cfg.hidden_size / heads;
+        let words = self.word.forward(&batch.input_ids, task)?;
+        let tt = self.token_type.forward(&batch.input_ids.zeros_like()?, task)?;
+        let mut x = self.emb_ln.forward(&(words + tt)?)?;
+        let (cos, sin) = nn::rope_tables(&batch.positions, hd, self.cfg.rotary_emb_base, x.dtype())?;
+        let bias = nn::attention_bias(&batch.attention_mask, false, JINA_MASK)?;
+        for l in &self.layers {
+            let (b, s, _) = x.dims3()?;
+            let qkv = l.wqkv.forward(&x, task)?.reshape((b, s, 3, heads, hd))?;
+            let q = qkv.narrow(2, 0, 1)?.squeeze(2)?.transpose(1, 2)?;
+            let k = qkv.narrow(2, 1, 1)?.squeeze(2)?.transpose(1, 2)?;
+            let v = qkv.narrow(2, 2, 1)?.squeeze(2)?.transpose(1, 2)?;
+            let q = nn::apply_rope(&q, &cos, &sin)?;
+            let k = nn::apply_rope(&k, &cos, &sin)?;
+            let a = nn::attention(&q, &k, &v, &bias)?;
+            x = l.norm1.forward(&(x + l.out_proj.forward(&a, task)?)?)?;
+            let m = l.fc2.forward(&self.act.apply(&l.fc1.forward(&x, task)?)?, task)?;
+            x = l.norm2.forward(&(x + m)?)?;
+        }
+        Ok(x)
+    }
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+}

@@ -1,0 +1,107 @@
+//! Qwen2 (Qodo-Embed-1, gte-Qwen2) and Qwen3 (Qwen3-Embedding): pre-norm RMSNorm decoder blocks used
+//! as an encoder. Bidirectional when the config says `is_causal: false`, causal otherwise; grouped-query
+//! attention; Qwen3 adds an RMSNorm over each query/key head before RoPE.
+
+use super::{Batch, Encoder};
+use crate::config::QwenConfig;
+use crate::error::Result;
+use crate::nn::{self, Linear, RmsNorm};
+use crate::weights::Weights;
+use candle_core::Tensor;
+
+struct Layer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Qwen {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    cfg: QwenConfig,
+}
+
+impl Qwen {
+    pub fn load(cfg: &QwenConfig, w: &Weights) -> Result<Self> {
+        let w = w.with_detected_prefix(&["", "model"], "embed_tokens.weight");
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim;
+        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let eps = cfg.rms_norm_eps;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = w.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let m = l.pp("mlp");
+            layers.push(Layer {
+                input_norm: RmsNorm::load(&l.pp("input_layernorm"), h, eps)?,
+                q: Linear::load(&a.pp("q_proj"), h, nq * hd, cfg.attention_bias)?,
+                k: Linear::load(&a.pp("k_proj"), h, nkv * hd, cfg.attention_bias)?,
+                v: Linear::load(&a.pp("v_proj"), h, nkv * hd, cfg.attention_bias)?,
+                o: Linear::load(&a.pp("o_proj"), nq * hd, h, false)?,
+                q_norm: if cfg.qk_norm {
+                    Some(RmsNorm::load(&a.pp("q_norm"), hd, eps)?)
+                } else {
+                    None
+                },
+                k_norm: if cfg.qk_norm {
+                    Some(RmsNorm::load(&a.pp("k_norm"), hd, eps)?)
+                } else {
+                    None
+                },
+                post_norm: RmsNorm::load(&l.pp("post_attention_layernorm"), h, eps)?,
+                gate: Linear::load(&m.pp("gate_proj"), h, cfg.intermediate_size, false)?,
+                up: Linear::load(&m.pp("up_proj"), h, cfg.intermediate_size, false)?,
+                down: Linear::load(&m.pp("down_proj"), cfg.intermediate_size, h, false)?,
+            });
+        }
+        Ok(Qwen {
+            embed: w.get(&[cfg.vocab_size, h], "embed_tokens.weight")?,
+            layers,
+            norm: RmsNorm::load(&w.pp("norm"), h, eps)?,
+            cfg: cfg.clone(),
+        })
+    }
+}
+
+impl Encoder for Qwen {
+    fn forward(&self, batch: &Batch) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let mut x = nn::embedding(&self.embed, &batch.input_ids)?;
+        let (cos, sin) = nn::rope_tables(&batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype())?;
+        let bias = nn::attention_bias(&batch.attention_mask, cfg.causal, nn::MASK_VALUE)?;
+        for l in &self.layers {
+            let hs = l.input_norm.forward(&x)?;
+            let mut q = nn::split_heads(&l.q.forward(&hs)?, nq)?;
+            let mut k = nn::split_heads(&l.k.forward(&hs)?, nkv)?;
+            let v = nn::split_heads(&l.v.forward(&hs)?, nkv)?;
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                q = qn.forward(&q)?;
+                k = kn.forward(&k)?;
+            }
+            let q = nn::apply_rope(&q, &cos, &sin)?;
+            let k = nn::apply_rope(&k, &cos, &sin)?;
+            let k = nn::repeat_kv(&k, nq / nkv)?;
+            let v = nn::repeat_kv(&v, nq / nkv)?;
+            let a = nn::attention(&q, &k, &v, &bias)?;
+            x = (x + l.o.forward(&a)?)?;
+            let hs = l.post_norm.forward(&x)?;
+            let m = (l.gate.forward(&hs)?.silu()? * l.up.forward(&hs)?)?;
+            x = (x + l.down.forward(&m)?)?;
+        }
+        self.norm.forward(&x)
+    }
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+}

@@ -1,0 +1,214 @@
+//! Building blocks shared by every architecture, written only with candle ops that record gradients
+//! (matmul, broadcast arithmetic, exp, sum, sqrt, gelu_erf, silu, index_select). candle-nn's fused
+//! `softmax_last_dim`, `layer_norm`, `rms_norm` and `rope` kernels are deliberately not used: they
+//! record no gradient, and the training path runs through exactly these functions.
+//!
+//! Norms and softmax compute in f32 whatever the compute dtype, as upstream does.
+
+use crate::error::Result;
+use crate::weights::Weights;
+use candle_core::{DType, Device, Tensor, D};
+
+/// Additive mask value for disallowed attention positions. Finite on purpose: a row whose keys are all
+/// masked (a pad query under causal attention) must stay finite, or NaN would leak through `0 * NaN`.
+pub const MASK_VALUE: f32 = -1e9;
+
+/// `y = x W^T + b`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        Ok(Linear {
+            weight: w.get(&[out_dim, in_dim], "weight")?,
+            bias: if bias {
+                Some(w.get(&[out_dim], "bias")?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = matmul_t(x, &self.weight)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// `x [.., in] · w[out, in]^T → [.., out]`, flattening the leading dimensions into one GEMM.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_dim = *dims.last().expect("rank ≥ 1");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    *out.last_mut().expect("rank ≥ 1") = w.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+/// Layer normalisation over the last dimension (biased variance, as torch).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get(&[dim], "weight")?,
+            bias: w.get(&[dim], "bias")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = normed
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
+/// RMS normalisation over the last dimension (Qwen: computed in f32, weight applied after the cast back).
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: w.get(&[dim], "weight")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Softmax over the last dimension, in f32.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?.to_dtype(dtype)?)
+}
+
+/// Look up rows of `table [vocab, dim]` for `ids [..]` → `[.., dim]`.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let mut dims = ids.dims().to_vec();
+    let flat = ids.flatten_all()?;
+    let rows = table.index_select(&flat, 0)?;
+    dims.push(table.dim(1)?);
+    Ok(rows.reshape(dims)?)
+}
+
+/// Rotary position tables for positions `[B, S]` (u32): `(cos, sin)`, each `[B, 1, S, head_dim]`,
+/// non-interleaved layout (the two halves repeat the same frequencies), inv_freq = θ^(-2i/d) in f32.
+pub fn rope_tables(positions: &Tensor, head_dim: usize, theta: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let device = positions.device();
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, 1, half), device)?;
+    let pos = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?; // [B, S, 1]
+    let freqs = pos.broadcast_mul(&inv_freq)?; // [B, S, half]
+    let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?; // [B, 1, S, d]
+    Ok((emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?))
+}
+
+/// Apply rotary embeddings to `x [B, H, S, d]`: `x·cos + rotate_half(x)·sin`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// Additive attention bias `[B, 1, 1|S, S]` from a key mask `[B, S]` (1 = real token), plus a causal
+/// part when asked. Values are 0 or [`MASK_VALUE`] (Jina passes its own -10000).
+pub fn attention_bias(mask: &Tensor, causal: bool, mask_value: f32) -> Result<Tensor> {
+    let (b, s) = mask.dims2()?;
+    let keys = mask.to_dtype(DType::F32)?.affine(-(mask_value as f64), mask_value as f64)?; // 0 or mask_value
+    let keys = keys.reshape((b, 1, 1, s))?;
+    if !causal {
+        return Ok(keys);
+    }
+    let causal: Vec<f32> = (0..s)
+        .flat_map(|i| (0..s).map(move |j| if j > i { mask_value } else { 0.0 }))
+        .collect();
+    let causal = Tensor::from_vec(causal, (1, 1, s, s), mask.device())?;
+    Ok(keys.broadcast_add(&causal)?)
+}
+
+/// Scaled dot-product attention. `q [B, H, S, d]`, `k`, `v` `[B, H, S, d]`, `bias` broadcastable to
+/// `[B, H, S, S]` (f32). Returns `[B, S, H·d]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = scores.to_dtype(DType::F32)?.broadcast_add(bias)?;
+    let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    let out = probs.matmul(&v.contiguous()?)?; // [B, H, S, d]
+    Ok(out.transpose(1, 2)?.reshape((b, s, h * d))?)
+}
+
+/// Repeat each of `n_kv` heads `rep` times: `[B, n_kv, S, d] → [B, n_kv·rep, S, d]`, so that query head
+/// `h` meets kv head `h / rep` (grouped-query attention).
+pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, n, s, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, n, rep, s, d))?
+        .contiguous()?
+        .reshape((b, n * rep, s, d))?)
+}
+
+/// Split `[B, S, H·d]` into heads `[B, H, S, d]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, s, hd) = x.dims3()?;
+    Ok(x.reshape((b, s, heads, hd / heads))?.transpose(1, 2)?)
+}
+
+/// Positions per row counted from the row's first real token: `max(0, cumsum(mask) - 1)`, `[B, S]` u32.
+/// Equals 0…S-1 under right padding; under left padding it makes the result independent of the pads.
+pub fn positions_from_mask(mask: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+    let b = mask.len();
+    let s = mask.first().map_or(0, |r| r.len());
+    let mut out = Vec::with_capacity(b * s);
+    for row in mask {
+        let mut seen = 0u32;
+        for &m in row {
+            seen += m;
+            out.push(seen.saturating_sub(1));
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, s), device)?)
+}
