@@ -139,7 +139,17 @@ fn fetch_default_model(dir: &Path) -> Result<()> {
 
 fn download(url: &str, dest: &Path) -> Result<()> {
     eprintln!("sembed: downloading {DEFAULT_MODEL_NAME} (first use) from {url}");
-    let response = ureq::get(url).call().map_err(|e| {
+    // The system's trust store, not a bundled one: machines behind a TLS-inspecting proxy carry its
+    // CA there.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+                .build(),
+        )
+        .build()
+        .into();
+    let response = agent.get(url).call().map_err(|e| {
         hub_err(format!(
             "cannot download {url}: {e}. Offline? Point ${MODEL_ENV} at a model folder instead"
         ))
