@@ -7,7 +7,9 @@ use std::io::Read;
 pub fn read_texts(path: &str, plain_lines: bool) -> Result<Vec<String>> {
     let mut bytes = Vec::new();
     if path == "-" {
-        std::io::stdin().read_to_end(&mut bytes).context("reading stdin")?;
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("reading stdin")?;
     } else {
         std::fs::File::open(path)
             .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -33,14 +35,18 @@ pub fn parse_texts(bytes: &[u8], plain_lines: bool, name: &str) -> Result<Vec<St
         let line_no = i + 1;
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let line = std::str::from_utf8(raw).map_err(|e| {
-            anyhow::anyhow!("{name}:{line_no}: not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1)
+            anyhow::anyhow!(
+                "{name}:{line_no}: not valid UTF-8 (byte {} of the line)",
+                e.valid_up_to() + 1
+            )
         })?;
         if plain_lines {
             texts.push(line.to_string());
             continue;
         }
-        let value: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{name}:{line_no}: not a JSON object (use --lines for plain text)"))?;
+        let value: serde_json::Value = serde_json::from_str(line).with_context(|| {
+            format!("{name}:{line_no}: not a JSON object (use --lines for plain text)")
+        })?;
         match value.get("text") {
             Some(serde_json::Value::String(s)) => texts.push(s.clone()),
             Some(_) => bail!("{name}:{line_no}: field `text` is not a string"),
@@ -56,7 +62,12 @@ mod tests {
 
     #[test]
     fn jsonl_keeps_every_line_in_order() {
-        let t = parse_texts(b"{\"text\":\"a\",\"id\":1}\n{\"text\":\"\"}\r\n{\"text\":\"c\"}\n", false, "f").unwrap();
+        let t = parse_texts(
+            b"{\"text\":\"a\",\"id\":1}\n{\"text\":\"\"}\r\n{\"text\":\"c\"}\n",
+            false,
+            "f",
+        )
+        .unwrap();
         assert_eq!(t, vec!["a", "", "c"]);
     }
 
@@ -74,7 +85,10 @@ mod tests {
 
     #[test]
     fn plain_lines_keep_empty_lines() {
-        assert_eq!(parse_texts(b"a\n\nb\n", true, "f").unwrap(), vec!["a", "", "b"]);
+        assert_eq!(
+            parse_texts(b"a\n\nb\n", true, "f").unwrap(),
+            vec!["a", "", "b"]
+        );
         assert!(parse_texts(b"", true, "f").unwrap().is_empty());
     }
 }

@@ -9,7 +9,11 @@ use sembed::embed::{Embed, EmbedOptions, InputRole};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "sembed", version, about = "Code and text embeddings with real transformer models")]
+#[command(
+    name = "sembed",
+    version,
+    about = "Code and text embeddings with real transformer models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -115,7 +119,9 @@ fn main() {
 fn embed(args: EmbedArgs) -> Result<()> {
     let texts = match (&args.input, args.texts.is_empty()) {
         (Some(_), false) => bail!("give texts as arguments or with --input, not both"),
-        (None, true) => bail!("no texts: pass them as arguments, or use --input FILE (\"-\" for stdin)"),
+        (None, true) => {
+            bail!("no texts: pass them as arguments, or use --input FILE (\"-\" for stdin)")
+        }
         (Some(path), true) => input::read_texts(path, args.lines)?,
         (None, false) => args.texts.clone(),
     };
@@ -128,7 +134,8 @@ fn embed(args: EmbedArgs) -> Result<()> {
         ComputeDtype::Bf16 => candle_core_dtype::BF16,
     };
     let device = sembed::device::cpu();
-    let model = sembed::fusion_config::load(&args.models, dtype, &device).context("loading the model")?;
+    let model =
+        sembed::fusion_config::load(&args.models, dtype, &device).context("loading the model")?;
     let opts = EmbedOptions {
         role: args.input_type.map(|r| match r {
             Role::Query => InputRole::Query,
@@ -143,16 +150,27 @@ fn embed(args: EmbedArgs) -> Result<()> {
         batch_size: args.batch_size,
     };
     let vectors = embed_with_progress(model.as_ref(), &texts, &opts, args.input.is_some())?;
-    output::write(&vectors, args.output.as_deref(), matches!(args.format, Format::Npy))
+    output::write(
+        &vectors,
+        args.output.as_deref(),
+        matches!(args.format, Format::Npy),
+    )
 }
 
 /// Embed in chunks so a progress bar can move; each chunk is still batched by length.
-fn embed_with_progress(model: &dyn Embed, texts: &[String], opts: &EmbedOptions, show: bool) -> Result<Vec<Vec<f32>>> {
+fn embed_with_progress(
+    model: &dyn Embed,
+    texts: &[String],
+    opts: &EmbedOptions,
+    show: bool,
+) -> Result<Vec<Vec<f32>>> {
     let chunk = (opts.batch_size.max(1) * 8).max(256);
     let bar = if show && texts.len() > chunk {
         let b = indicatif::ProgressBar::new(texts.len() as u64);
         b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        if let Ok(s) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} texts {per_sec} eta {eta}") {
+        if let Ok(s) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} texts {per_sec} eta {eta}",
+        ) {
             b.set_style(s);
         }
         Some(b)
@@ -161,9 +179,9 @@ fn embed_with_progress(model: &dyn Embed, texts: &[String], opts: &EmbedOptions,
     };
     let mut out = Vec::with_capacity(texts.len());
     for (n, part) in texts.chunks(chunk).enumerate() {
-        let v = model
-            .embed(part, opts)
-            .with_context(|| format!("embedding texts {}..{}", n * chunk, n * chunk + part.len()))?;
+        let v = model.embed(part, opts).with_context(|| {
+            format!("embedding texts {}..{}", n * chunk, n * chunk + part.len())
+        })?;
         out.extend(v);
         if let Some(b) = &bar {
             b.inc(part.len() as u64);
@@ -181,7 +199,12 @@ fn inspect(file: &std::path::Path) -> Result<()> {
     let mut params: u64 = 0;
     let mut bytes: u64 = 0;
     let mut by_dtype = std::collections::BTreeMap::<String, u64>::new();
-    let width = header.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4);
+    let width = header
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4);
     println!("{:width$}  {:6}  shape", "name", "dtype");
     let mut sorted: Vec<_> = header.tensors.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));

@@ -19,9 +19,20 @@ pub fn write(vectors: &[Vec<f32>], path: Option<&Path>, npy: bool) -> Result<()>
     if npy {
         write_npy(&mut out, vectors)?;
     } else {
-        for (i, v) in vectors.iter().enumerate() {
-            let line = serde_json::json!({"index": i, "embedding": v});
-            writeln!(out, "{line}")?;
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            index: usize,
+            embedding: &'a [f32],
+        }
+        for (index, v) in vectors.iter().enumerate() {
+            serde_json::to_writer(
+                &mut out,
+                &Row {
+                    index,
+                    embedding: v,
+                },
+            )?;
+            out.write_all(b"\n")?;
         }
     }
     out.flush()?;
@@ -35,7 +46,11 @@ pub fn write_npy(out: &mut dyn Write, vectors: &[Vec<f32>]) -> Result<()> {
     if vectors.iter().any(|v| v.len() != d) {
         bail!("vectors of different lengths cannot form an .npy matrix");
     }
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}", vectors.len(), d);
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}",
+        vectors.len(),
+        d
+    );
     let unpadded = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
     header.push('\n');
@@ -61,6 +76,9 @@ mod tests {
         let h = std::str::from_utf8(&buf[10..10 + hl]).unwrap();
         assert!(h.contains("'shape': (2, 2)") && h.ends_with('\n'));
         assert_eq!(buf.len(), 10 + hl + 16);
-        assert_eq!(f32::from_le_bytes(buf[10 + hl + 12..].try_into().unwrap()), 4.0);
+        assert_eq!(
+            f32::from_le_bytes(buf[10 + hl + 12..].try_into().unwrap()),
+            4.0
+        );
     }
 }

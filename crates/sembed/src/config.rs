@@ -113,7 +113,9 @@ impl Architecture {
             .unwrap_or_default();
         let rotary = v.get("position_embedding_type").and_then(Value::as_str) == Some("rotary");
         let is_jina = v.get("lora_adaptations").is_some()
-            || (rotary && (archs.iter().any(|a| a.starts_with("XLMRoberta")) || model_type == "xlm-roberta"));
+            || (rotary
+                && (archs.iter().any(|a| a.starts_with("XLMRoberta"))
+                    || model_type == "xlm-roberta"));
         if is_jina {
             return Ok(Architecture::Jina(JinaConfig {
                 vocab_size: f.usize("vocab_size")?,
@@ -171,7 +173,11 @@ impl Architecture {
                 rope_theta,
                 max_position_embeddings: f.usize_or("max_position_embeddings", 32768)?,
                 causal: f.get_or("is_causal", true)?,
-                attention_bias: if is_qwen3 { f.get_or("attention_bias", false)? } else { true },
+                attention_bias: if is_qwen3 {
+                    f.get_or("attention_bias", false)?
+                } else {
+                    true
+                },
                 qk_norm: is_qwen3,
             }))
             .and_then(|a| a.validate(path));
@@ -179,7 +185,10 @@ impl Architecture {
         if model_type == "bert" || archs.iter().any(|a| a.starts_with("Bert")) {
             if let Some(p) = v.get("position_embedding_type").and_then(Value::as_str) {
                 if p != "absolute" {
-                    return Err(Error::config(path, format!("BERT position_embedding_type `{p}` is not supported")));
+                    return Err(Error::config(
+                        path,
+                        format!("BERT position_embedding_type `{p}` is not supported"),
+                    ));
                 }
             }
             return Ok(Architecture::Bert(BertConfig {
@@ -206,11 +215,17 @@ impl Architecture {
     fn validate(self, path: &Path) -> Result<Self> {
         let bad = |m: String| Err(Error::config(path, m));
         match &self {
-            Architecture::Bert(c) if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 => {
-                bad(format!("hidden_size {} is not divisible by num_attention_heads {}", c.hidden_size, c.num_attention_heads))
+            Architecture::Bert(c)
+                if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 =>
+            {
+                bad(format!(
+                    "hidden_size {} is not divisible by num_attention_heads {}",
+                    c.hidden_size, c.num_attention_heads
+                ))
             }
             Architecture::Qwen(c)
-                if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 =>
+                if c.num_key_value_heads == 0
+                    || c.num_attention_heads % c.num_key_value_heads != 0 =>
             {
                 bad(format!(
                     "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -328,7 +343,8 @@ struct PoolingFile {
 /// Parse a `1_Pooling/config.json`: the legacy booleans or the newer `pooling_mode` string.
 pub fn parse_pooling(path: &Path) -> Result<(Pooling, bool)> {
     let v = read_json(path)?;
-    let p: PoolingFile = serde_json::from_value(v).map_err(|e| Error::config(path, e.to_string()))?;
+    let p: PoolingFile =
+        serde_json::from_value(v).map_err(|e| Error::config(path, e.to_string()))?;
     let include_prompt = p.include_prompt.unwrap_or(true);
     if let Some(mode) = &p.pooling_mode {
         let pooling = match mode.as_str() {
@@ -338,13 +354,19 @@ pub fn parse_pooling(path: &Path) -> Result<(Pooling, bool)> {
             "mean_sqrt_len_tokens" => Pooling::MeanSqrtLen,
             "lasttoken" => Pooling::LastToken,
             other => {
-                return Err(Error::config(path, format!("pooling_mode `{other}` is not supported")))
+                return Err(Error::config(
+                    path,
+                    format!("pooling_mode `{other}` is not supported"),
+                ))
             }
         };
         return Ok((pooling, include_prompt));
     }
     if p.pooling_mode_weightedmean_tokens {
-        return Err(Error::config(path, "weighted-mean pooling is not supported"));
+        return Err(Error::config(
+            path,
+            "weighted-mean pooling is not supported",
+        ));
     }
     let flags = [
         (p.pooling_mode_cls_token, Pooling::Cls),
@@ -391,8 +413,10 @@ impl SentenceConfig {
         };
         let modules_path = dir.join("modules.json");
         if modules_path.is_file() {
-            let modules: Vec<Value> = serde_json::from_value(read_json(&modules_path)?)
-                .map_err(|e| Error::config(&modules_path, format!("expected a list of modules: {e}")))?;
+            let modules: Vec<Value> =
+                serde_json::from_value(read_json(&modules_path)?).map_err(|e| {
+                    Error::config(&modules_path, format!("expected a list of modules: {e}"))
+                })?;
             cfg.normalize = false;
             for m in modules {
                 let ty = m.get("type").and_then(Value::as_str).unwrap_or("");
@@ -421,7 +445,10 @@ impl SentenceConfig {
         let sbert = dir.join("sentence_bert_config.json");
         if sbert.is_file() {
             let v = read_json(&sbert)?;
-            let f = Fields { v: &v, path: &sbert };
+            let f = Fields {
+                v: &v,
+                path: &sbert,
+            };
             cfg.max_seq_length = f.get_or("max_seq_length", None)?;
             cfg.do_lower_case = f.get_or("do_lower_case", false)?;
         }
@@ -435,7 +462,10 @@ impl SentenceConfig {
             cfg.default_prompt_name = f.get_or("default_prompt_name", None)?;
             if let Some(name) = &cfg.default_prompt_name {
                 if !cfg.prompts.contains_key(name) {
-                    return Err(Error::config(&st, format!("default_prompt_name `{name}` is not among the prompts")));
+                    return Err(Error::config(
+                        &st,
+                        format!("default_prompt_name `{name}` is not among the prompts"),
+                    ));
                 }
             }
         }

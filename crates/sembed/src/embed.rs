@@ -165,13 +165,17 @@ impl Embedder {
                     adapter: None,
                 }),
                 Some(t) => {
-                    let idx = cfg.lora_adaptations.iter().position(|a| *a == t).ok_or_else(|| {
-                        Error::InvalidInput(format!(
-                            "unknown task `{t}` for {}; available: {}",
-                            self.name,
-                            cfg.lora_adaptations.join(", ")
-                        ))
-                    })?;
+                    let idx = cfg
+                        .lora_adaptations
+                        .iter()
+                        .position(|a| *a == t)
+                        .ok_or_else(|| {
+                            Error::InvalidInput(format!(
+                                "unknown task `{t}` for {}; available: {}",
+                                self.name,
+                                cfg.lora_adaptations.join(", ")
+                            ))
+                        })?;
                     Ok(Resolved {
                         prefix: cfg.task_instructions.get(&t).cloned().unwrap_or_default(),
                         adapter: Some(idx),
@@ -197,11 +201,17 @@ impl Embedder {
                 Error::InvalidInput(format!(
                     "unknown prompt name `{p}` for {}; available: {}",
                     self.name,
-                    sentence.prompts.keys().cloned().collect::<Vec<_>>().join(", ")
+                    sentence
+                        .prompts
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })?,
         };
-        if !prefix.is_empty() && !sentence.include_prompt && sentence.pooling != Pooling::LastToken {
+        if !prefix.is_empty() && !sentence.include_prompt && sentence.pooling != Pooling::LastToken
+        {
             return Err(Error::Unsupported(format!(
                 "{}: pooling that excludes the prompt (include_prompt: false)",
                 self.name
@@ -219,7 +229,12 @@ impl Embedder {
         self.tokenize_resolved(texts, opts, &r)
     }
 
-    fn tokenize_resolved(&self, texts: &[String], opts: &EmbedOptions, r: &Resolved) -> Result<Vec<Vec<u32>>> {
+    fn tokenize_resolved(
+        &self,
+        texts: &[String],
+        opts: &EmbedOptions,
+        r: &Resolved,
+    ) -> Result<Vec<Vec<u32>>> {
         let lower = self.folder.sentence.do_lower_case;
         let inputs: Vec<String> = texts
             .iter()
@@ -238,7 +253,8 @@ impl Embedder {
         let left = opts
             .truncate_left
             .unwrap_or(self.folder.tokenizer.truncation_side_left);
-        self.tokenizer.encode(&inputs, max_length, left, opts.truncate)
+        self.tokenizer
+            .encode(&inputs, max_length, left, opts.truncate)
     }
 
     fn check_dimensions(&self, opts: &EmbedOptions) -> Result<()> {
@@ -264,7 +280,12 @@ impl Embedder {
     }
 
     /// Embed already-tokenised rows (one forward pass per batch of similar lengths).
-    pub fn embed_ids(&self, ids: &[Vec<u32>], adapter: Option<usize>, opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+    pub fn embed_ids(
+        &self,
+        ids: &[Vec<u32>],
+        adapter: Option<usize>,
+        opts: &EmbedOptions,
+    ) -> Result<Vec<Vec<f32>>> {
         self.check_dimensions(opts)?;
         let batch_size = opts.batch_size.max(1);
         let mut order: Vec<usize> = (0..ids.len()).collect();
@@ -297,7 +318,11 @@ impl Embedder {
     }
 
     /// Pad `rows` into one batch and run the model: (hidden states, mask tensor, mask rows).
-    fn forward_hidden(&self, rows: &[&Vec<u32>], adapter: Option<usize>) -> Result<(Tensor, Tensor, Vec<Vec<u32>>)> {
+    fn forward_hidden(
+        &self,
+        rows: &[&Vec<u32>],
+        adapter: Option<usize>,
+    ) -> Result<(Tensor, Tensor, Vec<Vec<u32>>)> {
         let b = rows.len();
         let s = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let left = self.folder.tokenizer.padding_side_left;
@@ -375,10 +400,14 @@ pub struct Fusion {
 impl Fusion {
     pub fn new(name: impl Into<String>, parts: Vec<(Box<dyn Embed>, f64)>) -> Result<Self> {
         if parts.is_empty() {
-            return Err(Error::InvalidInput("a fusion needs at least one model".into()));
+            return Err(Error::InvalidInput(
+                "a fusion needs at least one model".into(),
+            ));
         }
         if parts.iter().any(|(_, w)| !(w.is_finite() && *w > 0.0)) {
-            return Err(Error::InvalidInput("fusion weights must be positive".into()));
+            return Err(Error::InvalidInput(
+                "fusion weights must be positive".into(),
+            ));
         }
         Ok(Fusion {
             name: name.into(),
@@ -398,7 +427,10 @@ impl Embed for Fusion {
         }
         if let Some(t) = &opts.task {
             if !self.knows_task(t) {
-                return Err(Error::InvalidInput(format!("no model of {} knows task `{t}`", self.name)));
+                return Err(Error::InvalidInput(format!(
+                    "no model of {} knows task `{t}`",
+                    self.name
+                )));
             }
         }
         let total: f64 = self.parts.iter().map(|(_, w)| w).sum();

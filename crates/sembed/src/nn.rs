@@ -102,7 +102,9 @@ impl RmsNorm {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        let normed = xf
+            .broadcast_div(&(ms + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
         Ok(normed.broadcast_mul(&self.weight)?)
     }
 }
@@ -128,7 +130,12 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 
 /// Rotary position tables for positions `[B, S]` (u32): `(cos, sin)`, each `[B, 1, S, head_dim]`,
 /// non-interleaved layout (the two halves repeat the same frequencies), inv_freq = θ^(-2i/d) in f32.
-pub fn rope_tables(positions: &Tensor, head_dim: usize, theta: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(
+    positions: &Tensor,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
     let device = positions.device();
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
@@ -154,7 +161,9 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// part when asked. Values are 0 or [`MASK_VALUE`] (Jina passes its own -10000).
 pub fn attention_bias(mask: &Tensor, causal: bool, mask_value: f32) -> Result<Tensor> {
     let (b, s) = mask.dims2()?;
-    let keys = mask.to_dtype(DType::F32)?.affine(-(mask_value as f64), mask_value as f64)?; // 0 or mask_value
+    let keys = mask
+        .to_dtype(DType::F32)?
+        .affine(-(mask_value as f64), mask_value as f64)?; // 0 or mask_value
     let keys = keys.reshape((b, 1, 1, s))?;
     if !causal {
         return Ok(keys);

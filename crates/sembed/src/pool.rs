@@ -5,7 +5,12 @@ use crate::error::Result;
 use candle_core::{DType, Tensor, D};
 
 /// `mask` is `[B, S]` with 1 for real tokens; every row has at least one.
-pub fn pool(hidden: &Tensor, mask: &Tensor, mask_rows: &[Vec<u32>], pooling: Pooling) -> Result<Tensor> {
+pub fn pool(
+    hidden: &Tensor,
+    mask: &Tensor,
+    mask_rows: &[Vec<u32>],
+    pooling: Pooling,
+) -> Result<Tensor> {
     let (b, s, h) = hidden.dims3()?;
     let maskf = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?; // [B, S, 1]
     Ok(match pooling {
@@ -16,7 +21,10 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, mask_rows: &[Vec<u32>], pooling: Poo
             let denom = if pooling == Pooling::Mean {
                 count
             } else {
-                count.to_dtype(DType::F32)?.sqrt()?.to_dtype(hidden.dtype())?
+                count
+                    .to_dtype(DType::F32)?
+                    .sqrt()?
+                    .to_dtype(hidden.dtype())?
             };
             sum.broadcast_div(&denom)?
         }
@@ -42,7 +50,11 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, mask_rows: &[Vec<u32>], pooling: Poo
 /// L2-normalise each row of a `[n][d]` matrix in place (zero rows stay zero).
 pub fn normalize_rows(rows: &mut [Vec<f32>]) {
     for r in rows {
-        let norm = r.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+        let norm = r
+            .iter()
+            .map(|x| (*x as f64) * (*x as f64))
+            .sum::<f64>()
+            .sqrt();
         if norm > 0.0 {
             for x in r.iter_mut() {
                 *x = (*x as f64 / norm) as f32;

@@ -28,12 +28,10 @@ impl TextTokenizer {
             message: e.to_string(),
         })?;
         inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| Error::Tokenizer {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+        inner.with_truncation(None).map_err(|e| Error::Tokenizer {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let added = inner
             .get_post_processor()
             .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));

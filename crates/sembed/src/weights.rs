@@ -133,19 +133,22 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Header, WeightsError> {
         });
     }
     let data_start = 8 + header_len as usize;
-    let text = std::str::from_utf8(&bytes[8..data_start]).map_err(|e| WeightsError::HeaderNotUtf8 {
-        path: path_buf(),
-        valid_up_to: e.valid_up_to(),
-    })?;
+    let text =
+        std::str::from_utf8(&bytes[8..data_start]).map_err(|e| WeightsError::HeaderNotUtf8 {
+            path: path_buf(),
+            valid_up_to: e.valid_up_to(),
+        })?;
     let json: serde_json::Value =
         serde_json::from_str(text).map_err(|e| WeightsError::HeaderNotJson {
             path: path_buf(),
             message: e.to_string(),
         })?;
-    let object = json.as_object().ok_or_else(|| WeightsError::HeaderNotJson {
-        path: path_buf(),
-        message: "the header is JSON but not an object".into(),
-    })?;
+    let object = json
+        .as_object()
+        .ok_or_else(|| WeightsError::HeaderNotJson {
+            path: path_buf(),
+            message: "the header is JSON but not an object".into(),
+        })?;
     let data_len = (bytes.len() - data_start) as u64;
     let mut metadata = BTreeMap::new();
     let mut tensors = Vec::with_capacity(object.len());
@@ -430,7 +433,10 @@ impl WeightStore {
                     .into())
                 }
                 None => {
-                    return Err(bad(format!("`{tensor}` is mapped to {file}, which does not contain it")).into())
+                    return Err(bad(format!(
+                        "`{tensor}` is mapped to {file}, which does not contain it"
+                    ))
+                    .into())
                 }
             }
         }
@@ -470,17 +476,27 @@ impl WeightStore {
         self.by_name.keys().map(|s| s.as_str())
     }
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
-        self.by_name.get(name).and_then(|&i| self.files[i].info(name))
+        self.by_name
+            .get(name)
+            .and_then(|&i| self.files[i].info(name))
     }
 
     /// Load `name`, checking its shape, converted to `dtype`.
-    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let Some(&i) = self.by_name.get(name) else {
             let suffix = name.rsplit('.').take(2).collect::<Vec<_>>();
             let similar = self
                 .by_name
                 .keys()
-                .filter(|k| suffix.len() == 2 && k.ends_with(&format!("{}.{}", suffix[1], suffix[0])))
+                .filter(|k| {
+                    suffix.len() == 2 && k.ends_with(&format!("{}.{}", suffix[1], suffix[0]))
+                })
                 .take(3)
                 .cloned()
                 .collect::<Vec<_>>();
@@ -601,7 +617,11 @@ impl Weights {
     /// Pick the first of `prefixes` under which `probe` exists (e.g. `model.` or none).
     pub fn with_detected_prefix(&self, prefixes: &[&str], probe: &str) -> Self {
         for p in prefixes {
-            let w = if p.is_empty() { self.clone() } else { self.pp(p) };
+            let w = if p.is_empty() {
+                self.clone()
+            } else {
+                self.pp(p)
+            };
             if w.contains(probe) {
                 return w;
             }

@@ -8,7 +8,9 @@ use sembed::DType;
 use std::path::{Path, PathBuf};
 
 fn fixture(model: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(model)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(model)
 }
 
 /// A copy of a fixture model folder that a test may break.
@@ -41,14 +43,29 @@ fn load_err(dir: &Path) -> String {
 fn pooling_configs_old_and_new() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("config.json");
-    std::fs::write(&p, r#"{"word_embedding_dimension": 8, "pooling_mode": "lasttoken", "include_prompt": false}"#).unwrap();
+    std::fs::write(
+        &p,
+        r#"{"word_embedding_dimension": 8, "pooling_mode": "lasttoken", "include_prompt": false}"#,
+    )
+    .unwrap();
     assert_eq!(parse_pooling(&p).unwrap(), (Pooling::LastToken, false));
     std::fs::write(&p, r#"{"pooling_mode_cls_token": true}"#).unwrap();
     assert_eq!(parse_pooling(&p).unwrap(), (Pooling::Cls, true));
-    std::fs::write(&p, r#"{"pooling_mode_max_tokens": true, "pooling_mode_mean_tokens": false}"#).unwrap();
+    std::fs::write(
+        &p,
+        r#"{"pooling_mode_max_tokens": true, "pooling_mode_mean_tokens": false}"#,
+    )
+    .unwrap();
     assert_eq!(parse_pooling(&p).unwrap().0, Pooling::Max);
-    std::fs::write(&p, r#"{"pooling_mode_max_tokens": true, "pooling_mode_mean_tokens": true}"#).unwrap();
-    assert!(parse_pooling(&p).unwrap_err().to_string().contains("several pooling modes"));
+    std::fs::write(
+        &p,
+        r#"{"pooling_mode_max_tokens": true, "pooling_mode_mean_tokens": true}"#,
+    )
+    .unwrap();
+    assert!(parse_pooling(&p)
+        .unwrap_err()
+        .to_string()
+        .contains("several pooling modes"));
     std::fs::write(&p, r#"{"pooling_mode": "weird"}"#).unwrap();
     let e = parse_pooling(&p).unwrap_err().to_string();
     assert!(e.contains("weird") && e.contains("config.json"), "{e}");
@@ -66,28 +83,46 @@ fn modules_json_new_package_paths_and_missing_folders() {
     )
     .unwrap();
     std::fs::create_dir(d.join("1_Pooling")).unwrap();
-    std::fs::write(d.join("1_Pooling/config.json"), r#"{"pooling_mode": "cls"}"#).unwrap();
+    std::fs::write(
+        d.join("1_Pooling/config.json"),
+        r#"{"pooling_mode": "cls"}"#,
+    )
+    .unwrap();
     // Trailing commas in config_sentence_transformers.json are tolerated.
     std::fs::write(
         d.join("config_sentence_transformers.json"),
         "{\"prompts\": {\"query\": \"q: , }\", \"document\": \"d: \",}, \"default_prompt_name\": \"query\",}",
     )
     .unwrap();
-    std::fs::write(d.join("sentence_bert_config.json"), r#"{"max_seq_length": 77, "do_lower_case": true}"#).unwrap();
+    std::fs::write(
+        d.join("sentence_bert_config.json"),
+        r#"{"max_seq_length": 77, "do_lower_case": true}"#,
+    )
+    .unwrap();
     let arch = Architecture::from_file(&fixture("bert-tiny").join("config.json")).unwrap();
     let s = SentenceConfig::from_dir(d, &arch).unwrap();
     assert_eq!(s.pooling, Pooling::Cls);
-    assert!(s.normalize, "Normalize listed (folder missing) still means normalise");
+    assert!(
+        s.normalize,
+        "Normalize listed (folder missing) still means normalise"
+    );
     assert_eq!(s.prompts["query"], "q: , }");
     assert_eq!(s.default_prompt_name.as_deref(), Some("query"));
     assert_eq!((s.max_seq_length, s.do_lower_case), (Some(77), true));
 
     // Pooling folder missing entirely: the architecture's default.
     std::fs::remove_dir_all(d.join("1_Pooling")).unwrap();
-    assert_eq!(SentenceConfig::from_dir(d, &arch).unwrap().pooling, Pooling::Mean);
+    assert_eq!(
+        SentenceConfig::from_dir(d, &arch).unwrap().pooling,
+        Pooling::Mean
+    );
 
     // Unknown module types are refused, not ignored.
-    std::fs::write(d.join("modules.json"), r#"[{"path":"2_Dense","type":"sentence_transformers.models.Dense"}]"#).unwrap();
+    std::fs::write(
+        d.join("modules.json"),
+        r#"[{"path":"2_Dense","type":"sentence_transformers.models.Dense"}]"#,
+    )
+    .unwrap();
     let e = SentenceConfig::from_dir(d, &arch).unwrap_err().to_string();
     assert!(e.contains("Dense") && e.contains("modules.json"), "{e}");
 }
@@ -97,22 +132,38 @@ fn missing_tokenizer_is_a_clear_error() {
     let dir = copy_model("bert-tiny");
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("tokenizer.json") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not found"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_architecture_is_a_clear_error() {
     let dir = copy_model("bert-tiny");
-    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gpt2", "architectures": ["GPT2Model"]}"#).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "gpt2", "architectures": ["GPT2Model"]}"#,
+    )
+    .unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("unknown or unsupported architecture") && e.contains("gpt2") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("unknown or unsupported architecture")
+            && e.contains("gpt2")
+            && e.contains("config.json"),
+        "{e}"
+    );
 }
 
 #[test]
 fn missing_config_field_names_the_field() {
     let dir = copy_model("qwen2-bidir-tiny");
     let text = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), text.replace("\"hidden_size\"", "\"hidden_sizes\"")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        text.replace("\"hidden_size\"", "\"hidden_sizes\""),
+    )
+    .unwrap();
     let e = load_err(dir.path());
     assert!(e.contains("missing field `hidden_size`"), "{e}");
 }
@@ -133,18 +184,31 @@ fn missing_or_misshapen_tensor_in_a_model_folder() {
             if name == target && drop {
                 continue;
             }
-            let shape = if name == target && reshape { vec![16, 64] } else { view.shape().to_vec() };
+            let shape = if name == target && reshape {
+                vec![16, 64]
+            } else {
+                view.shape().to_vec()
+            };
             owned.push((name.clone(), view.dtype(), shape, view.data().to_vec()));
         }
         for (name, dtype, shape, data) in &owned {
-            kept.push((name.clone(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).unwrap()));
+            kept.push((
+                name.clone(),
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).unwrap(),
+            ));
         }
         let out = safetensors::tensor::serialize(kept, None).unwrap();
         drop_and_write(&path, &out);
-        let e = Embedder::load(dir.path(), DType::F32, &sembed::device::cpu()).err().expect("must fail");
+        let e = Embedder::load(dir.path(), DType::F32, &sembed::device::cpu())
+            .err()
+            .expect("must fail");
         match (&e, drop) {
-            (Error::Weights(WeightsError::MissingTensor { tensor, .. }), true) => assert_eq!(tensor, target),
-            (Error::Weights(WeightsError::WrongShape { tensor, .. }), false) => assert_eq!(tensor, target),
+            (Error::Weights(WeightsError::MissingTensor { tensor, .. }), true) => {
+                assert_eq!(tensor, target)
+            }
+            (Error::Weights(WeightsError::WrongShape { tensor, .. }), false) => {
+                assert_eq!(tensor, target)
+            }
             other => panic!("unexpected {other:?}"),
         }
         assert!(e.to_string().contains(target));
@@ -161,12 +225,20 @@ fn max_seq_length_prefers_sentence_transformers_setting() {
     let bert = ModelFolder::read(&fixture("bert-tiny")).unwrap();
     assert_eq!(bert.max_seq_length(), 64);
     let jina = ModelFolder::read(&fixture("jina-v3-tiny")).unwrap();
-    assert_eq!(jina.max_seq_length(), 96, "from tokenizer_config.json model_max_length");
+    assert_eq!(
+        jina.max_seq_length(),
+        96,
+        "from tokenizer_config.json model_max_length"
+    );
     let q3 = ModelFolder::read(&fixture("qwen3-causal-tiny")).unwrap();
     assert!(q3.tokenizer.padding_side_left);
-    let Architecture::Qwen(c) = &q3.arch else { panic!() };
+    let Architecture::Qwen(c) = &q3.arch else {
+        panic!()
+    };
     assert!(c.causal && c.qk_norm && !c.attention_bias);
     let q2 = ModelFolder::read(&fixture("qwen2-bidir-tiny")).unwrap();
-    let Architecture::Qwen(c) = &q2.arch else { panic!() };
+    let Architecture::Qwen(c) = &q2.arch else {
+        panic!()
+    };
     assert!(!c.causal && c.attention_bias && c.num_key_value_heads == 2);
 }

@@ -15,17 +15,25 @@ fn load(model: &str) -> Embedder {
 }
 
 fn cases(model: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join("cases").join(format!("{model}.json"))).unwrap();
+    let text =
+        std::fs::read_to_string(fixtures().join("cases").join(format!("{model}.json"))).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn opts_for(case: &Value) -> EmbedOptions {
@@ -47,14 +55,28 @@ fn check_cases(model: &str) {
     let golden = cases(model);
     let mut checked = 0;
     for case in golden["cases"].as_array().unwrap() {
-        let name = format!("{model}/{}[{:?}/{:?}]", case["name"], case["task"], case["prompt_name"]);
+        let name = format!(
+            "{model}/{}[{:?}/{:?}]",
+            case["name"], case["task"], case["prompt_name"]
+        );
         let text = case["text"].as_str().unwrap().to_string();
         let opts = opts_for(case);
         let ids = e.tokenize(std::slice::from_ref(&text), &opts).unwrap();
-        let want_ids: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want_ids: Vec<u32> = case["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(ids[0], want_ids, "{name}: token ids");
         let raw = e
-            .embed(std::slice::from_ref(&text), &EmbedOptions { normalize: false, ..opts.clone() })
+            .embed(
+                std::slice::from_ref(&text),
+                &EmbedOptions {
+                    normalize: false,
+                    ..opts.clone()
+                },
+            )
             .unwrap();
         let d = max_abs(&raw[0], &floats(&case["embedding"]));
         assert!(d <= 2e-5, "{name}: pooled embedding differs by {d}");
@@ -82,12 +104,25 @@ fn check_batched(model: &str) {
     for left in [false, true] {
         e.set_padding_left(left);
         for b in golden["batched"].as_array().unwrap() {
-            let texts: Vec<String> = b["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+            let texts: Vec<String> = b["texts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+                .collect();
             let opts = opts_for(b);
             let got = e.embed(&texts, &opts).unwrap();
-            for (i, (g, w)) in got.iter().zip(b["embedding_normalized"].as_array().unwrap()).enumerate() {
+            for (i, (g, w)) in got
+                .iter()
+                .zip(b["embedding_normalized"].as_array().unwrap())
+                .enumerate()
+            {
                 let d = max_abs(g, &floats(w));
-                assert!(d <= 1e-5, "{model} batch (left={left}, {:?}) row {i}: differs by {d}", b["task"]);
+                assert!(
+                    d <= 1e-5,
+                    "{model} batch (left={left}, {:?}) row {i}: differs by {d}",
+                    b["task"]
+                );
             }
         }
     }
@@ -129,7 +164,12 @@ fn jina_v3_batched() {
 /// A padded batch equals each text alone (our own implementation, every model, both sides).
 #[test]
 fn padded_batch_equals_single_texts() {
-    for model in ["bert-tiny", "qwen2-bidir-tiny", "qwen3-causal-tiny", "jina-v3-tiny"] {
+    for model in [
+        "bert-tiny",
+        "qwen2-bidir-tiny",
+        "qwen3-causal-tiny",
+        "jina-v3-tiny",
+    ] {
         let mut e = load(model);
         let texts: Vec<String> = cases(model)["cases"]
             .as_array()
@@ -139,13 +179,19 @@ fn padded_batch_equals_single_texts() {
             .map(|c| c["text"].as_str().unwrap().to_string())
             .collect();
         let opts = EmbedOptions::default();
-        let single: Vec<Vec<f32>> = texts.iter().map(|t| e.embed(std::slice::from_ref(t), &opts).unwrap().remove(0)).collect();
+        let single: Vec<Vec<f32>> = texts
+            .iter()
+            .map(|t| e.embed(std::slice::from_ref(t), &opts).unwrap().remove(0))
+            .collect();
         for left in [false, true] {
             e.set_padding_left(left);
             let batch = e.embed(&texts, &opts).unwrap();
             for (i, (b, s)) in batch.iter().zip(&single).enumerate() {
                 let d = max_abs(b, s);
-                assert!(d <= 1e-5, "{model} left={left} row {i}: batch vs single {d}");
+                assert!(
+                    d <= 1e-5,
+                    "{model} left={left} row {i}: batch vs single {d}"
+                );
             }
         }
     }
@@ -156,16 +202,30 @@ fn padded_batch_equals_single_texts() {
 fn input_roles_map_to_prompts_and_adapters() {
     let q3 = load("qwen3-causal-tiny");
     let golden = cases("qwen3-causal-tiny");
-    let case = golden["cases"].as_array().unwrap().iter().find(|c| c["prompt_name"] == "query").unwrap();
+    let case = golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["prompt_name"] == "query")
+        .unwrap();
     let text = case["text"].as_str().unwrap().to_string();
     let got = q3
-        .embed(&[text], &EmbedOptions { role: Some(InputRole::Query), ..Default::default() })
+        .embed(
+            &[text],
+            &EmbedOptions {
+                role: Some(InputRole::Query),
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert!(max_abs(&got[0], &floats(&case["embedding_normalized"])) <= 1e-5);
 
     let jina = load("jina-v3-tiny");
     let golden = cases("jina-v3-tiny");
-    for (role, task) in [(InputRole::Query, "retrieval.query"), (InputRole::Document, "retrieval.passage")] {
+    for (role, task) in [
+        (InputRole::Query, "retrieval.query"),
+        (InputRole::Document, "retrieval.passage"),
+    ] {
         let case = golden["cases"]
             .as_array()
             .unwrap()
@@ -173,8 +233,19 @@ fn input_roles_map_to_prompts_and_adapters() {
             .find(|c| c["task"] == task && c["truncate_dim"].is_null())
             .unwrap();
         let text = case["text"].as_str().unwrap().to_string();
-        let got = jina.embed(&[text], &EmbedOptions { role: Some(role), ..Default::default() }).unwrap();
-        assert!(max_abs(&got[0], &floats(&case["embedding_normalized"])) <= 1e-5, "{task}");
+        let got = jina
+            .embed(
+                &[text],
+                &EmbedOptions {
+                    role: Some(role),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(
+            max_abs(&got[0], &floats(&case["embedding_normalized"])) <= 1e-5,
+            "{task}"
+        );
     }
 }
 
@@ -182,23 +253,50 @@ fn input_roles_map_to_prompts_and_adapters() {
 fn dimensions_only_for_matryoshka_models_and_unknown_tasks_fail() {
     let bert = load("bert-tiny");
     let e = bert
-        .embed(&["x".into()], &EmbedOptions { dimensions: Some(8), ..Default::default() })
+        .embed(
+            &["x".into()],
+            &EmbedOptions {
+                dimensions: Some(8),
+                ..Default::default()
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("not a Matryoshka model"), "{e}");
     let jina = load("jina-v3-tiny");
     let e = jina
-        .embed(&["x".into()], &EmbedOptions { task: Some("nope".into()), ..Default::default() })
+        .embed(
+            &["x".into()],
+            &EmbedOptions {
+                task: Some("nope".into()),
+                ..Default::default()
+            },
+        )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("unknown task `nope`") && e.contains("retrieval.query"), "{e}");
+    assert!(
+        e.contains("unknown task `nope`") && e.contains("retrieval.query"),
+        "{e}"
+    );
     let e = jina
-        .embed(&["x".into()], &EmbedOptions { dimensions: Some(33), ..Default::default() })
+        .embed(
+            &["x".into()],
+            &EmbedOptions {
+                dimensions: Some(33),
+                ..Default::default()
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("out of range"), "{e}");
     let v = jina
-        .embed(&["x".into()], &EmbedOptions { dimensions: Some(8), ..Default::default() })
+        .embed(
+            &["x".into()],
+            &EmbedOptions {
+                dimensions: Some(8),
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert_eq!(v[0].len(), 8);
     let norm: f32 = v[0].iter().map(|x| x * x).sum();
@@ -217,7 +315,10 @@ fn fusion_matches_design_formula_on_reference_vectors() {
     assert_eq!(fusion.dimension(), 48 + 32);
     let qwen = cases("qwen2-bidir-tiny");
     let jina = cases("jina-v3-tiny");
-    for (role, task) in [(InputRole::Document, "retrieval.passage"), (InputRole::Query, "retrieval.query")] {
+    for (role, task) in [
+        (InputRole::Document, "retrieval.passage"),
+        (InputRole::Query, "retrieval.query"),
+    ] {
         let mut texts = Vec::new();
         let mut want = Vec::new();
         for qc in qwen["cases"].as_array().unwrap() {
@@ -225,16 +326,27 @@ fn fusion_matches_design_formula_on_reference_vectors() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|c| c["name"] == qc["name"] && c["task"] == task && c["truncate_dim"].is_null())
+                .find(|c| {
+                    c["name"] == qc["name"] && c["task"] == task && c["truncate_dim"].is_null()
+                })
                 .unwrap();
             let s = std::f32::consts::FRAC_1_SQRT_2;
-            let mut v: Vec<f32> = floats(&qc["embedding_normalized"]).iter().map(|x| x * s).collect();
+            let mut v: Vec<f32> = floats(&qc["embedding_normalized"])
+                .iter()
+                .map(|x| x * s)
+                .collect();
             v.extend(floats(&jc["embedding_normalized"]).iter().map(|x| x * s));
             texts.push(qc["text"].as_str().unwrap().to_string());
             want.push(v);
         }
         let got = fusion
-            .embed(&texts, &EmbedOptions { role: Some(role), ..Default::default() })
+            .embed(
+                &texts,
+                &EmbedOptions {
+                    role: Some(role),
+                    ..Default::default()
+                },
+            )
             .unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let d = max_abs(g, w);
@@ -244,7 +356,13 @@ fn fusion_matches_design_formula_on_reference_vectors() {
         }
     }
     let e = fusion
-        .embed(&["x".into()], &EmbedOptions { dimensions: Some(16), ..Default::default() })
+        .embed(
+            &["x".into()],
+            &EmbedOptions {
+                dimensions: Some(16),
+                ..Default::default()
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("fusion"), "{e}");
@@ -253,11 +371,19 @@ fn fusion_matches_design_formula_on_reference_vectors() {
 #[test]
 fn empty_inputs_and_empty_strings() {
     let e = load("bert-tiny");
-    let err = e.embed(&[], &EmbedOptions::default()).unwrap_err().to_string();
+    let err = e
+        .embed(&[], &EmbedOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no texts"), "{err}");
     // The empty string is a defined input: [CLS] [SEP], matching the golden `empty` case.
     let golden = cases("bert-tiny");
-    let case = golden["cases"].as_array().unwrap().iter().find(|c| c["name"] == "empty").unwrap();
+    let case = golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "empty")
+        .unwrap();
     let v = e.embed(&[String::new()], &EmbedOptions::default()).unwrap();
     assert!(max_abs(&v[0], &floats(&case["embedding_normalized"])) <= 1e-5);
 }
@@ -267,22 +393,53 @@ fn no_truncate_rejects_long_inputs_and_max_length_is_honoured() {
     let e = load("bert-tiny");
     let long = "word ".repeat(500);
     let err = e
-        .embed(&["short".into(), long.clone()], &EmbedOptions { truncate: false, ..Default::default() })
+        .embed(
+            &["short".into(), long.clone()],
+            &EmbedOptions {
+                truncate: false,
+                ..Default::default()
+            },
+        )
         .unwrap_err()
         .to_string();
-    assert!(err.contains("input 1") && err.contains("truncation is off"), "{err}");
+    assert!(
+        err.contains("input 1") && err.contains("truncation is off"),
+        "{err}"
+    );
     let ids = e
-        .tokenize(&[long.clone()], &EmbedOptions { max_length: Some(10), ..Default::default() })
+        .tokenize(
+            std::slice::from_ref(&long),
+            &EmbedOptions {
+                max_length: Some(10),
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert_eq!(ids[0].len(), 10);
     assert_eq!(*ids[0].last().unwrap(), 102, "[SEP] survives truncation");
     let left = e
-        .tokenize(&[format!("alpha {long}")], &EmbedOptions { max_length: Some(10), truncate_left: Some(true), ..Default::default() })
+        .tokenize(
+            &[format!("alpha {long}")],
+            &EmbedOptions {
+                max_length: Some(10),
+                truncate_left: Some(true),
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert_eq!(left[0][0], 101, "[CLS] survives left truncation");
-    assert!(!left[0].contains(&e.tokenize(&["alpha".into()], &EmbedOptions::default()).unwrap()[0][1]));
+    assert!(!left[0].contains(
+        &e.tokenize(&["alpha".into()], &EmbedOptions::default())
+            .unwrap()[0][1]
+    ));
     let err = e
-        .embed(&["x".into()], &EmbedOptions { max_length: Some(1000), ..Default::default() })
+        .embed(
+            &["x".into()],
+            &EmbedOptions {
+                max_length: Some(1000),
+                ..Default::default()
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("exceeds the model's maximum of 64"), "{err}");

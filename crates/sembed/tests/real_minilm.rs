@@ -11,21 +11,51 @@ use std::path::PathBuf;
 fn default_model_matches_sentence_transformers() {
     let dir = sembed::hub::default_model_dir().expect("default model (downloaded on first use)");
     let e = Embedder::load(&dir, DType::F32, &sembed::device::cpu()).unwrap();
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/minilm-reference.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/minilm-reference.json");
     let golden: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let texts: Vec<String> = golden["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    let texts: Vec<String> = golden["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
     assert!(texts.len() >= 20);
-    assert_eq!(e.max_length(), golden["max_seq_length"].as_u64().unwrap() as usize);
-    let opts = EmbedOptions { batch_size: 8, ..Default::default() };
+    assert_eq!(
+        e.max_length(),
+        golden["max_seq_length"].as_u64().unwrap() as usize
+    );
+    let opts = EmbedOptions {
+        batch_size: 8,
+        ..Default::default()
+    };
     let ids = e.tokenize(&texts, &opts).unwrap();
-    for (i, (ours, want)) in ids.iter().zip(golden["input_ids"].as_array().unwrap()).enumerate() {
-        let want: Vec<u32> = want.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    for (i, (ours, want)) in ids
+        .iter()
+        .zip(golden["input_ids"].as_array().unwrap())
+        .enumerate()
+    {
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(ours, &want, "token ids of text {i}");
     }
     let got = e.embed(&texts, &opts).unwrap();
     let mut worst: f64 = 1.0;
-    for (i, (g, w)) in got.iter().zip(golden["embeddings"].as_array().unwrap()).enumerate() {
-        let w: Vec<f64> = w.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    for (i, (g, w)) in got
+        .iter()
+        .zip(golden["embeddings"].as_array().unwrap())
+        .enumerate()
+    {
+        let w: Vec<f64> = w
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         assert_eq!(g.len(), 384);
         let dot: f64 = g.iter().zip(&w).map(|(a, b)| *a as f64 * b).sum();
         let nw = w.iter().map(|x| x * x).sum::<f64>().sqrt();
@@ -34,5 +64,8 @@ fn default_model_matches_sentence_transformers() {
         assert!(cos >= 0.99999, "text {i}: cosine {cos}");
         worst = worst.min(cos);
     }
-    println!("all-MiniLM-L6-v2 vs sentence-transformers: worst cosine {worst:.8} over {} texts", texts.len());
+    println!(
+        "all-MiniLM-L6-v2 vs sentence-transformers: worst cosine {worst:.8} over {} texts",
+        texts.len()
+    );
 }

@@ -72,14 +72,22 @@ impl Bert {
                 value: Linear::load(&l.pp("attention.self.value"), h, h, true)?,
                 attn_out: Linear::load(&l.pp("attention.output.dense"), h, h, true)?,
                 attn_norm: LayerNorm::load(&l.pp("attention.output.LayerNorm"), h, eps)?,
-                intermediate: Linear::load(&l.pp("intermediate.dense"), h, cfg.intermediate_size, true)?,
+                intermediate: Linear::load(
+                    &l.pp("intermediate.dense"),
+                    h,
+                    cfg.intermediate_size,
+                    true,
+                )?,
                 output: Linear::load(&l.pp("output.dense"), cfg.intermediate_size, h, true)?,
                 out_norm: LayerNorm::load(&l.pp("output.LayerNorm"), h, eps)?,
             });
         }
         Ok(Bert {
             word: e.get(&[cfg.vocab_size, h], "word_embeddings.weight")?,
-            position: e.get(&[cfg.max_position_embeddings, h], "position_embeddings.weight")?,
+            position: e.get(
+                &[cfg.max_position_embeddings, h],
+                "position_embeddings.weight",
+            )?,
             token_type: e.get(&[cfg.type_vocab_size, h], "token_type_embeddings.weight")?,
             emb_norm: LayerNorm::load(&e.pp("LayerNorm"), h, eps)?,
             layers,
@@ -111,7 +119,9 @@ impl Encoder for Bert {
             let v = nn::split_heads(&l.value.forward(&x)?, self.heads)?;
             let a = nn::attention(&q, &k, &v, &bias)?;
             x = l.attn_norm.forward(&(l.attn_out.forward(&a)? + &x)?)?;
-            let m = l.output.forward(&self.act.apply(&l.intermediate.forward(&x)?)?)?;
+            let m = l
+                .output
+                .forward(&self.act.apply(&l.intermediate.forward(&x)?)?)?;
             x = l.out_norm.forward(&(m + &x)?)?;
         }
         debug_assert_eq!(x.dims(), &[b, s, self.hidden]);

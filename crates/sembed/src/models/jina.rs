@@ -145,15 +145,20 @@ impl Encoder for Jina {
         let task = batch.adapter;
         if let Some(t) = task {
             if t >= self.cfg.lora_adaptations.len() {
-                return Err(Error::InvalidInput(format!("adapter index {t} out of range")));
+                return Err(Error::InvalidInput(format!(
+                    "adapter index {t} out of range"
+                )));
             }
         }
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.hidden_size / heads;
         let words = self.word.forward(&batch.input_ids, task)?;
-        let tt = self.token_type.forward(&batch.input_ids.zeros_like()?, task)?;
+        let tt = self
+            .token_type
+            .forward(&batch.input_ids.zeros_like()?, task)?;
         let mut x = self.emb_ln.forward(&(words + tt)?)?;
-        let (cos, sin) = nn::rope_tables(&batch.positions, hd, self.cfg.rotary_emb_base, x.dtype())?;
+        let (cos, sin) =
+            nn::rope_tables(&batch.positions, hd, self.cfg.rotary_emb_base, x.dtype())?;
         let bias = nn::attention_bias(&batch.attention_mask, false, JINA_MASK)?;
         for l in &self.layers {
             let (b, s, _) = x.dims3()?;
@@ -165,7 +170,9 @@ impl Encoder for Jina {
             let k = nn::apply_rope(&k, &cos, &sin)?;
             let a = nn::attention(&q, &k, &v, &bias)?;
             x = l.norm1.forward(&(x + l.out_proj.forward(&a, task)?)?)?;
-            let m = l.fc2.forward(&self.act.apply(&l.fc1.forward(&x, task)?)?, task)?;
+            let m = l
+                .fc2
+                .forward(&self.act.apply(&l.fc1.forward(&x, task)?)?, task)?;
             x = l.norm2.forward(&(x + m)?)?;
         }
         Ok(x)

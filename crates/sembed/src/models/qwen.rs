@@ -78,7 +78,8 @@ impl Encoder for Qwen {
         let cfg = &self.cfg;
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let mut x = nn::embedding(&self.embed, &batch.input_ids)?;
-        let (cos, sin) = nn::rope_tables(&batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype())?;
+        let (cos, sin) =
+            nn::rope_tables(&batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype())?;
         let bias = nn::attention_bias(&batch.attention_mask, cfg.causal, nn::MASK_VALUE)?;
         for l in &self.layers {
             let hs = l.input_norm.forward(&x)?;
