@@ -343,3 +343,21 @@ fn inspect_prints_the_header() {
         "{e}"
     );
 }
+
+#[test]
+fn hf_reference_offline_is_a_clear_error() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sembed"))
+        .args(["embed", "-m", "hf:Qodo/Qodo-Embed-1-1.5B", "x"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+    let e = err_text(&out);
+    assert!(
+        e.contains("hf:Qodo/Qodo-Embed-1-1.5B")
+            && e.contains("config.json")
+            && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+}
