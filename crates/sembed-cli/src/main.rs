@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Embed texts (arguments, a file, or stdin) into unit vectors.
     Embed(EmbedArgs),
+    /// Serve embeddings over HTTP (OpenAI /v1/embeddings and TEI /embed) with dynamic batching.
+    Serve(ServeArgs),
     /// Print the header of a safetensors file: names, dtypes, shapes, parameter count, bytes.
     Inspect {
         /// A .safetensors file.
@@ -97,6 +99,39 @@ struct EmbedArgs {
     dtype: ComputeDtype,
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A model to serve, as [NAME=]REF: REF is a folder, hf:ORG/NAME, or a fusion .toml. Repeat to
+    /// serve several; the first is the default. Default: all-MiniLM-L6-v2.
+    #[arg(long = "model", short = 'm')]
+    models: Vec<String>,
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Token budget of one forward batch.
+    #[arg(long, default_value_t = 16384)]
+    max_batch_tokens: usize,
+    /// Texts that may wait per model before requests get 429.
+    #[arg(long, default_value_t = 4096)]
+    max_queue: usize,
+    /// Inputs per request.
+    #[arg(long, default_value_t = 512)]
+    max_client_batch_size: usize,
+    /// Request body limit in bytes.
+    #[arg(long, default_value_t = 2 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long, env = "SEMBED_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Cut over-long inputs instead of refusing them.
+    #[arg(long)]
+    auto_truncate: bool,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: ComputeDtype,
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -108,6 +143,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(args) => embed(args),
+        Command::Serve(args) => serve(args),
         Command::Inspect { file } => inspect(&file),
     };
     if let Err(e) = result {
@@ -128,11 +164,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
     if texts.is_empty() {
         bail!("the input holds no texts");
     }
-    let dtype = match args.dtype {
-        ComputeDtype::F32 => candle_core_dtype::F32,
-        ComputeDtype::F16 => candle_core_dtype::F16,
-        ComputeDtype::Bf16 => candle_core_dtype::BF16,
-    };
+    let dtype = args.dtype.dtype();
     let device = sembed::device::cpu();
     let model =
         sembed::fusion_config::load(&args.models, dtype, &device).context("loading the model")?;
@@ -155,6 +187,109 @@ fn embed(args: EmbedArgs) -> Result<()> {
         args.output.as_deref(),
         matches!(args.format, Format::Npy),
     )
+}
+
+impl ComputeDtype {
+    fn dtype(self) -> sembed::DType {
+        match self {
+            ComputeDtype::F32 => sembed::DType::F32,
+            ComputeDtype::F16 => sembed::DType::F16,
+            ComputeDtype::Bf16 => sembed::DType::BF16,
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let device = sembed::device::cpu();
+    let specs = if args.models.is_empty() {
+        vec![String::new()]
+    } else {
+        args.models.clone()
+    };
+    let mut models = Vec::new();
+    for spec in &specs {
+        // NAME=REF, unless the whole thing is an existing path or an hf: reference.
+        let (name, reference) = match spec.split_once('=') {
+            Some((n, r)) if !n.is_empty() && !n.contains('/') && !n.starts_with("hf:") => {
+                (n.to_string(), r.to_string())
+            }
+            _ => {
+                let name = if spec.is_empty() {
+                    sembed::hub::DEFAULT_MODEL_NAME.to_string()
+                } else {
+                    spec.trim_end_matches('/')
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or(spec)
+                        .trim_end_matches(".toml")
+                        .to_string()
+                };
+                (name, spec.clone())
+            }
+        };
+        let refs = if reference.is_empty() {
+            vec![]
+        } else {
+            vec![reference.clone()]
+        };
+        let model =
+            sembed::fusion_config::load(&refs, args.dtype.dtype(), &device).with_context(|| {
+                format!(
+                    "loading model `{name}` ({})",
+                    if reference.is_empty() {
+                        "default"
+                    } else {
+                        &reference
+                    }
+                )
+            })?;
+        models.push(sembed_server::ServedModel {
+            name,
+            model: model.into(),
+        });
+    }
+    let config = sembed_server::ServerConfig {
+        max_batch_tokens: args.max_batch_tokens,
+        max_queue_texts: args.max_queue,
+        max_client_batch_size: args.max_client_batch_size,
+        max_body_bytes: args.max_body_bytes,
+        api_key: args.api_key.clone(),
+        auto_truncate: args.auto_truncate,
+    };
+    let (router, state) = sembed_server::build(models, config).context("starting the server")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        eprintln!("sembed: listening on http://{}", listener.local_addr()?);
+        sembed_server::serve(listener, router, state, shutdown_signal()).await?;
+        eprintln!("sembed: stopped");
+        Ok(())
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: finishing in-flight requests");
 }
 
 /// Embed in chunks so a progress bar can move; each chunk is still batched by length.
@@ -226,8 +361,4 @@ fn inspect(file: &std::path::Path) -> Result<()> {
     println!("data bytes: {bytes}");
     println!("header bytes: {}", header.data_start - 8);
     Ok(())
-}
-
-mod candle_core_dtype {
-    pub use sembed::DType::*;
 }

@@ -71,6 +71,30 @@ pub trait Embed: Send + Sync {
     fn name(&self) -> &str;
     /// Whether `task` means something here (a Jina adapter or a prompt name).
     fn knows_task(&self, task: &str) -> bool;
+    /// Validate `opts` for these texts and count each text's tokens (for a fusion: its largest part),
+    /// without running the model. Errors are the ones `embed` would give.
+    fn count_tokens(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<usize>>;
+    /// The longest input accepted, in tokens.
+    fn max_length(&self) -> usize;
+    /// Task and prompt names this accepts.
+    fn task_names(&self) -> Vec<String>;
+    /// Token ids, token strings and whether each is special, for one model; a fusion has no single
+    /// tokenisation and says so.
+    fn tokens(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<Token>>> {
+        let _ = (texts, opts);
+        Err(Error::Unsupported(format!(
+            "{}: tokenize a single model, not a fusion",
+            self.name()
+        )))
+    }
+}
+
+/// One token as `/tokenize` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+    pub special: bool,
 }
 
 /// One model, ready to embed.
@@ -138,7 +162,7 @@ impl Embedder {
         &self.folder
     }
 
-    pub fn max_length(&self) -> usize {
+    fn model_max_length(&self) -> usize {
         self.folder.max_seq_length()
     }
 
@@ -243,7 +267,7 @@ impl Embedder {
                 format!("{}{}", r.prefix, t)
             })
             .collect();
-        let model_max = self.max_length();
+        let model_max = self.model_max_length();
         let max_length = opts.max_length.unwrap_or(model_max);
         if max_length > model_max {
             return Err(Error::InvalidInput(format!(
@@ -375,6 +399,33 @@ impl Embed for Embedder {
     fn knows_task(&self, task: &str) -> bool {
         self.tasks().iter().any(|t| t == task) || self.folder.sentence.prompts.contains_key(task)
     }
+    fn count_tokens(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<usize>> {
+        self.check_dimensions(opts)?;
+        Ok(self.tokenize(texts, opts)?.iter().map(Vec::len).collect())
+    }
+    fn max_length(&self) -> usize {
+        self.model_max_length()
+    }
+    fn task_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tasks().to_vec();
+        for p in self.folder.sentence.prompts.keys() {
+            if !names.contains(p) {
+                names.push(p.clone());
+            }
+        }
+        names
+    }
+    fn tokens(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<Token>>> {
+        Ok(self
+            .tokenize(texts, opts)?
+            .into_iter()
+            .map(|ids| {
+                ids.into_iter()
+                    .map(|id| self.tokenizer.describe(id))
+                    .collect()
+            })
+            .collect())
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -413,6 +464,38 @@ impl Fusion {
             name: name.into(),
             parts,
         })
+    }
+}
+
+impl Fusion {
+    fn check(&self, opts: &EmbedOptions) -> Result<()> {
+        if opts.dimensions.is_some() {
+            return Err(Error::InvalidInput(format!(
+                "{}: `dimensions` cannot be set on a fusion (its dimension is fixed at {})",
+                self.name,
+                self.dimension()
+            )));
+        }
+        if let Some(t) = &opts.task {
+            if !self.knows_task(t) {
+                return Err(Error::InvalidInput(format!(
+                    "no model of {} knows task `{t}`",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Options for one part: always normalised; a task only goes to the parts that know it (the Jina
+    /// half), the others follow the role.
+    fn part_options(&self, part: &dyn Embed, opts: &EmbedOptions) -> EmbedOptions {
+        let mut o = opts.clone();
+        o.normalize = true;
+        if o.task.as_deref().is_some_and(|t| !part.knows_task(t)) {
+            o.task = None;
+        }
+        o
     }
 }
 
@@ -461,5 +544,34 @@ impl Embed for Fusion {
     }
     fn knows_task(&self, task: &str) -> bool {
         self.parts.iter().any(|(p, _)| p.knows_task(task))
+    }
+    fn count_tokens(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<usize>> {
+        self.check(opts)?;
+        let mut counts = vec![0; texts.len()];
+        for (part, _) in &self.parts {
+            let part_counts = part.count_tokens(texts, &self.part_options(part.as_ref(), opts))?;
+            for (c, p) in counts.iter_mut().zip(part_counts) {
+                *c = (*c).max(p);
+            }
+        }
+        Ok(counts)
+    }
+    fn max_length(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|(p, _)| p.max_length())
+            .min()
+            .unwrap_or(0)
+    }
+    fn task_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for (p, _) in &self.parts {
+            for t in p.task_names() {
+                if !names.contains(&t) {
+                    names.push(t);
+                }
+            }
+        }
+        names
     }
 }

@@ -89,8 +89,18 @@ impl TextTokenizer {
             .collect()
     }
 
-    pub fn pad_id(&self) -> u32 {
-        self.inner.get_padding().map_or(0, |p| p.pad_id)
+    /// A token's string and whether it is a special (added) token.
+    pub fn describe(&self, id: u32) -> crate::embed::Token {
+        let special = self
+            .inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special);
+        crate::embed::Token {
+            id,
+            text: self.inner.id_to_token(id).unwrap_or_default(),
+            special,
+        }
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

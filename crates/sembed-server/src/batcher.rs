@@ -1,0 +1,215 @@
+//! Dynamic batching: requests are queued (bounded, in texts), and a dedicated thread per model takes
+//! the oldest request plus every queued request with the same grouping options that fits the token
+//! budget, runs one `embed` call for all of them, and answers each. A request whose client has gone
+//! (its reply channel closed) is dropped before it costs a forward pass.
+
+use crate::metrics::Metrics;
+use sembed::embed::{Embed, EmbedOptions, InputRole};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// Options that must be equal for requests to share a forward pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupKey {
+    pub role: Option<InputRole>,
+    pub task: Option<String>,
+    pub truncate: bool,
+    pub truncate_left: Option<bool>,
+}
+
+impl GroupKey {
+    fn options(&self) -> EmbedOptions {
+        EmbedOptions {
+            role: self.role,
+            task: self.task.clone(),
+            truncate: self.truncate,
+            truncate_left: self.truncate_left,
+            // Post-processing (Matryoshka truncation, normalisation) is per request, below.
+            normalize: false,
+            dimensions: None,
+            max_length: None,
+            batch_size: usize::MAX,
+        }
+    }
+}
+
+pub type Reply = Result<Vec<Vec<f32>>, String>;
+
+pub struct Job {
+    pub texts: Vec<String>,
+    pub tokens: usize,
+    pub key: GroupKey,
+    pub dimensions: Option<usize>,
+    pub normalize: bool,
+    pub reply: oneshot::Sender<Reply>,
+    pub enqueued: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    queued_texts: usize,
+    shutdown: bool,
+}
+
+/// The queue of one model and its worker thread.
+pub struct Batcher {
+    state: Mutex<State>,
+    ready: Condvar,
+    paused: AtomicBool,
+    max_queue_texts: usize,
+    max_batch_tokens: usize,
+    model_name: String,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug)]
+pub struct Overloaded;
+
+impl Batcher {
+    pub fn start(
+        name: &str,
+        model: Arc<dyn Embed>,
+        max_queue_texts: usize,
+        max_batch_tokens: usize,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let b = Arc::new(Batcher {
+            state: Mutex::new(State::default()),
+            ready: Condvar::new(),
+            paused: AtomicBool::new(false),
+            max_queue_texts,
+            max_batch_tokens,
+            model_name: name.to_string(),
+            metrics,
+        });
+        b.metrics.queue_size.with_label_values(&[name]).set(0);
+        let worker = b.clone();
+        std::thread::Builder::new()
+            .name(format!("model-{name}"))
+            .spawn(move || worker.run(model))
+            .expect("spawn model thread");
+        b
+    }
+
+    /// Queue a job, or refuse at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), Overloaded> {
+        let mut s = self.state.lock().expect("queue lock");
+        if s.queued_texts + job.texts.len() > self.max_queue_texts && !s.jobs.is_empty() {
+            return Err(Overloaded);
+        }
+        s.queued_texts += job.texts.len();
+        s.jobs.push_back(job);
+        self.metrics
+            .queue_size
+            .with_label_values(&[&self.model_name])
+            .set(s.queued_texts as i64);
+        drop(s);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Stop taking work from the queue (requests still queue up, and overflow answers 429). For
+    /// operations (draining) and for tests that need a full queue deterministically.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        self.ready.notify_all();
+    }
+
+    pub fn shutdown(&self) {
+        self.state.lock().expect("queue lock").shutdown = true;
+        self.ready.notify_all();
+    }
+
+    fn next_batch(&self) -> Option<Vec<Job>> {
+        let mut s = self.state.lock().expect("queue lock");
+        loop {
+            if s.shutdown && s.jobs.is_empty() {
+                return None;
+            }
+            if !s.jobs.is_empty() && !self.paused.load(Ordering::SeqCst) {
+                break;
+            }
+            s = self.ready.wait(s).expect("queue lock");
+        }
+        let mut batch: Vec<Job> = Vec::new();
+        let mut tokens = 0;
+        let mut i = 0;
+        while i < s.jobs.len() {
+            let job = &s.jobs[i];
+            if job.reply.is_closed() {
+                let job = s.jobs.remove(i).expect("index in range");
+                s.queued_texts -= job.texts.len();
+                self.metrics
+                    .requests
+                    .with_label_values(&["cancelled"])
+                    .inc();
+                continue;
+            }
+            let fits = batch.is_empty()
+                || (job.key == batch[0].key && tokens + job.tokens <= self.max_batch_tokens);
+            if fits {
+                let job = s.jobs.remove(i).expect("index in range");
+                s.queued_texts -= job.texts.len();
+                tokens += job.tokens;
+                batch.push(job);
+            } else {
+                i += 1;
+            }
+        }
+        self.metrics
+            .queue_size
+            .with_label_values(&[&self.model_name])
+            .set(s.queued_texts as i64);
+        Some(batch)
+    }
+
+    fn run(&self, model: Arc<dyn Embed>) {
+        while let Some(batch) = self.next_batch() {
+            if batch.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            for job in &batch {
+                self.metrics
+                    .stage_seconds
+                    .with_label_values(&["queue"])
+                    .observe(started.duration_since(job.enqueued).as_secs_f64());
+            }
+            let texts: Vec<String> = batch.iter().flat_map(|j| j.texts.iter().cloned()).collect();
+            let tokens: usize = batch.iter().map(|j| j.tokens).sum();
+            self.metrics.batch_size.observe(texts.len() as f64);
+            self.metrics.batch_tokens.observe(tokens as f64);
+            let result = model.embed(&texts, &batch[0].key.options());
+            self.metrics
+                .stage_seconds
+                .with_label_values(&["inference"])
+                .observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(vectors) => {
+                    let mut vectors = vectors.into_iter();
+                    for job in batch {
+                        let mut mine: Vec<Vec<f32>> =
+                            vectors.by_ref().take(job.texts.len()).collect();
+                        if let Some(d) = job.dimensions {
+                            mine.iter_mut().for_each(|v| v.truncate(d));
+                        }
+                        if job.normalize {
+                            sembed::pool::normalize_rows(&mut mine);
+                        }
+                        let _ = job.reply.send(Ok(mine));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(model = %self.model_name, error = %e, "batch failed");
+                    for job in batch {
+                        let _ = job.reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,734 @@
+//! `sembed serve`: embeddings over HTTP for OpenAI and text-embeddings-inference (TEI) clients.
+//!
+//! Routes: `POST /v1/embeddings` (OpenAI), `POST /embed` (TEI), `POST /tokenize`, `GET /health`,
+//! `GET /info`, `GET /metrics` (Prometheus). Requests are validated and tokenised off the async
+//! runtime, then queued per model and batched under a token budget on the model's own thread
+//! ([`batcher`]). Every error is a 4xx/5xx with a JSON body saying what is wrong.
+
+pub mod batcher;
+pub mod metrics;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use batcher::{Batcher, GroupKey, Job};
+use metrics::Metrics;
+use sembed::embed::{Embed, EmbedOptions, InputRole};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A model to serve under a name.
+pub struct ServedModel {
+    pub name: String,
+    pub model: Arc<dyn Embed>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Token budget of one forward batch.
+    pub max_batch_tokens: usize,
+    /// Texts that may wait in a model's queue; beyond that requests get 429 at once.
+    pub max_queue_texts: usize,
+    /// Inputs per request.
+    pub max_client_batch_size: usize,
+    /// Request body bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Bearer key required on every route but /health.
+    pub api_key: Option<String>,
+    /// Cut over-long inputs instead of refusing them (TEI's `--auto-truncate`); a TEI request's
+    /// `truncate` field overrides it.
+    pub auto_truncate: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_batch_tokens: 16384,
+            max_queue_texts: 4096,
+            max_client_batch_size: 512,
+            max_body_bytes: 2 * 1024 * 1024,
+            api_key: None,
+            auto_truncate: false,
+        }
+    }
+}
+
+struct Entry {
+    name: String,
+    model: Arc<dyn Embed>,
+    batcher: Arc<Batcher>,
+}
+
+pub struct AppState {
+    models: Vec<Entry>,
+    config: ServerConfig,
+    metrics: Arc<Metrics>,
+    healthy: AtomicBool,
+}
+
+impl AppState {
+    /// Pause or resume every model's worker (see [`Batcher::set_paused`]).
+    pub fn set_paused(&self, paused: bool) {
+        for m in &self.models {
+            m.batcher.set_paused(paused);
+        }
+    }
+
+    /// Let the workers finish what is queued and stop.
+    pub fn shutdown(&self) {
+        self.healthy.store(false, Ordering::SeqCst);
+        for m in &self.models {
+            m.batcher.shutdown();
+        }
+    }
+}
+
+/// Build the app: start one worker per model, run a warm-up pass on each (an error here means the
+/// server must not start), then report healthy. Blocking; call before serving.
+pub fn build(
+    models: Vec<ServedModel>,
+    config: ServerConfig,
+) -> sembed::Result<(Router, Arc<AppState>)> {
+    if models.is_empty() {
+        return Err(sembed::Error::InvalidInput("no models to serve".into()));
+    }
+    let metrics = Arc::new(Metrics::new());
+    let mut entries = Vec::new();
+    for m in models {
+        if entries.iter().any(|e: &Entry| e.name == m.name) {
+            return Err(sembed::Error::InvalidInput(format!(
+                "model name `{}` given twice",
+                m.name
+            )));
+        }
+        let t = Instant::now();
+        m.model
+            .embed(&["warm-up".to_string()], &EmbedOptions::default())?;
+        tracing::info!(model = %m.name, dimension = m.model.dimension(), warmup_ms = t.elapsed().as_millis() as u64, "model ready");
+        let batcher = Batcher::start(
+            &m.name,
+            m.model.clone(),
+            config.max_queue_texts,
+            config.max_batch_tokens,
+            metrics.clone(),
+        );
+        entries.push(Entry {
+            name: m.name,
+            model: m.model,
+            batcher,
+        });
+    }
+    let state = Arc::new(AppState {
+        models: entries,
+        config: config.clone(),
+        metrics,
+        healthy: AtomicBool::new(true),
+    });
+    let protected = Router::new()
+        .route("/v1/embeddings", post(openai_embeddings))
+        .route("/embed", post(tei_embed))
+        .route("/tokenize", post(tokenize))
+        .route("/info", get(info))
+        .route("/metrics", get(metrics_route))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    let router = Router::new()
+        .route("/health", get(health))
+        .merge(protected)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state.clone());
+    Ok((router, state))
+}
+
+/// Serve until `shutdown` resolves, then finish in-flight requests and stop the workers.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    state.shutdown();
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    OpenAi,
+    Tei,
+}
+
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    flavor: Flavor,
+}
+
+impl ApiError {
+    fn new(
+        flavor: Flavor,
+        status: StatusCode,
+        kind: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            flavor,
+        }
+    }
+    /// Invalid request content: 400 for OpenAI clients, 422 for TEI clients (as each upstream does).
+    fn validation(flavor: Flavor, message: impl Into<String>) -> Self {
+        let status = match flavor {
+            Flavor::OpenAi => StatusCode::BAD_REQUEST,
+            Flavor::Tei => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        Self::new(flavor, status, "validation", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.flavor {
+            Flavor::OpenAi => {
+                json!({"error": {"message": self.message, "type": self.kind, "code": self.status.as_u16()}})
+            }
+            Flavor::Tei => json!({"error": self.message, "error_type": self.kind}),
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        Flavor::Tei,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route",
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Auth
+
+async fn auth(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &state.config.api_key {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), key.as_bytes()).into();
+        if !ok {
+            state
+                .metrics
+                .requests
+                .with_label_values(&["unauthorized"])
+                .inc();
+            let flavor = if request.uri().path().starts_with("/v1/") {
+                Flavor::OpenAi
+            } else {
+                Flavor::Tei
+            };
+            return ApiError::new(
+                flavor,
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong API key (Authorization: Bearer KEY)",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request parsing
+
+fn parse_body(body: Result<Bytes, BytesRejection>, flavor: Flavor) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|r| {
+        let status = r.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request body too large".to_string()
+        } else {
+            r.body_text()
+        };
+        ApiError::new(
+            flavor,
+            status,
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "payload_too_large"
+            } else {
+                "bad_request"
+            },
+            message,
+        )
+    })?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            flavor,
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("malformed JSON body: {e}"),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::new(
+            flavor,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            "the body must be a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+fn wrong_type(flavor: Flavor, field: &str, expected: &str) -> ApiError {
+    ApiError::new(
+        flavor,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation",
+        format!("`{field}` must be {expected}"),
+    )
+}
+
+fn opt_str(v: &Value, field: &str, flavor: Flavor) -> Result<Option<String>, ApiError> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(wrong_type(flavor, field, "a string")),
+    }
+}
+
+fn opt_bool(v: &Value, field: &str, flavor: Flavor) -> Result<Option<bool>, ApiError> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(wrong_type(flavor, field, "a boolean")),
+    }
+}
+
+fn opt_usize(v: &Value, field: &str, flavor: Flavor) -> Result<Option<usize>, ApiError> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(n) => n
+            .as_u64()
+            .filter(|&n| n > 0)
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| wrong_type(flavor, field, "a positive integer")),
+    }
+}
+
+/// `input` / `inputs`: a string or a non-empty array of non-empty strings, within the request limit.
+fn texts(v: &Value, field: &str, flavor: Flavor, limit: usize) -> Result<Vec<String>, ApiError> {
+    let texts: Vec<String> = match v.get(field) {
+        None | Some(Value::Null) => {
+            return Err(ApiError::validation(
+                flavor,
+                format!("`{field}` is required"),
+            ))
+        }
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                wrong_type(
+                    flavor,
+                    field,
+                    "a string or an array of strings (token-id inputs are not supported)",
+                )
+            })?,
+        Some(_) => return Err(wrong_type(flavor, field, "a string or an array of strings")),
+    };
+    if texts.is_empty() {
+        return Err(ApiError::validation(
+            flavor,
+            format!("`{field}` is an empty list"),
+        ));
+    }
+    if texts.len() > limit {
+        return Err(ApiError::validation(
+            flavor,
+            format!(
+                "{} inputs, more than the limit of {limit} per request",
+                texts.len()
+            ),
+        ));
+    }
+    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
+        return Err(ApiError::validation(
+            flavor,
+            format!("input {i} is an empty string"),
+        ));
+    }
+    Ok(texts)
+}
+
+fn find_model<'a>(
+    state: &'a AppState,
+    name: Option<&str>,
+    flavor: Flavor,
+) -> Result<&'a Entry, ApiError> {
+    match name {
+        None => Ok(&state.models[0]),
+        Some(n) => state.models.iter().find(|m| m.name == n).ok_or_else(|| {
+            let names: Vec<&str> = state.models.iter().map(|m| m.name.as_str()).collect();
+            ApiError::new(
+                flavor,
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!("unknown model `{n}`; served: {}", names.join(", ")),
+            )
+        }),
+    }
+}
+
+struct Embedded {
+    vectors: Vec<Vec<f32>>,
+    tokens: usize,
+}
+
+/// Validate and count tokens off the runtime, queue, and wait for the batch.
+async fn run_embed(
+    state: &Arc<AppState>,
+    entry: &Entry,
+    texts: Vec<String>,
+    opts: EmbedOptions,
+    flavor: Flavor,
+) -> Result<Embedded, ApiError> {
+    let started = Instant::now();
+    let model = entry.model.clone();
+    let (texts, counts) = {
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || {
+            let counts = model.count_tokens(&texts, &opts);
+            (texts, counts)
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                flavor,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            )
+        })?
+    };
+    state
+        .metrics
+        .stage_seconds
+        .with_label_values(&["tokenize"])
+        .observe(started.elapsed().as_secs_f64());
+    let counts = counts.map_err(|e| match e {
+        sembed::Error::InvalidInput(m) | sembed::Error::Unsupported(m) => {
+            ApiError::validation(flavor, m)
+        }
+        other => ApiError::new(
+            flavor,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            other.to_string(),
+        ),
+    })?;
+    let tokens: usize = counts.iter().sum();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = Job {
+        texts,
+        tokens,
+        key: GroupKey {
+            role: opts.role,
+            task: opts.task.clone(),
+            truncate: opts.truncate,
+            truncate_left: opts.truncate_left,
+        },
+        dimensions: opts.dimensions,
+        normalize: opts.normalize,
+        reply: tx,
+        enqueued: Instant::now(),
+    };
+    entry.batcher.submit(job).map_err(|_| {
+        ApiError::new(
+            flavor,
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            "the model's queue is full; retry later",
+        )
+    })?;
+    let result = rx.await.map_err(|_| {
+        ApiError::new(
+            flavor,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the server is shutting down",
+        )
+    })?;
+    let vectors = result
+        .map_err(|m| ApiError::new(flavor, StatusCode::INTERNAL_SERVER_ERROR, "internal", m))?;
+    state
+        .metrics
+        .stage_seconds
+        .with_label_values(&["total"])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(Embedded { vectors, tokens })
+}
+
+fn count_outcome<T>(state: &AppState, r: &Result<T, ApiError>) {
+    let outcome = match r {
+        Ok(_) => "ok",
+        Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS => "overloaded",
+        Err(e) if e.status.is_client_error() => "client_error",
+        Err(_) => "server_error",
+    };
+    state.metrics.requests.with_label_values(&[outcome]).inc();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes
+
+async fn openai_embeddings(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = openai_inner(&state, body).await;
+    count_outcome(&state, &r);
+    r.into_response()
+}
+
+async fn openai_inner(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<OpenAiResponse>, ApiError> {
+    let f = Flavor::OpenAi;
+    let v = parse_body(body, f)?;
+    let input = texts(&v, "input", f, state.config.max_client_batch_size)?;
+    let entry = find_model(state, opt_str(&v, "model", f)?.as_deref(), f)?;
+    let base64 = match opt_str(&v, "encoding_format", f)?.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::validation(
+                f,
+                format!("encoding_format `{other}`: expected `float` or `base64`"),
+            ))
+        }
+    };
+    let role = match opt_str(&v, "input_type", f)? {
+        None => None,
+        Some(s) => Some(
+            s.parse::<InputRole>()
+                .map_err(|e| ApiError::validation(f, e.to_string()))?,
+        ),
+    };
+    let opts = EmbedOptions {
+        role,
+        dimensions: opt_usize(&v, "dimensions", f)?,
+        truncate: state.config.auto_truncate,
+        ..Default::default()
+    };
+    let out = run_embed(state, entry, input, opts, f).await?;
+    let data: Vec<OpenAiEmbedding> = out
+        .vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, e)| OpenAiEmbedding {
+            object: "embedding",
+            embedding: if base64 {
+                let bytes: Vec<u8> = e.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Vector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                Vector::Float(e)
+            },
+            index,
+        })
+        .collect();
+    Ok(Json(OpenAiResponse {
+        object: "list",
+        data,
+        model: entry.name.clone(),
+        usage: Usage {
+            prompt_tokens: out.tokens,
+            total_tokens: out.tokens,
+        },
+    }))
+}
+
+// Typed responses: vectors serialise as f32 (shortest round-trip form), not widened to f64.
+#[derive(serde::Serialize)]
+struct OpenAiResponse {
+    object: &'static str,
+    data: Vec<OpenAiEmbedding>,
+    model: String,
+    usage: Usage,
+}
+
+#[derive(serde::Serialize)]
+struct OpenAiEmbedding {
+    object: &'static str,
+    embedding: Vector,
+    index: usize,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Vector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(serde::Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+}
+
+async fn tei_embed(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = tei_inner(&state, body).await;
+    count_outcome(&state, &r);
+    r.into_response()
+}
+
+fn tei_truncate_left(v: &Value, f: Flavor) -> Result<Option<bool>, ApiError> {
+    match opt_str(v, "truncation_direction", f)?.as_deref() {
+        None => Ok(None),
+        Some("Right") | Some("right") => Ok(Some(false)),
+        Some("Left") | Some("left") => Ok(Some(true)),
+        Some(other) => Err(ApiError::validation(
+            f,
+            format!("truncation_direction `{other}`: expected `Right` or `Left`"),
+        )),
+    }
+}
+
+async fn tei_inner(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
+    let f = Flavor::Tei;
+    let v = parse_body(body, f)?;
+    let inputs = texts(&v, "inputs", f, state.config.max_client_batch_size)?;
+    let entry = find_model(state, opt_str(&v, "model", f)?.as_deref(), f)?;
+    let opts = EmbedOptions {
+        task: opt_str(&v, "prompt_name", f)?,
+        dimensions: opt_usize(&v, "dimensions", f)?,
+        normalize: opt_bool(&v, "normalize", f)?.unwrap_or(true),
+        truncate: opt_bool(&v, "truncate", f)?.unwrap_or(state.config.auto_truncate),
+        truncate_left: tei_truncate_left(&v, f)?,
+        ..Default::default()
+    };
+    if let Some(t) = &opts.task {
+        if !entry.model.knows_task(t) {
+            return Err(ApiError::validation(
+                f,
+                format!(
+                    "unknown prompt name `{t}`; known: {}",
+                    entry.model.task_names().join(", ")
+                ),
+            ));
+        }
+    }
+    let out = run_embed(state, entry, inputs, opts, f).await?;
+    Ok(Json(out.vectors))
+}
+
+async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let f = Flavor::Tei;
+    let r: Result<Json<Value>, ApiError> = async {
+        let v = parse_body(body, f)?;
+        let inputs = texts(&v, "inputs", f, state.config.max_client_batch_size)?;
+        let entry = find_model(&state, opt_str(&v, "model", f)?.as_deref(), f)?;
+        let opts = EmbedOptions {
+            task: opt_str(&v, "prompt_name", f)?,
+            truncate: true,
+            truncate_left: tei_truncate_left(&v, f)?,
+            ..Default::default()
+        };
+        let model = entry.model.clone();
+        let tokens = tokio::task::spawn_blocking(move || model.tokens(&inputs, &opts))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    f,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    e.to_string(),
+                )
+            })?
+            .map_err(|e| ApiError::validation(f, e.to_string()))?;
+        Ok(Json(json!(tokens)))
+    }
+    .await;
+    r.into_response()
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.healthy.load(Ordering::SeqCst) {
+        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable"})),
+        )
+            .into_response()
+    }
+}
+
+async fn info(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let models: Vec<Value> = state
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "dimension": m.model.dimension(),
+                "max_input_length": m.model.max_length(),
+                "tasks": m.model.task_names(),
+            })
+        })
+        .collect();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "models": models,
+        "max_batch_tokens": state.config.max_batch_tokens,
+        "max_queue_texts": state.config.max_queue_texts,
+        "max_client_batch_size": state.config.max_client_batch_size,
+        "max_body_bytes": state.config.max_body_bytes,
+        "auto_truncate": state.config.auto_truncate,
+    }))
+}
+
+async fn metrics_route(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
