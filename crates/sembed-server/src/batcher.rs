@@ -31,7 +31,8 @@ impl GroupKey {
             normalize: false,
             dimensions: None,
             max_length: None,
-            batch_size: usize::MAX,
+            // Length-sorted sub-batches inside the group: one padded mega-batch would waste compute.
+            batch_size: 32,
         }
     }
 }
