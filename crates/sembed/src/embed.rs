@@ -5,7 +5,6 @@
 use crate::config::{Architecture, ModelFolder, Pooling};
 use crate::error::{Error, Result};
 use crate::models::{bert::Bert, jina::Jina, qwen::Qwen, Batch, Encoder};
-use crate::nn::positions_from_mask;
 use crate::pool::{normalize_rows, pool};
 use crate::tokenize::TextTokenizer;
 use crate::weights::{WeightStore, Weights};
@@ -104,7 +103,6 @@ pub struct Embedder {
     model: Box<dyn Encoder>,
     tokenizer: TextTokenizer,
     device: Device,
-    pad_id: u32,
 }
 
 /// How a call's options resolve for a given model.
@@ -121,11 +119,6 @@ impl Embedder {
         let store = WeightStore::from_dir(dir)?;
         let weights = Weights::new(store, dtype, device);
         let model = build_model(&folder.arch, &weights)?;
-        let pad_id = match &folder.arch {
-            Architecture::Qwen(_) => tokenizer.token_to_id("<|endoftext|>").unwrap_or(0),
-            Architecture::Jina(_) => tokenizer.token_to_id("<pad>").unwrap_or(1),
-            Architecture::Bert(_) => tokenizer.token_to_id("[PAD]").unwrap_or(0),
-        };
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -136,7 +129,6 @@ impl Embedder {
             model,
             tokenizer,
             device: device.clone(),
-            pad_id,
         })
     }
 
@@ -341,43 +333,13 @@ impl Embedder {
         Ok(pooled.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 
-    /// Pad `rows` into one batch and run the model: (hidden states, mask tensor, mask rows).
-    fn forward_hidden(
-        &self,
-        rows: &[&Vec<u32>],
-        adapter: Option<usize>,
-    ) -> Result<(Tensor, Tensor, Vec<Vec<u32>>)> {
-        let b = rows.len();
-        let s = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        let left = self.folder.tokenizer.padding_side_left;
-        let mut flat_ids = Vec::with_capacity(b * s);
-        let mut mask_rows = Vec::with_capacity(b);
-        for r in rows {
-            let pad = s - r.len();
-            let mut m = Vec::with_capacity(s);
-            if left {
-                flat_ids.extend(std::iter::repeat_n(self.pad_id, pad));
-                m.extend(std::iter::repeat_n(0u32, pad));
-            }
-            flat_ids.extend_from_slice(r);
-            m.extend(std::iter::repeat_n(1u32, r.len()));
-            if !left {
-                flat_ids.extend(std::iter::repeat_n(self.pad_id, pad));
-                m.extend(std::iter::repeat_n(0u32, pad));
-            }
-            mask_rows.push(m);
-        }
-        let input_ids = Tensor::from_vec(flat_ids, (b, s), &self.device)?;
-        let attention_mask = Tensor::from_vec(mask_rows.concat(), (b, s), &self.device)?;
-        let positions = positions_from_mask(&mask_rows, &self.device)?;
-        let batch = Batch {
-            input_ids,
-            attention_mask: attention_mask.clone(),
-            positions,
-            adapter,
-        };
-        let hidden = self.model.forward(&batch)?;
-        Ok((hidden, attention_mask, mask_rows))
+    /// Lay `rows` out as one batch and run the model: (padded hidden states `[B, S, H]`, mask
+    /// tensor, mask rows).
+    fn forward_hidden(&self, rows: &[&Vec<u32>], adapter: Option<usize>) -> Result<(Tensor, Tensor, Vec<Vec<u32>>)> {
+        let rows: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+        let batch = Batch::new(&rows, self.folder.tokenizer.padding_side_left, adapter, &self.device)?;
+        let hidden = batch.packing.pad(&self.model.forward(&batch)?)?;
+        Ok((hidden, batch.attention_mask, batch.mask_rows))
     }
 }
 

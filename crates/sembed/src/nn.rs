@@ -206,6 +206,88 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     Ok(x.reshape((b, s, heads, hd / heads))?.transpose(1, 2)?)
 }
 
+/// Where the real tokens of a padded `[B, S]` batch sit, to move activations between the packed
+/// layout `[T, D]` (real tokens only) and the padded grid `[B, S, D]`. Both moves are `index_select`,
+/// which records gradients.
+#[derive(Debug, Clone)]
+pub struct Packing {
+    pub b: usize,
+    pub s: usize,
+    pub tokens: usize,
+    /// `[B·S]`: the packed row of each grid slot, or `T` (a zero row) for padding.
+    to_padded: Tensor,
+    /// `[T]`: the grid slot of each packed row.
+    to_packed: Tensor,
+}
+
+impl Packing {
+    pub fn new(mask: &[Vec<u32>], device: &Device) -> Result<Self> {
+        let b = mask.len();
+        let s = mask.first().map_or(0, |r| r.len());
+        let tokens: usize = mask.iter().map(|r| r.iter().filter(|&&m| m != 0).count()).sum();
+        let mut to_padded = Vec::with_capacity(b * s);
+        let mut to_packed = Vec::with_capacity(tokens);
+        let mut next = 0u32;
+        for (row, m) in mask.iter().enumerate() {
+            for (col, &v) in m.iter().enumerate() {
+                if v != 0 {
+                    to_padded.push(next);
+                    to_packed.push((row * s + col) as u32);
+                    next += 1;
+                } else {
+                    to_padded.push(tokens as u32);
+                }
+            }
+        }
+        Ok(Packing {
+            b,
+            s,
+            tokens,
+            to_padded: Tensor::from_vec(to_padded, b * s, device)?,
+            to_packed: Tensor::from_vec(to_packed, tokens, device)?,
+        })
+    }
+
+    /// `[T, D]` → `[B, S, D]`, zeros at padding.
+    pub fn pad(&self, x: &Tensor) -> Result<Tensor> {
+        let d = x.dim(1)?;
+        let zero = Tensor::zeros((1, d), x.dtype(), x.device())?;
+        let extended = Tensor::cat(&[x, &zero], 0)?;
+        Ok(extended.index_select(&self.to_padded, 0)?.reshape((self.b, self.s, d))?)
+    }
+
+    /// `[B, S, D]` → `[T, D]`.
+    pub fn unpad(&self, x: &Tensor) -> Result<Tensor> {
+        let d = x.dim(2)?;
+        Ok(x.reshape((self.b * self.s, d))?.index_select(&self.to_packed, 0)?)
+    }
+}
+
+/// Multi-head attention on packed projections `q [T, nq·d]`, `k`, `v` `[T, nkv·d]`: padded to the
+/// grid, optional rotary tables `[B, 1, S, d]`, grouped-query heads repeated, back to `[T, nq·d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    packing: &Packing,
+    nq: usize,
+    nkv: usize,
+    bias: &Tensor,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    let mut q = split_heads(&packing.pad(q)?, nq)?;
+    let mut k = split_heads(&packing.pad(k)?, nkv)?;
+    let v = split_heads(&packing.pad(v)?, nkv)?;
+    if let Some((cos, sin)) = rope {
+        q = apply_rope(&q, cos, sin)?;
+        k = apply_rope(&k, cos, sin)?;
+    }
+    let k = repeat_kv(&k, nq / nkv)?;
+    let v = repeat_kv(&v, nq / nkv)?;
+    packing.unpad(&attention(&q, &k, &v, bias)?)
+}
+
 /// Positions per row counted from the row's first real token: `max(0, cumsum(mask) - 1)`, `[B, S]` u32.
 /// Equals 0…S-1 under right padding; under left padding it makes the result independent of the pads.
 pub fn positions_from_mask(mask: &[Vec<u32>], device: &Device) -> Result<Tensor> {

@@ -100,31 +100,27 @@ impl Bert {
 
 impl Encoder for Bert {
     fn forward(&self, batch: &Batch) -> Result<Tensor> {
-        let (b, s) = batch.input_ids.dims2()?;
+        let s = batch.packing.s;
         if s > self.position.dim(0)? {
             return Err(Error::InvalidInput(format!(
                 "sequence of {s} tokens exceeds the model's {} positions",
                 self.position.dim(0)?
             )));
         }
-        let words = nn::embedding(&self.word, &batch.input_ids)?;
-        let pos = nn::embedding(&self.position, &batch.positions)?;
+        let words = nn::embedding(&self.word, &batch.packed_ids)?;
+        let pos = nn::embedding(&self.position, &batch.packed_positions)?;
         // token_type_ids are all 0 for single sentences.
-        let tt = self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?;
+        let tt = self.token_type.narrow(0, 0, 1)?;
         let mut x = self.emb_norm.forward(&(words + pos)?.broadcast_add(&tt)?)?;
         let bias = nn::attention_bias(&batch.attention_mask, false, nn::MASK_VALUE)?;
         for l in &self.layers {
-            let q = nn::split_heads(&l.query.forward(&x)?, self.heads)?;
-            let k = nn::split_heads(&l.key.forward(&x)?, self.heads)?;
-            let v = nn::split_heads(&l.value.forward(&x)?, self.heads)?;
-            let a = nn::attention(&q, &k, &v, &bias)?;
+            let (q, k, v) = (l.query.forward(&x)?, l.key.forward(&x)?, l.value.forward(&x)?);
+            let a = nn::attention_packed(&q, &k, &v, &batch.packing, self.heads, self.heads, &bias, None)?;
             x = l.attn_norm.forward(&(l.attn_out.forward(&a)? + &x)?)?;
-            let m = l
-                .output
-                .forward(&self.act.apply(&l.intermediate.forward(&x)?)?)?;
+            let m = l.output.forward(&self.act.apply(&l.intermediate.forward(&x)?)?)?;
             x = l.out_norm.forward(&(m + &x)?)?;
         }
-        debug_assert_eq!(x.dims(), &[b, s, self.hidden]);
+        debug_assert_eq!(x.dims(), &[batch.packing.tokens, self.hidden]);
         Ok(x)
     }
     fn hidden_size(&self) -> usize {

@@ -151,28 +151,23 @@ impl Encoder for Jina {
             }
         }
         let heads = self.cfg.num_attention_heads;
-        let hd = self.cfg.hidden_size / heads;
-        let words = self.word.forward(&batch.input_ids, task)?;
-        let tt = self
-            .token_type
-            .forward(&batch.input_ids.zeros_like()?, task)?;
+        let h = self.cfg.hidden_size;
+        let hd = h / heads;
+        let t = batch.packing.tokens;
+        let words = self.word.forward(&batch.packed_ids, task)?;
+        let tt = self.token_type.forward(&batch.packed_ids.zeros_like()?, task)?;
         let mut x = self.emb_ln.forward(&(words + tt)?)?;
-        let (cos, sin) =
-            nn::rope_tables(&batch.positions, hd, self.cfg.rotary_emb_base, x.dtype())?;
+        let (cos, sin) = nn::rope_tables(&batch.positions, hd, self.cfg.rotary_emb_base, x.dtype())?;
         let bias = nn::attention_bias(&batch.attention_mask, false, JINA_MASK)?;
         for l in &self.layers {
-            let (b, s, _) = x.dims3()?;
-            let qkv = l.wqkv.forward(&x, task)?.reshape((b, s, 3, heads, hd))?;
-            let q = qkv.narrow(2, 0, 1)?.squeeze(2)?.transpose(1, 2)?;
-            let k = qkv.narrow(2, 1, 1)?.squeeze(2)?.transpose(1, 2)?;
-            let v = qkv.narrow(2, 2, 1)?.squeeze(2)?.transpose(1, 2)?;
-            let q = nn::apply_rope(&q, &cos, &sin)?;
-            let k = nn::apply_rope(&k, &cos, &sin)?;
-            let a = nn::attention(&q, &k, &v, &bias)?;
+            // Wqkv output splits as (3, heads, head_dim).
+            let qkv = l.wqkv.forward(&x, task)?.reshape((t, 3, h))?;
+            let q = qkv.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+            let k = qkv.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?;
+            let v = qkv.narrow(1, 2, 1)?.squeeze(1)?.contiguous()?;
+            let a = nn::attention_packed(&q, &k, &v, &batch.packing, heads, heads, &bias, Some((&cos, &sin)))?;
             x = l.norm1.forward(&(x + l.out_proj.forward(&a, task)?)?)?;
-            let m = l
-                .fc2
-                .forward(&self.act.apply(&l.fc1.forward(&x, task)?)?, task)?;
+            let m = l.fc2.forward(&self.act.apply(&l.fc1.forward(&x, task)?)?, task)?;
             x = l.norm2.forward(&(x + m)?)?;
         }
         Ok(x)

@@ -76,25 +76,21 @@ impl Qwen {
 impl Encoder for Qwen {
     fn forward(&self, batch: &Batch) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let mut x = nn::embedding(&self.embed, &batch.input_ids)?;
-        let (cos, sin) =
-            nn::rope_tables(&batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype())?;
+        let (nq, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let t = batch.packing.tokens;
+        let mut x = nn::embedding(&self.embed, &batch.packed_ids)?;
+        let (cos, sin) = nn::rope_tables(&batch.positions, hd, cfg.rope_theta, x.dtype())?;
         let bias = nn::attention_bias(&batch.attention_mask, cfg.causal, nn::MASK_VALUE)?;
         for l in &self.layers {
             let hs = l.input_norm.forward(&x)?;
-            let mut q = nn::split_heads(&l.q.forward(&hs)?, nq)?;
-            let mut k = nn::split_heads(&l.k.forward(&hs)?, nkv)?;
-            let v = nn::split_heads(&l.v.forward(&hs)?, nkv)?;
+            let mut q = l.q.forward(&hs)?;
+            let mut k = l.k.forward(&hs)?;
+            let v = l.v.forward(&hs)?;
             if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                q = qn.forward(&q)?;
-                k = kn.forward(&k)?;
+                q = qn.forward(&q.reshape((t, nq, hd))?)?.reshape((t, nq * hd))?;
+                k = kn.forward(&k.reshape((t, nkv, hd))?)?.reshape((t, nkv * hd))?;
             }
-            let q = nn::apply_rope(&q, &cos, &sin)?;
-            let k = nn::apply_rope(&k, &cos, &sin)?;
-            let k = nn::repeat_kv(&k, nq / nkv)?;
-            let v = nn::repeat_kv(&v, nq / nkv)?;
-            let a = nn::attention(&q, &k, &v, &bias)?;
+            let a = nn::attention_packed(&q, &k, &v, &batch.packing, nq, nkv, &bias, Some((&cos, &sin)))?;
             x = (x + l.o.forward(&a)?)?;
             let hs = l.post_norm.forward(&x)?;
             let m = (l.gate.forward(&hs)?.silu()? * l.up.forward(&hs)?)?;
