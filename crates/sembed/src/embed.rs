@@ -114,11 +114,27 @@ struct Resolved {
 impl Embedder {
     /// Load a model folder in the given compute dtype.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let weights = Weights::new(WeightStore::from_dir(dir)?, dtype, device);
+        Self::from_weights(dir, &weights)
+    }
+
+    /// Load with every weight a trainable variable: the embedder and its variables by checkpoint name.
+    pub fn load_trainable(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, Vec<(String, candle_core::Var)>)> {
+        let weights = Weights::trainable(WeightStore::from_dir(dir)?, dtype, device);
+        let e = Self::from_weights(dir, &weights)?;
+        Ok((e, weights.variables()))
+    }
+
+    /// Build from the folder's config and tokenizer with weights from `weights`.
+    pub fn from_weights(dir: &Path, weights: &Weights) -> Result<Self> {
+        let device = weights.device();
         let folder = ModelFolder::read(dir)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
-        let store = WeightStore::from_dir(dir)?;
-        let weights = Weights::new(store, dtype, device);
-        let model = build_model(&folder.arch, &weights)?;
+        let model = build_model(&folder.arch, weights)?;
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -135,6 +151,28 @@ impl Embedder {
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
+    }
+
+    /// Sentence embeddings of `texts` as one differentiable tensor `[n, d]` (one batch, no sorting):
+    /// pooled, Matryoshka-truncated and normalised as `opts` say. The training forward pass.
+    pub fn embed_tensor(&self, texts: &[String], opts: &EmbedOptions) -> Result<Tensor> {
+        if texts.is_empty() {
+            return Err(Error::InvalidInput("no texts to embed".into()));
+        }
+        self.check_dimensions(opts)?;
+        let r = self.resolve(opts)?;
+        let ids = self.tokenize_resolved(texts, opts, &r)?;
+        let rows: Vec<&Vec<u32>> = ids.iter().collect();
+        let (hidden, mask, mask_rows) = self.forward_hidden(&rows, r.adapter)?;
+        let mut pooled = pool(&hidden, &mask, &mask_rows, self.folder.sentence.pooling)?;
+        if let Some(d) = opts.dimensions {
+            pooled = pooled.narrow(1, 0, d)?;
+        }
+        if opts.normalize {
+            let norm = pooled.sqr()?.sum_keepdim(1)?.sqrt()?;
+            pooled = pooled.broadcast_div(&norm)?;
+        }
+        Ok(pooled)
     }
 
     /// Pad batches on the left (true) or right (false), overriding `tokenizer_config.json`.
@@ -335,9 +373,18 @@ impl Embedder {
 
     /// Lay `rows` out as one batch and run the model: (padded hidden states `[B, S, H]`, mask
     /// tensor, mask rows).
-    fn forward_hidden(&self, rows: &[&Vec<u32>], adapter: Option<usize>) -> Result<(Tensor, Tensor, Vec<Vec<u32>>)> {
+    fn forward_hidden(
+        &self,
+        rows: &[&Vec<u32>],
+        adapter: Option<usize>,
+    ) -> Result<(Tensor, Tensor, Vec<Vec<u32>>)> {
         let rows: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-        let batch = Batch::new(&rows, self.folder.tokenizer.padding_side_left, adapter, &self.device)?;
+        let batch = Batch::new(
+            &rows,
+            self.folder.tokenizer.padding_side_left,
+            adapter,
+            &self.device,
+        )?;
         let hidden = batch.packing.pad(&self.model.forward(&batch)?)?;
         Ok((hidden, batch.attention_mask, batch.mask_rows))
     }

@@ -13,6 +13,7 @@ pub mod models;
 pub mod nn;
 pub mod pool;
 pub mod tokenize;
+pub mod train;
 pub mod weights;
 
 pub use embed::{Embed, EmbedOptions, Embedder, Fusion, InputRole};

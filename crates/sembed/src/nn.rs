@@ -3,7 +3,8 @@
 //! `softmax_last_dim`, `layer_norm`, `rms_norm` and `rope` kernels are deliberately not used: they
 //! record no gradient, and the training path runs through exactly these functions.
 //!
-//! Norms and softmax compute in f32 whatever the compute dtype, as upstream does.
+//! Norms and softmax compute in f32 when the compute dtype is narrower (as upstream does), and in f64
+//! for f64 models (so that a float64 run is a float64 reference).
 
 use crate::error::Result;
 use crate::weights::Weights;
@@ -12,6 +13,14 @@ use candle_core::{DType, Device, Tensor, D};
 /// Additive mask value for disallowed attention positions. Finite on purpose: a row whose keys are all
 /// masked (a pad query under causal attention) must stay finite, or NaN would leak through `0 * NaN`.
 pub const MASK_VALUE: f32 = -1e9;
+
+/// The dtype norms and softmax compute in: f32, or f64 for f64 tensors.
+fn wide(x: &Tensor) -> Result<Tensor> {
+    Ok(match x.dtype() {
+        DType::F64 => x.clone(),
+        _ => x.to_dtype(DType::F32)?,
+    })
+}
 
 /// `y = x W^T + b`.
 #[derive(Clone, Debug)]
@@ -71,14 +80,15 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
+        let x = wide(x)?;
+        let w = x.dtype();
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let y = normed
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
+            .broadcast_mul(&self.weight.to_dtype(w)?)?
+            .broadcast_add(&self.bias.to_dtype(w)?)?;
         Ok(y.to_dtype(dtype)?)
     }
 }
@@ -100,7 +110,7 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
+        let xf = wide(x)?;
         let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf
             .broadcast_div(&(ms + self.eps)?.sqrt()?)?
@@ -109,10 +119,10 @@ impl RmsNorm {
     }
 }
 
-/// Softmax over the last dimension, in f32.
+/// Softmax over the last dimension, in f32 (f64 for f64 input).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = wide(x)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
@@ -181,7 +191,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Te
     let (b, h, s, d) = q.dims4()?;
     let scale = 1.0 / (d as f64).sqrt();
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let scores = scores.to_dtype(DType::F32)?.broadcast_add(bias)?;
+    let scores = wide(&scores)?;
+    let scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
     let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
     let out = probs.matmul(&v.contiguous()?)?; // [B, H, S, d]
     Ok(out.transpose(1, 2)?.reshape((b, s, h * d))?)
@@ -224,7 +235,10 @@ impl Packing {
     pub fn new(mask: &[Vec<u32>], device: &Device) -> Result<Self> {
         let b = mask.len();
         let s = mask.first().map_or(0, |r| r.len());
-        let tokens: usize = mask.iter().map(|r| r.iter().filter(|&&m| m != 0).count()).sum();
+        let tokens: usize = mask
+            .iter()
+            .map(|r| r.iter().filter(|&&m| m != 0).count())
+            .sum();
         let mut to_padded = Vec::with_capacity(b * s);
         let mut to_packed = Vec::with_capacity(tokens);
         let mut next = 0u32;
@@ -253,13 +267,16 @@ impl Packing {
         let d = x.dim(1)?;
         let zero = Tensor::zeros((1, d), x.dtype(), x.device())?;
         let extended = Tensor::cat(&[x, &zero], 0)?;
-        Ok(extended.index_select(&self.to_padded, 0)?.reshape((self.b, self.s, d))?)
+        Ok(extended
+            .index_select(&self.to_padded, 0)?
+            .reshape((self.b, self.s, d))?)
     }
 
     /// `[B, S, D]` → `[T, D]`.
     pub fn unpad(&self, x: &Tensor) -> Result<Tensor> {
         let d = x.dim(2)?;
-        Ok(x.reshape((self.b * self.s, d))?.index_select(&self.to_packed, 0)?)
+        Ok(x.reshape((self.b * self.s, d))?
+            .index_select(&self.to_packed, 0)?)
     }
 }
 

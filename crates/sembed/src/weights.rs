@@ -541,6 +541,8 @@ pub struct Weights {
     prefix: String,
     dtype: DType,
     device: Device,
+    /// When set, every loaded tensor becomes a trainable `Var`, recorded under its checkpoint name.
+    vars: Option<std::sync::Arc<std::sync::Mutex<Vec<(String, candle_core::Var)>>>>,
 }
 
 impl Weights {
@@ -550,7 +552,25 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            vars: None,
         }
+    }
+
+    /// Like [`Weights::new`], but every tensor a model loads is a trainable variable; see
+    /// [`Weights::variables`].
+    pub fn trainable(store: WeightStore, dtype: DType, device: &Device) -> Self {
+        Weights {
+            vars: Some(Default::default()),
+            ..Self::new(store, dtype, device)
+        }
+    }
+
+    /// The variables created so far, with their checkpoint names, in load order.
+    pub fn variables(&self) -> Vec<(String, candle_core::Var)> {
+        self.vars
+            .as_ref()
+            .map(|v| v.lock().expect("not poisoned").clone())
+            .unwrap_or_default()
     }
 
     /// A shape-only source (see [`Weights::requested`]).
@@ -560,6 +580,7 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            vars: None,
         }
     }
 
@@ -606,7 +627,18 @@ impl Weights {
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
         let full = self.full(name);
         match &*self.source {
-            Source::Store(s) => s.get(&full, shape, self.dtype, &self.device),
+            Source::Store(s) => {
+                let t = s.get(&full, shape, self.dtype, &self.device)?;
+                match &self.vars {
+                    None => Ok(t),
+                    Some(vars) => {
+                        let var = candle_core::Var::from_tensor(&t)?;
+                        let t = var.as_tensor().clone();
+                        vars.lock().expect("not poisoned").push((full, var));
+                        Ok(t)
+                    }
+                }
+            }
             Source::Zeros(r) => {
                 r.lock().expect("not poisoned").push((full, shape.to_vec()));
                 Ok(Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(shape)?)

@@ -114,10 +114,25 @@ impl Encoder for Bert {
         let mut x = self.emb_norm.forward(&(words + pos)?.broadcast_add(&tt)?)?;
         let bias = nn::attention_bias(&batch.attention_mask, false, nn::MASK_VALUE)?;
         for l in &self.layers {
-            let (q, k, v) = (l.query.forward(&x)?, l.key.forward(&x)?, l.value.forward(&x)?);
-            let a = nn::attention_packed(&q, &k, &v, &batch.packing, self.heads, self.heads, &bias, None)?;
+            let (q, k, v) = (
+                l.query.forward(&x)?,
+                l.key.forward(&x)?,
+                l.value.forward(&x)?,
+            );
+            let a = nn::attention_packed(
+                &q,
+                &k,
+                &v,
+                &batch.packing,
+                self.heads,
+                self.heads,
+                &bias,
+                None,
+            )?;
             x = l.attn_norm.forward(&(l.attn_out.forward(&a)? + &x)?)?;
-            let m = l.output.forward(&self.act.apply(&l.intermediate.forward(&x)?)?)?;
+            let m = l
+                .output
+                .forward(&self.act.apply(&l.intermediate.forward(&x)?)?)?;
             x = l.out_norm.forward(&(m + &x)?)?;
         }
         debug_assert_eq!(x.dims(), &[batch.packing.tokens, self.hidden]);

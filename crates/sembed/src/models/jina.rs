@@ -155,9 +155,12 @@ impl Encoder for Jina {
         let hd = h / heads;
         let t = batch.packing.tokens;
         let words = self.word.forward(&batch.packed_ids, task)?;
-        let tt = self.token_type.forward(&batch.packed_ids.zeros_like()?, task)?;
+        let tt = self
+            .token_type
+            .forward(&batch.packed_ids.zeros_like()?, task)?;
         let mut x = self.emb_ln.forward(&(words + tt)?)?;
-        let (cos, sin) = nn::rope_tables(&batch.positions, hd, self.cfg.rotary_emb_base, x.dtype())?;
+        let (cos, sin) =
+            nn::rope_tables(&batch.positions, hd, self.cfg.rotary_emb_base, x.dtype())?;
         let bias = nn::attention_bias(&batch.attention_mask, false, JINA_MASK)?;
         for l in &self.layers {
             // Wqkv output splits as (3, heads, head_dim).
@@ -165,9 +168,20 @@ impl Encoder for Jina {
             let q = qkv.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
             let k = qkv.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?;
             let v = qkv.narrow(1, 2, 1)?.squeeze(1)?.contiguous()?;
-            let a = nn::attention_packed(&q, &k, &v, &batch.packing, heads, heads, &bias, Some((&cos, &sin)))?;
+            let a = nn::attention_packed(
+                &q,
+                &k,
+                &v,
+                &batch.packing,
+                heads,
+                heads,
+                &bias,
+                Some((&cos, &sin)),
+            )?;
             x = l.norm1.forward(&(x + l.out_proj.forward(&a, task)?)?)?;
-            let m = l.fc2.forward(&self.act.apply(&l.fc1.forward(&x, task)?)?, task)?;
+            let m = l
+                .fc2
+                .forward(&self.act.apply(&l.fc1.forward(&x, task)?)?, task)?;
             x = l.norm2.forward(&(x + m)?)?;
         }
         Ok(x)

@@ -31,7 +31,12 @@ pub struct Batch {
 impl Batch {
     /// Lay out token rows, padded on the left or the right (positions always count from each row's
     /// first real token, so the side does not change the result).
-    pub fn new(rows: &[&[u32]], left: bool, adapter: Option<usize>, device: &Device) -> Result<Self> {
+    pub fn new(
+        rows: &[&[u32]],
+        left: bool,
+        adapter: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
         let b = rows.len();
         let s = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut mask_rows = Vec::with_capacity(b);

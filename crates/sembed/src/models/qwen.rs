@@ -76,7 +76,11 @@ impl Qwen {
 impl Encoder for Qwen {
     fn forward(&self, batch: &Batch) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (nq, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (nq, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let t = batch.packing.tokens;
         let mut x = nn::embedding(&self.embed, &batch.packed_ids)?;
         let (cos, sin) = nn::rope_tables(&batch.positions, hd, cfg.rope_theta, x.dtype())?;
@@ -87,10 +91,23 @@ impl Encoder for Qwen {
             let mut k = l.k.forward(&hs)?;
             let v = l.v.forward(&hs)?;
             if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                q = qn.forward(&q.reshape((t, nq, hd))?)?.reshape((t, nq * hd))?;
-                k = kn.forward(&k.reshape((t, nkv, hd))?)?.reshape((t, nkv * hd))?;
+                q = qn
+                    .forward(&q.reshape((t, nq, hd))?)?
+                    .reshape((t, nq * hd))?;
+                k = kn
+                    .forward(&k.reshape((t, nkv, hd))?)?
+                    .reshape((t, nkv * hd))?;
             }
-            let a = nn::attention_packed(&q, &k, &v, &batch.packing, nq, nkv, &bias, Some((&cos, &sin)))?;
+            let a = nn::attention_packed(
+                &q,
+                &k,
+                &v,
+                &batch.packing,
+                nq,
+                nkv,
+                &bias,
+                Some((&cos, &sin)),
+            )?;
             x = (x + l.o.forward(&a)?)?;
             let hs = l.post_norm.forward(&x)?;
             let m = (l.gate.forward(&hs)?.silu()? * l.up.forward(&hs)?)?;

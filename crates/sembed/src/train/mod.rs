@@ -1,0 +1,5 @@
+//! Fine-tuning: losses, optimiser and schedule, gradient clipping. Gradients come from candle's
+//! reverse-mode autodiff through the same model code inference uses (see `nn`).
+
+pub mod loss;
+pub mod optim;
