@@ -542,8 +542,12 @@ pub struct Weights {
     dtype: DType,
     device: Device,
     /// When set, every loaded tensor becomes a trainable `Var`, recorded under its checkpoint name.
-    vars: Option<std::sync::Arc<std::sync::Mutex<Vec<(String, candle_core::Var)>>>>,
+    vars: Option<VarLog>,
 }
+
+/// Trainable variables by checkpoint name, shared by every view of one source.
+pub type NamedVars = Vec<(String, candle_core::Var)>;
+type VarLog = std::sync::Arc<std::sync::Mutex<NamedVars>>;
 
 impl Weights {
     pub fn new(store: WeightStore, dtype: DType, device: &Device) -> Self {
@@ -566,7 +570,7 @@ impl Weights {
     }
 
     /// The variables created so far, with their checkpoint names, in load order.
-    pub fn variables(&self) -> Vec<(String, candle_core::Var)> {
+    pub fn variables(&self) -> NamedVars {
         self.vars
             .as_ref()
             .map(|v| v.lock().expect("not poisoned").clone())
