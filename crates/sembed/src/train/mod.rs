@@ -1,5 +1,6 @@
 //! Fine-tuning: losses, optimiser and schedule, gradient clipping. Gradients come from candle's
 //! reverse-mode autodiff through the same model code inference uses (see `nn`).
 
+pub mod gradcheck;
 pub mod loss;
 pub mod optim;
