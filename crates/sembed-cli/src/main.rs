@@ -25,6 +25,26 @@ enum Command {
     Embed(EmbedArgs),
     /// Serve embeddings over HTTP (OpenAI /v1/embeddings and TEI /embed) with dynamic batching.
     Serve(ServeArgs),
+    /// Fine-tune a model on pairs or triplets (JSONL) with real backpropagation.
+    Train(TrainArgs),
+    /// Retrieval metrics of a model on pairs (JSONL): each anchor a query, the positives the corpus.
+    Eval(EvalArgs),
+    /// Mine (docstring → function) pairs from Rust and Python sources into training data.
+    Mine {
+        /// Source tree to read.
+        src: PathBuf,
+        /// Training pairs (JSONL).
+        #[arg(long)]
+        out: PathBuf,
+        /// Held-out pairs from other files (JSONL).
+        #[arg(long)]
+        heldout: Option<PathBuf>,
+        /// Fraction of files held out.
+        #[arg(long, default_value_t = 0.1)]
+        heldout_fraction: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Print the header of a safetensors file: names, dtypes, shapes, parameter count, bytes.
     Inspect {
         /// A .safetensors file.
@@ -132,6 +152,113 @@ struct ServeArgs {
     dtype: ComputeDtype,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LossArg {
+    Triplet,
+    Mnrl,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DistanceArg {
+    Cosine,
+    Euclidean,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScheduleArg {
+    Linear,
+    Cosine,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TrainDtype {
+    F32,
+    F64,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Model to fine-tune (folder, hf:ORG/NAME; default all-MiniLM-L6-v2), or a checkpoint with --resume.
+    #[arg(long, short = 'm')]
+    model: Option<String>,
+    /// Training data: JSONL {"anchor","positive"[,"negative"][,"negatives"]}.
+    #[arg(long)]
+    data: PathBuf,
+    /// Held-out pairs for evaluation before training and after every epoch.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Where checkpoints, the final model and metrics.json go.
+    #[arg(long, short = 'o', required_unless_present = "dump_gradients")]
+    output: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "mnrl")]
+    loss: LossArg,
+    /// Triplet distance (sentence-transformers' default: euclidean).
+    #[arg(long, value_enum, default_value = "euclidean")]
+    distance: DistanceArg,
+    /// Triplet margin (default: 5 for euclidean, 0.5 for cosine).
+    #[arg(long)]
+    margin: Option<f64>,
+    /// MNRL similarity scale.
+    #[arg(long, default_value_t = 20.0)]
+    scale: f64,
+    /// Also train truncated embeddings (Matryoshka), e.g. 64,128,256.
+    #[arg(long, value_delimiter = ',')]
+    matryoshka_dims: Vec<usize>,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.1)]
+    warmup_ratio: f64,
+    #[arg(long, value_enum, default_value = "linear")]
+    schedule: ScheduleArg,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Global gradient-norm clipping (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Batches per optimiser step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Jina: fine-tune this task adapter only (the others stay as they were).
+    #[arg(long)]
+    task: Option<String>,
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Dropout probability. Training runs without dropout; only 0 is accepted.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// Stop after this many optimiser steps (saving a resumable checkpoint).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Continue the run saved in this checkpoint folder (…/checkpoints/epoch-N or …/interrupted).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Compute the loss and gradients of the first batch, write them here (safetensors), change nothing.
+    #[arg(long)]
+    dump_gradients: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: TrainDtype,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[arg(long, short = 'm')]
+    model: Option<String>,
+    /// Pairs JSONL {"anchor","positive"} (negatives optional: triplet accuracy).
+    #[arg(long)]
+    data: PathBuf,
+    /// Embed both sides with this Jina task / prompt instead of the query/document roles.
+    #[arg(long)]
+    task: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -144,6 +271,15 @@ fn main() {
     let result = match cli.command {
         Command::Embed(args) => embed(args),
         Command::Serve(args) => serve(args),
+        Command::Train(args) => train(args),
+        Command::Eval(args) => eval(args),
+        Command::Mine {
+            src,
+            out,
+            heldout,
+            heldout_fraction,
+            seed,
+        } => mine(&src, &out, heldout.as_deref(), heldout_fraction, seed),
         Command::Inspect { file } => inspect(&file),
     };
     if let Err(e) = result {
@@ -270,6 +406,148 @@ fn serve(args: ServeArgs) -> Result<()> {
         eprintln!("sembed: stopped");
         Ok(())
     })
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    use sembed::train::trainer::{LossKind, TrainConfig, Trainer};
+    if args.dropout != 0.0 {
+        bail!(
+            "--dropout {}: training runs without dropout; only 0 is supported",
+            args.dropout
+        );
+    }
+    let dir = match (&args.resume, &args.model) {
+        (Some(r), _) => r.clone(),
+        (None, m) => {
+            sembed::hub::resolve(m.as_deref().unwrap_or("")).context("resolving the model")?
+        }
+    };
+    let cosine = matches!(args.distance, DistanceArg::Cosine);
+    let config = TrainConfig {
+        loss: match args.loss {
+            LossArg::Triplet => LossKind::Triplet {
+                cosine,
+                margin: args.margin.unwrap_or(if cosine { 0.5 } else { 5.0 }),
+            },
+            LossArg::Mnrl => LossKind::Mnrl { scale: args.scale },
+        },
+        matryoshka_dims: args.matryoshka_dims.clone(),
+        batch_size: args.batch_size,
+        epochs: args.epochs,
+        lr: args.lr,
+        warmup_ratio: args.warmup_ratio,
+        cosine_decay: matches!(args.schedule, ScheduleArg::Cosine),
+        weight_decay: args.weight_decay,
+        max_grad_norm: args.max_grad_norm,
+        grad_accum: args.grad_accum,
+        seed: args.seed,
+        task: args.task.clone(),
+        max_length: args.max_length,
+        max_steps: args.max_steps,
+    };
+    let dtype = match args.dtype {
+        TrainDtype::F32 => sembed::DType::F32,
+        TrainDtype::F64 => sembed::DType::F64,
+    };
+    let examples = sembed::train::data::read_examples(&args.data)?;
+    let mut trainer = Trainer::new(&dir, config, dtype, args.resume.is_some())
+        .with_context(|| format!("loading {}", dir.display()))?;
+    if let Some(path) = &args.dump_gradients {
+        let loss = trainer.dump_gradients(&examples, path)?;
+        println!("{}", serde_json::json!({"loss": loss, "gradients": path}));
+        return Ok(());
+    }
+    let eval = args
+        .eval
+        .as_deref()
+        .map(sembed::train::data::read_examples)
+        .transpose()?;
+    let out = args.output.clone().expect("required by clap");
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let flag = interrupt.clone();
+        ctrlc::set_handler(move || {
+            eprintln!(
+                "\nsembed: interrupt received, saving a resumable checkpoint after this step"
+            );
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let report = trainer.train(&examples, eval.as_deref(), &out, &interrupt, true)?;
+    println!("{}", serde_json::to_string(&report)?);
+    if report.interrupted {
+        eprintln!(
+            "sembed: stopped early; resume with --resume {}",
+            out.join("checkpoints/interrupted").display()
+        );
+    }
+    Ok(())
+}
+
+fn mine(
+    src: &std::path::Path,
+    out: &std::path::Path,
+    heldout: Option<&std::path::Path>,
+    fraction: f64,
+    seed: u64,
+) -> Result<()> {
+    use std::io::Write as _;
+    let mined = sembed::train::mine::mine_tree(src)?;
+    if mined.is_empty() {
+        bail!(
+            "{}: no documented Rust or Python functions found",
+            src.display()
+        );
+    }
+    let (train, held) = match heldout {
+        Some(_) => sembed::train::mine::split_by_file(mined, fraction, seed),
+        None => (mined, Vec::new()),
+    };
+    let write = |path: &std::path::Path, rows: &[sembed::train::mine::Mined]| -> Result<()> {
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        for m in rows {
+            let line = serde_json::json!({"anchor": m.example.anchor, "positive": m.example.positive, "file": m.file});
+            writeln!(f, "{line}")?;
+        }
+        f.flush()?;
+        Ok(())
+    };
+    write(out, &train)?;
+    if let Some(h) = heldout {
+        write(h, &held)?;
+    }
+    let files = |rows: &[sembed::train::mine::Mined]| {
+        rows.iter()
+            .map(|m| &m.file)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    eprintln!(
+        "sembed: {} training pairs from {} files, {} held-out pairs from {} other files",
+        train.len(),
+        files(&train),
+        held.len(),
+        files(&held)
+    );
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let refs: Vec<String> = args.model.iter().cloned().collect();
+    let model = sembed::fusion_config::load(&refs, sembed::DType::F32, &sembed::device::cpu())
+        .context("loading the model")?;
+    let examples = sembed::train::data::read_examples(&args.data)?;
+    let metrics = sembed::train::eval::evaluate(
+        model.as_ref(),
+        &examples,
+        args.task.as_deref(),
+        args.batch_size,
+    )?;
+    println!("{}", serde_json::to_string(&metrics)?);
+    Ok(())
 }
 
 /// Ctrl-C or SIGTERM.

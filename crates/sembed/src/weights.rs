@@ -481,6 +481,13 @@ impl WeightStore {
             .and_then(|&i| self.files[i].info(name))
     }
 
+    /// The stored bytes of a tensor, as in the file.
+    pub fn raw_bytes(&self, name: &str) -> Option<&[u8]> {
+        let &i = self.by_name.get(name)?;
+        let f = &self.files[i];
+        f.info(name).map(|info| f.bytes(info))
+    }
+
     /// Load `name`, checking its shape, converted to `dtype`.
     pub fn get(
         &self,

@@ -206,9 +206,18 @@ fn autodiff_agrees_with_finite_differences_on_every_tensor() {
     for model in ["bert-tiny", "qwen2-bidir-tiny", "jina-v3-tiny"] {
         let dir = fixtures().join(model);
         let (e, vars) = Embedder::load_trainable(&dir, DType::F64, &sembed::device::cpu()).unwrap();
-        let lines = std::fs::read_to_string(fixtures().join("grads").join(model).join("triplets.jsonl")).unwrap();
-        let rows: Vec<Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        let col = |k: &str| rows.iter().map(|r| r[k].as_str().unwrap().to_string()).collect::<Vec<_>>();
+        let lines =
+            std::fs::read_to_string(fixtures().join("grads").join(model).join("triplets.jsonl"))
+                .unwrap();
+        let rows: Vec<Value> = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let col = |k: &str| {
+            rows.iter()
+                .map(|r| r[k].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
         let (anchors, positives, negatives) = (col("anchor"), col("positive"), col("negative"));
         let opts = EmbedOptions {
             task: (model == "jina-v3-tiny").then(|| "retrieval.passage".to_string()),
@@ -221,16 +230,28 @@ fn autodiff_agrees_with_finite_differences_on_every_tensor() {
             mnrl_loss(&a, &p, &[n], 20.0)
         };
         let checks = sembed::train::gradcheck::check(&vars, loss, 1, 1e-5).unwrap();
-        let tensors: std::collections::HashSet<&str> = checks.iter().map(|c| c.tensor.as_str()).collect();
+        let tensors: std::collections::HashSet<&str> =
+            checks.iter().map(|c| c.tensor.as_str()).collect();
         assert_eq!(tensors.len(), vars.len(), "{model}: every tensor checked");
         let mut worst = 0.0f64;
         for c in &checks {
             // Floor 1e-6: entries whose exact gradient is zero (BERT key biases, unused embedding
             // rows) carry only rounding noise, ~1e-16 · loss / step ≈ 1e-11 for the differences.
             let err = c.relative_error(1e-6);
-            assert!(err <= 1e-4, "{model} {}[{}]: autodiff {:e} vs finite difference {:e}", c.tensor, c.index, c.autodiff, c.finite_difference);
+            assert!(
+                err <= 1e-4,
+                "{model} {}[{}]: autodiff {:e} vs finite difference {:e}",
+                c.tensor,
+                c.index,
+                c.autodiff,
+                c.finite_difference
+            );
             worst = worst.max(err);
         }
-        println!("{model}: {} entries over {} tensors, worst relative error {worst:.2e}", checks.len(), vars.len());
+        println!(
+            "{model}: {} entries over {} tensors, worst relative error {worst:.2e}",
+            checks.len(),
+            vars.len()
+        );
     }
 }

@@ -17,7 +17,11 @@ impl Check {
     /// `|ad − fd| / max(|ad|, |fd|, floor)`.
     pub fn relative_error(&self, floor: f64) -> f64 {
         (self.autodiff - self.finite_difference).abs()
-            / self.autodiff.abs().max(self.finite_difference.abs()).max(floor)
+            / self
+                .autodiff
+                .abs()
+                .max(self.finite_difference.abs())
+                .max(floor)
     }
 }
 
@@ -51,7 +55,8 @@ where
             let eval = |delta: f64| -> Result<f64> {
                 let mut v = flat.clone();
                 v[i] += delta;
-                let t = Tensor::from_vec(v, original.shape(), original.device())?.to_dtype(original.dtype())?;
+                let t = Tensor::from_vec(v, original.shape(), original.device())?
+                    .to_dtype(original.dtype())?;
                 var.set(&t)?;
                 super::loss::value(&loss()?)
             };

@@ -2,7 +2,6 @@
 //! global-norm gradient clipping.
 
 use crate::error::Result;
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 #[derive(Debug, Clone, Copy)]
@@ -60,20 +59,19 @@ impl AdamW {
         })
     }
 
-    /// One update with learning rate `lr` from `grads` (missing gradients count as zero, as torch
-    /// skips parameters whose `.grad` is None — here they still decay, see below).
+    /// One update with learning rate `lr`; `grads[i]` belongs to `params[i]` (None: no gradient).
     ///
     /// torch.optim.AdamW: `p ← p·(1 − lr·λ)`, `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
     /// `p ← p − lr·(m/(1−β1ᵗ)) / (sqrt(v/(1−β2ᵗ)) + ε)`.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
-        for ((_, var), st) in self.params.iter().zip(self.state.iter_mut()) {
+        for (((_, var), st), g) in self.params.iter().zip(self.state.iter_mut()).zip(grads) {
             let p = var.as_tensor();
-            let Some(g) = grads.get(p) else {
+            let Some(g) = g else {
                 // torch skips parameters without a gradient entirely (no decay, no moment update).
                 continue;
             };
@@ -126,36 +124,49 @@ impl Schedule {
     }
 }
 
-/// Global L2 norm of the gradients of `params`.
-pub fn grad_norm(params: &[(String, Var)], grads: &GradStore) -> Result<f64> {
+/// Gradients of `params` from one backward pass, aligned with `params`.
+pub fn collect(
+    params: &[(String, Var)],
+    grads: &candle_core::backprop::GradStore,
+) -> Vec<Option<Tensor>> {
+    params
+        .iter()
+        .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+        .collect()
+}
+
+/// `acc += g` entry by entry (gradient accumulation).
+pub fn accumulate(acc: &mut [Option<Tensor>], g: Vec<Option<Tensor>>) -> Result<()> {
+    for (a, g) in acc.iter_mut().zip(g) {
+        *a = match (a.take(), g) {
+            (Some(a), Some(g)) => Some((a + g)?),
+            (a, g) => a.or(g),
+        };
+    }
+    Ok(())
+}
+
+/// Global L2 norm of the gradients.
+pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut sq = 0.0f64;
-    for (_, v) in params {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-        }
+    for g in grads.iter().flatten() {
+        sq += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     Ok(sq.sqrt())
 }
 
 /// Scale all gradients so their global norm is at most `max_norm` (torch `clip_grad_norm_`:
 /// factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm before clipping.
-pub fn clip_grad_norm(
-    params: &[(String, Var)],
-    grads: &mut GradStore,
-    max_norm: f64,
-) -> Result<f64> {
-    let norm = grad_norm(params, grads)?;
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
     let factor = max_norm / (norm + 1e-6);
     if factor < 1.0 {
-        for (_, v) in params {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                let scaled = (g * factor)?;
-                grads.insert(v.as_tensor(), scaled);
-            }
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * factor)?;
         }
     }
     Ok(norm)
@@ -188,7 +199,7 @@ mod tests {
                 .unwrap()
                 .sum_all()
                 .unwrap();
-            let grads = loss.backward().unwrap();
+            let grads = collect(&opt.params, &loss.backward().unwrap());
             let lr = 0.1 / t as f64;
             opt.step(&grads, lr).unwrap();
             for i in 0..3 {
@@ -248,16 +259,34 @@ mod tests {
             .unwrap()
             .sum_all()
             .unwrap();
-        let mut grads = loss.backward().unwrap();
         let params = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
-        let norm = clip_grad_norm(&params, &mut grads, 1.0).unwrap();
+        let mut grads = collect(&params, &loss.backward().unwrap());
+        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-6);
-        let ga = grads.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
-        let gb = grads.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        let ga = grads[0].as_ref().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        let gb = grads[1].as_ref().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
         assert!((ga - 3.0 / (5.0 + 1e-6)).abs() < 1e-6 && (gb - 4.0 / (5.0 + 1e-6)).abs() < 1e-6);
-        assert!((grad_norm(&params, &grads).unwrap() - 1.0).abs() < 1e-5);
+        assert!((grad_norm(&grads).unwrap() - 1.0).abs() < 1e-5);
         // Below the threshold nothing changes.
-        let n = clip_grad_norm(&params, &mut grads, 10.0).unwrap();
+        let n = clip_grad_norm(&mut grads, 10.0).unwrap();
         assert!((n - 1.0).abs() < 1e-5);
+        // Accumulation adds entry by entry.
+        let mut acc = vec![None, Some(Tensor::new(&[1.0f32], &dev).unwrap())];
+        accumulate(
+            &mut acc,
+            vec![
+                Some(Tensor::new(&[2.0f32], &dev).unwrap()),
+                Some(Tensor::new(&[3.0f32], &dev).unwrap()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            acc[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+            vec![2.0]
+        );
+        assert_eq!(
+            acc[1].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+            vec![4.0]
+        );
     }
 }

@@ -1,0 +1,565 @@
+//! The training loop: seeded no-duplicate batches, forward through the real model, loss, backward,
+//! gradient accumulation and clipping, AdamW with warmup and decay, evaluation before training and
+//! after every epoch, a checkpoint per epoch and at the end, resumable state, and Ctrl-C handling.
+
+use super::checkpoint::{save_model, tensor_bytes, write_safetensors};
+use super::data::{epoch_batches, Example};
+use super::eval::{evaluate, RetrievalMetrics};
+use super::loss::{matryoshka, mnrl_loss, triplet_loss, value, Distance};
+use super::optim::{accumulate, clip_grad_norm, collect, AdamW, AdamWConfig, Decay, Schedule};
+use crate::config::Architecture;
+use crate::embed::{EmbedOptions, Embedder, InputRole};
+use crate::error::{Error, Result};
+use crate::weights::{Dtype, NamedVars, SafetensorsFile};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum LossKind {
+    Triplet { cosine: bool, margin: f64 },
+    Mnrl { scale: f64 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub loss: LossKind,
+    /// Matryoshka dimensions (equal weights); empty = off.
+    pub matryoshka_dims: Vec<usize>,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub cosine_decay: bool,
+    pub weight_decay: f64,
+    /// Global-norm clipping threshold; 0 = off.
+    pub max_grad_norm: f64,
+    pub grad_accum: usize,
+    pub seed: u64,
+    /// Jina: the task adapter to fine-tune (only its slices change).
+    pub task: Option<String>,
+    pub max_length: Option<usize>,
+    /// Stop after this many optimiser steps in this run (a resumable checkpoint is saved).
+    pub max_steps: Option<u64>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            loss: LossKind::Mnrl { scale: 20.0 },
+            matryoshka_dims: Vec::new(),
+            batch_size: 16,
+            epochs: 1,
+            lr: 2e-5,
+            warmup_ratio: 0.1,
+            cosine_decay: false,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            grad_accum: 1,
+            seed: 42,
+            task: None,
+            max_length: None,
+            max_steps: None,
+        }
+    }
+}
+
+/// Where a run stands; saved with every checkpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    pub epoch: usize,
+    /// Index of the next batch of `epoch` to train on.
+    pub next_batch: usize,
+    pub step: u64,
+    pub total_steps: u64,
+    pub losses: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochReport {
+    pub epoch: usize,
+    pub mean_loss: f64,
+    pub metrics: Option<RetrievalMetrics>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Report {
+    pub before: Option<RetrievalMetrics>,
+    pub epochs: Vec<EpochReport>,
+    pub interrupted: bool,
+    pub memory: Option<MemoryReport>,
+}
+
+/// Memory of a run: measured peak resident memory, and the textbook components.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryReport {
+    pub parameters: usize,
+    pub trainable_parameters: usize,
+    pub weights_bytes: usize,
+    pub gradients_bytes: usize,
+    pub optimizer_bytes: usize,
+    pub peak_rss_bytes: Option<usize>,
+    /// Peak RSS minus the three components above: activations, workspace and the rest.
+    pub activations_and_rest_bytes: Option<usize>,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub struct Trainer {
+    src: PathBuf,
+    pub embedder: Embedder,
+    vars: NamedVars,
+    /// Positions in `vars` of the optimised variables.
+    trained: Vec<usize>,
+    /// Jina adapter whose slices alone may change.
+    adapter: Option<usize>,
+    opt: AdamW,
+    pub config: TrainConfig,
+    pub state: TrainerState,
+    dtype: DType,
+}
+
+impl Trainer {
+    /// Load `model_dir` for training. If it holds `trainer_state.json` and `optimizer.safetensors`
+    /// (a checkpoint) and `resume` is set, the run continues where it stopped.
+    pub fn new(model_dir: &Path, config: TrainConfig, dtype: DType, resume: bool) -> Result<Self> {
+        let (embedder, vars) = Embedder::load_trainable(model_dir, dtype, &crate::device::cpu())?;
+        let mut adapter = None;
+        let trained: Vec<usize> = match (&embedder.folder().arch, &config.task) {
+            (Architecture::Jina(c), Some(t)) => {
+                adapter = Some(c.lora_adaptations.iter().position(|a| a == t).ok_or_else(
+                    || {
+                        Error::InvalidInput(format!(
+                            "unknown task `{t}`; available: {}",
+                            c.lora_adaptations.join(", ")
+                        ))
+                    },
+                )?);
+                (0..vars.len())
+                    .filter(|&i| vars[i].0.contains(".lora_"))
+                    .collect()
+            }
+            (_, Some(t)) if !crate::embed::Embed::knows_task(&embedder, t) => {
+                return Err(Error::InvalidInput(format!(
+                    "--task `{t}` means nothing for this model"
+                )))
+            }
+            _ => (0..vars.len()).collect(),
+        };
+        let params: NamedVars = trained.iter().map(|&i| vars[i].clone()).collect();
+        let mut opt = AdamW::new(
+            params,
+            AdamWConfig {
+                lr: config.lr,
+                weight_decay: config.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        let mut state = TrainerState::default();
+        let state_path = model_dir.join("trainer_state.json");
+        if resume {
+            let text =
+                std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+            state = serde_json::from_str(&text)
+                .map_err(|e| Error::config(&state_path, e.to_string()))?;
+            let optim = SafetensorsFile::open(model_dir.join("optimizer.safetensors"))?;
+            for ((name, _), st) in opt.params.iter().zip(opt.state.iter_mut()) {
+                st.m = optim.load(&format!("m.{name}"), DType::F32, &crate::device::cpu())?;
+                st.v = optim.load(&format!("v.{name}"), DType::F32, &crate::device::cpu())?;
+            }
+            opt.step = state.step;
+        }
+        Ok(Trainer {
+            src: model_dir.to_path_buf(),
+            embedder,
+            vars,
+            trained,
+            adapter,
+            opt,
+            config,
+            state,
+            dtype,
+        })
+    }
+
+    fn options(&self, role: InputRole) -> EmbedOptions {
+        EmbedOptions {
+            role: if self.config.task.is_some() {
+                None
+            } else {
+                Some(role)
+            },
+            task: self.config.task.clone(),
+            max_length: self.config.max_length,
+            ..Default::default()
+        }
+    }
+
+    /// The loss of one batch of examples (a differentiable scalar).
+    pub fn batch_loss(&self, examples: &[&Example]) -> Result<Tensor> {
+        let col =
+            |f: &dyn Fn(&Example) -> String| examples.iter().map(|e| f(e)).collect::<Vec<_>>();
+        let q = self.options(InputRole::Query);
+        let d = self.options(InputRole::Document);
+        let a = self
+            .embedder
+            .embed_tensor(&col(&|e| e.anchor.clone()), &q)?;
+        let p = self
+            .embedder
+            .embed_tensor(&col(&|e| e.positive.clone()), &d)?;
+        let embeddings = match self.config.loss {
+            LossKind::Triplet { .. } => {
+                if let Some(e) = examples.iter().find(|e| e.negatives.is_empty()) {
+                    return Err(Error::InvalidInput(format!(
+                        "triplet loss needs a negative for every example (anchor `{}` has none)",
+                        e.anchor
+                    )));
+                }
+                let n = self
+                    .embedder
+                    .embed_tensor(&col(&|e| e.negatives[0].clone()), &d)?;
+                vec![a, p, n]
+            }
+            LossKind::Mnrl { .. } => {
+                let negs: Vec<String> = examples
+                    .iter()
+                    .flat_map(|e| e.negatives.iter().cloned())
+                    .collect();
+                let mut v = vec![a, p];
+                if !negs.is_empty() {
+                    v.push(self.embedder.embed_tensor(&negs, &d)?);
+                }
+                v
+            }
+        };
+        let loss_of = |e: &[Tensor]| -> Result<Tensor> {
+            match self.config.loss {
+                LossKind::Triplet { cosine, margin } => {
+                    let dist = if cosine {
+                        Distance::Cosine
+                    } else {
+                        Distance::Euclidean
+                    };
+                    triplet_loss(&e[0], &e[1], &e[2], dist, margin)
+                }
+                LossKind::Mnrl { scale } => mnrl_loss(&e[0], &e[1], &e[2..], scale),
+            }
+        };
+        if self.config.matryoshka_dims.is_empty() {
+            loss_of(&embeddings)
+        } else {
+            let w = vec![1.0; self.config.matryoshka_dims.len()];
+            matryoshka(&embeddings, &self.config.matryoshka_dims, &w, loss_of)
+        }
+    }
+
+    /// Loss and the gradient of every variable for one batch, without updating anything.
+    pub fn gradients(&self, examples: &[&Example]) -> Result<(f64, Vec<Option<Tensor>>)> {
+        let loss = self.batch_loss(examples)?;
+        let grads = loss.backward()?;
+        Ok((value(&loss)?, collect(&self.vars, &grads)))
+    }
+
+    /// Write the loss and gradients of the first batch of epoch 0 to `path` (safetensors keyed by the
+    /// checkpoint's tensor names; tensors without a gradient are zeros; loss in the metadata).
+    pub fn dump_gradients(&self, examples: &[Example], path: &Path) -> Result<f64> {
+        let batches = epoch_batches(examples, self.config.batch_size, self.config.seed, 0);
+        let first: Vec<&Example> = batches[0].iter().map(|&i| &examples[i]).collect();
+        let (loss, grads) = self.gradients(&first)?;
+        let dtype = if self.dtype == DType::F64 {
+            Dtype::F64
+        } else {
+            Dtype::F32
+        };
+        let mut tensors = Vec::new();
+        let mut have = std::collections::HashSet::new();
+        for ((name, var), g) in self.vars.iter().zip(&grads) {
+            let g = match g {
+                Some(g) => g.clone(),
+                None => var.as_tensor().zeros_like()?,
+            };
+            tensors.push((
+                name.clone(),
+                dtype,
+                g.dims().to_vec(),
+                tensor_bytes(&g, dtype)?,
+            ));
+            have.insert(name.clone());
+        }
+        // Checkpoint tensors the model does not use (a pooler) have zero gradient.
+        let store = crate::weights::WeightStore::from_dir(&self.src)?;
+        let mut rest: Vec<&str> = store.names().filter(|n| !have.contains(*n)).collect();
+        rest.sort();
+        for name in rest {
+            let info = store.info(name).expect("listed");
+            let zeros = Tensor::zeros(info.shape.as_slice(), DType::F32, &crate::device::cpu())?;
+            tensors.push((
+                name.to_string(),
+                dtype,
+                info.shape.clone(),
+                tensor_bytes(&zeros, dtype)?,
+            ));
+        }
+        let mut meta = HashMap::new();
+        meta.insert("loss".to_string(), format!("{loss:.17e}"));
+        write_safetensors(path, &tensors, meta)?;
+        Ok(loss)
+    }
+
+    /// Apply one optimiser step from accumulated gradients.
+    fn update(&mut self, mut grads: Vec<Option<Tensor>>, lr: f64) -> Result<()> {
+        if self.config.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, self.config.max_grad_norm)?;
+        }
+        let trained_grads: Vec<Option<Tensor>> =
+            self.trained.iter().map(|&i| grads[i].clone()).collect();
+        let before: Vec<Tensor> = match self.adapter {
+            Some(_) => self
+                .opt
+                .params
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?,
+            None => Vec::new(),
+        };
+        self.opt.step(&trained_grads, lr)?;
+        if let Some(t) = self.adapter {
+            // Only the active task's slice of each stacked LoRA tensor may change.
+            for ((_, var), old) in self.opt.params.iter().zip(before) {
+                let new = var.as_tensor();
+                let n = new.dim(0)?;
+                let mut parts = Vec::with_capacity(3);
+                if t > 0 {
+                    parts.push(old.narrow(0, 0, t)?);
+                }
+                parts.push(new.narrow(0, t, 1)?);
+                if t + 1 < n {
+                    parts.push(old.narrow(0, t + 1, n - t - 1)?);
+                }
+                var.set(&Tensor::cat(&parts, 0)?.detach())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Save a model checkpoint with optimiser and trainer state.
+    pub fn save_checkpoint(&self, out: &Path) -> Result<()> {
+        save_model(&self.src, out, &self.vars)?;
+        let mut tensors = Vec::new();
+        for ((name, _), st) in self.opt.params.iter().zip(&self.opt.state) {
+            tensors.push((
+                format!("m.{name}"),
+                Dtype::F32,
+                st.m.dims().to_vec(),
+                tensor_bytes(&st.m, Dtype::F32)?,
+            ));
+            tensors.push((
+                format!("v.{name}"),
+                Dtype::F32,
+                st.v.dims().to_vec(),
+                tensor_bytes(&st.v, Dtype::F32)?,
+            ));
+        }
+        write_safetensors(&out.join("optimizer.safetensors"), &tensors, HashMap::new())?;
+        let state = serde_json::to_string_pretty(&self.state).expect("serialisable");
+        std::fs::write(out.join("trainer_state.json"), state).map_err(|e| Error::io(out, e))?;
+        let config = serde_json::to_string_pretty(&self.config).expect("serialisable");
+        std::fs::write(out.join("training_config.json"), config).map_err(|e| Error::io(out, e))
+    }
+
+    /// Save the trained model (no optimiser state).
+    pub fn save_model(&self, out: &Path) -> Result<()> {
+        save_model(&self.src, out, &self.vars)
+    }
+
+    fn evaluate(&self, eval: Option<&[Example]>) -> Result<Option<RetrievalMetrics>> {
+        match eval {
+            None => Ok(None),
+            Some(e) => Ok(Some(evaluate(
+                &self.embedder,
+                e,
+                self.config.task.as_deref(),
+                32,
+            )?)),
+        }
+    }
+
+    pub fn memory(&self) -> MemoryReport {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let weights: usize = self.vars.iter().map(|(_, v)| size(v.as_tensor())).sum();
+        let params: usize = self
+            .vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().elem_count())
+            .sum();
+        let trainable: usize = self
+            .opt
+            .params
+            .iter()
+            .map(|(_, v)| v.as_tensor().elem_count())
+            .sum();
+        // Gradients exist for every variable in the backward pass (candle differentiates all Vars);
+        // AdamW keeps two f32 moments per trained parameter.
+        let gradients = weights;
+        let optimizer = trainable * 8;
+        let peak = peak_rss_bytes();
+        MemoryReport {
+            parameters: params,
+            trainable_parameters: trainable,
+            weights_bytes: weights,
+            gradients_bytes: gradients,
+            optimizer_bytes: optimizer,
+            peak_rss_bytes: peak,
+            activations_and_rest_bytes: peak
+                .map(|p| p.saturating_sub(weights + gradients + optimizer)),
+        }
+    }
+
+    /// Train. Evaluates on `eval` before training and after every epoch, writes
+    /// `out/checkpoints/epoch-N` per epoch, the final model to `out`, and `out/metrics.json`. When
+    /// `interrupt` becomes true, or `max_steps` is reached, saves `out/checkpoints/interrupted` and
+    /// returns with `interrupted` set.
+    pub fn train(
+        &mut self,
+        examples: &[Example],
+        eval: Option<&[Example]>,
+        out: &Path,
+        interrupt: &AtomicBool,
+        progress: bool,
+    ) -> Result<Report> {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let accum = self.config.grad_accum.max(1);
+        let per_epoch: Vec<usize> = (0..self.config.epochs)
+            .map(|e| {
+                epoch_batches(examples, self.config.batch_size, self.config.seed, e)
+                    .len()
+                    .div_ceil(accum)
+            })
+            .collect();
+        let total: u64 = per_epoch.iter().map(|&n| n as u64).sum();
+        self.state.total_steps = total;
+        let schedule = Schedule {
+            base_lr: self.config.lr,
+            warmup_steps: (self.config.warmup_ratio * total as f64).ceil() as u64,
+            total_steps: total,
+            decay: if self.config.cosine_decay {
+                Decay::Cosine
+            } else {
+                Decay::Linear
+            },
+        };
+        let metrics_path = out.join("metrics.json");
+        // A resumed run continues the report of the run it resumes.
+        let mut report: Report = std::fs::read_to_string(&metrics_path)
+            .ok()
+            .filter(|_| self.state.step > 0)
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        report.interrupted = false;
+        if self.state.step == 0 && self.state.epoch == 0 && self.state.next_batch == 0 {
+            report.before = self.evaluate(eval)?;
+        }
+        let bar = if progress {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            if let Ok(s) = indicatif::ProgressStyle::with_template(
+                "{bar:30} step {pos}/{len} {msg} [{elapsed} eta {eta}]",
+            ) {
+                b.set_style(s);
+            }
+            b.set_position(self.state.step);
+            Some(b)
+        } else {
+            None
+        };
+        let start_step = self.state.step;
+        let started = std::time::Instant::now();
+        let mut texts_seen = 0usize;
+        while self.state.epoch < self.config.epochs {
+            let epoch = self.state.epoch;
+            let batches = epoch_batches(examples, self.config.batch_size, self.config.seed, epoch);
+            let mut epoch_losses = Vec::new();
+            while self.state.next_batch < batches.len() {
+                if interrupt.load(Ordering::SeqCst)
+                    || self
+                        .config
+                        .max_steps
+                        .is_some_and(|m| self.state.step - start_step >= m)
+                {
+                    let dir = out.join("checkpoints").join("interrupted");
+                    self.save_checkpoint(&dir)?;
+                    report.interrupted = true;
+                    report.memory = Some(self.memory());
+                    write_json(&metrics_path, &report)?;
+                    if let Some(b) = &bar {
+                        b.abandon_with_message(format!(
+                            "interrupted: resumable checkpoint in {}",
+                            dir.display()
+                        ));
+                    }
+                    return Ok(report);
+                }
+                let group_end = (self.state.next_batch + accum).min(batches.len());
+                let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+                let mut group_loss = 0.0;
+                for b in &batches[self.state.next_batch..group_end] {
+                    let ex: Vec<&Example> = b.iter().map(|&i| &examples[i]).collect();
+                    texts_seen += ex.len();
+                    let loss =
+                        (self.batch_loss(&ex)? / (group_end - self.state.next_batch) as f64)?;
+                    group_loss += value(&loss)?;
+                    accumulate(&mut acc, collect(&self.vars, &loss.backward()?))?;
+                }
+                let lr = schedule.lr(self.state.step);
+                self.update(acc, lr)?;
+                self.state.step += 1;
+                self.state.next_batch = group_end;
+                self.state.losses.push(group_loss);
+                epoch_losses.push(group_loss);
+                if let Some(b) = &bar {
+                    let rate = texts_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                    b.set_message(format!(
+                        "loss {group_loss:.4} lr {lr:.2e} {rate:.1} examples/s"
+                    ));
+                    b.inc(1);
+                }
+            }
+            let metrics = self.evaluate(eval)?;
+            let mean_loss = epoch_losses.iter().sum::<f64>() / epoch_losses.len().max(1) as f64;
+            report.epochs.push(EpochReport {
+                epoch,
+                mean_loss,
+                metrics,
+            });
+            self.state.epoch += 1;
+            self.state.next_batch = 0;
+            self.save_checkpoint(&out.join("checkpoints").join(format!("epoch-{}", epoch + 1)))?;
+            write_json(&metrics_path, &report)?;
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        self.save_model(out)?;
+        report.memory = Some(self.memory());
+        write_json(&metrics_path, &report)?;
+        Ok(report)
+    }
+
+    /// The trained variables by checkpoint name (for tests and reports).
+    pub fn variables(&self) -> &NamedVars {
+        &self.vars
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("serialisable");
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
