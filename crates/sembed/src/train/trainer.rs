@@ -309,7 +309,7 @@ impl Trainer {
             ));
         }
         let mut meta = HashMap::new();
-        meta.insert("loss".to_string(), format!("{loss:.17e}"));
+        meta.insert("loss".to_string(), format!("{loss}"));
         write_safetensors(path, &tensors, meta)?;
         Ok(loss)
     }
