@@ -229,6 +229,20 @@ struct TrainArgs {
     task: Option<String>,
     #[arg(long)]
     max_length: Option<usize>,
+    /// Train LoRA adapters instead of all weights (saved PEFT-style in OUTPUT/adapter, and merged
+    /// into a complete model in OUTPUT).
+    #[arg(long)]
+    lora: bool,
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// Modules to adapt, e.g. query,value or q_proj,k_proj,v_proj,o_proj (default: query/value).
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Vec<String>,
+    /// LoRA dropout; only 0 is supported (as --dropout).
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
     /// Dropout probability. Training runs without dropout; only 0 is accepted.
     #[arg(long, default_value_t = 0.0)]
     dropout: f64,
@@ -410,6 +424,9 @@ fn serve(args: ServeArgs) -> Result<()> {
 
 fn train(args: TrainArgs) -> Result<()> {
     use sembed::train::trainer::{LossKind, TrainConfig, Trainer};
+    if args.lora_dropout != 0.0 {
+        bail!("--lora-dropout {}: only 0 is supported", args.lora_dropout);
+    }
     if args.dropout != 0.0 {
         bail!(
             "--dropout {}: training runs without dropout; only 0 is supported",
@@ -444,6 +461,11 @@ fn train(args: TrainArgs) -> Result<()> {
         task: args.task.clone(),
         max_length: args.max_length,
         max_steps: args.max_steps,
+        lora: args.lora.then(|| sembed::train::trainer::LoraConfig {
+            rank: args.lora_rank,
+            alpha: args.lora_alpha,
+            targets: args.lora_targets.clone(),
+        }),
     };
     let dtype = match args.dtype {
         TrainDtype::F32 => sembed::DType::F32,

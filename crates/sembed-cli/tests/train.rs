@@ -429,3 +429,87 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// LoRA: adapters saved PEFT-style load back (alone, over their base) and equal the merged export;
+/// only targeted weights change in the merge; a stopped and resumed LoRA run ends where an
+/// uninterrupted one does.
+#[test]
+fn lora_adapters_save_load_merge_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_pairs(dir.path(), 16);
+    let model = root().join("tests/fixtures/bert-tiny");
+    let common = [
+        "--data",
+        p(&data),
+        "--lora",
+        "--lora-rank",
+        "4",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+    ];
+    let out = dir.path().join("full");
+    let mut args = vec!["train", "-m", p(&model), "-o", p(&out)];
+    args.extend(common);
+    let report: Value = serde_json::from_str(ok(sembed(&args)).trim()).unwrap();
+    assert_eq!(
+        report["memory"]["trainable_parameters"],
+        2 * 2 * (4 * 32 + 32 * 4),
+        "query+value in 2 layers"
+    );
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    let adapter = load_all(&out.join("adapter/adapter_model.safetensors"));
+    assert!(
+        adapter.contains_key("base_model.model.encoder.layer.1.attention.self.value.lora_B.weight")
+    );
+    let embed = |m: &Path| -> Vec<f64> {
+        let line = ok(sembed(&["embed", "-m", p(m), "def f(x): return x"]));
+        let v: Value = serde_json::from_str(line.trim()).unwrap();
+        v["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (a, merged, base) = (embed(&out.join("adapter")), embed(&out), embed(&model));
+    let d = |x: &[f64], y: &[f64]| {
+        x.iter()
+            .zip(y)
+            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+    };
+    assert!(
+        d(&a, &merged) <= 1e-6,
+        "adapter vs merged: {}",
+        d(&a, &merged)
+    );
+    assert!(d(&a, &base) > 1e-3, "training changed the embedding");
+    let before = load_all(&model.join("model.safetensors"));
+    let after = load_all(&out.join("model.safetensors"));
+    for (name, v) in &after {
+        let targeted = name.ends_with("attention.self.query.weight")
+            || name.ends_with("attention.self.value.weight");
+        assert_eq!(v != &before[name], targeted, "{name}");
+    }
+    // Stop after 2 steps, resume from the adapter checkpoint.
+    let part = dir.path().join("part");
+    let mut args = vec!["train", "-m", p(&model), "-o", p(&part), "--max-steps", "2"];
+    args.extend(common);
+    ok(sembed(&args));
+    let ckpt = part.join("checkpoints/interrupted");
+    let mut args = vec!["train", "--resume", p(&ckpt), "-o", p(&part)];
+    args.extend(common);
+    ok(sembed(&args));
+    assert_eq!(
+        load_all(&part.join("adapter/adapter_model.safetensors")),
+        adapter
+    );
+}

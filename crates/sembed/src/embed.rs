@@ -114,6 +114,13 @@ struct Resolved {
 impl Embedder {
     /// Load a model folder in the given compute dtype.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file() {
+            // A PEFT LoRA adapter folder: the base model it names, with the adapters attached.
+            let (attach, base) = crate::lora::LoraAttach::from_peft(dir, false)?;
+            let weights = Weights::new(WeightStore::from_dir(&base)?, dtype, device)
+                .with_lora(std::sync::Arc::new(attach));
+            return Ok(Self::from_weights(&base, &weights)?.with_name(dir.display().to_string()));
+        }
         let weights = Weights::new(WeightStore::from_dir(dir)?, dtype, device);
         Self::from_weights(dir, &weights)
     }

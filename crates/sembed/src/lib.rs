@@ -9,6 +9,7 @@ pub mod embed;
 pub mod error;
 pub mod fusion_config;
 pub mod hub;
+pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod pool;

@@ -23,10 +23,12 @@ fn wide(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `y = x W^T + b`.
+/// With a LoRA adapter `(A [r, in], B [out, r], scale)`: `+ (x Aᵀ) Bᵀ · scale`.
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<(Tensor, Tensor, f64)>,
 }
 
 impl Linear {
@@ -38,15 +40,19 @@ impl Linear {
             } else {
                 None
             },
+            lora: w.lora_adapter(in_dim, out_dim)?,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_t(x, &self.weight)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        let mut y = matmul_t(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some((a, b, scale)) = &self.lora {
+            y = (y + (matmul_t(&matmul_t(x, a)?, b)? * *scale)?)?;
+        }
+        Ok(y)
     }
 }
 

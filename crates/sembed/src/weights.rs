@@ -550,6 +550,8 @@ pub struct Weights {
     device: Device,
     /// When set, every loaded tensor becomes a trainable `Var`, recorded under its checkpoint name.
     vars: Option<VarLog>,
+    /// LoRA adapters to attach to targeted Linear layers.
+    lora: Option<std::sync::Arc<crate::lora::LoraAttach>>,
 }
 
 /// Trainable variables by checkpoint name, shared by every view of one source.
@@ -564,6 +566,25 @@ impl Weights {
             dtype,
             device: device.clone(),
             vars: None,
+            lora: None,
+        }
+    }
+
+    /// Attach LoRA adapters to the Linear layers the spec targets.
+    pub fn with_lora(mut self, lora: std::sync::Arc<crate::lora::LoraAttach>) -> Self {
+        self.lora = Some(lora);
+        self
+    }
+
+    /// The LoRA adapter for the Linear at this prefix, if any: `(A, B, scale)`.
+    pub fn lora_adapter(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Option<(Tensor, Tensor, f64)>> {
+        match &self.lora {
+            None => Ok(None),
+            Some(l) => l.adapter(&self.prefix, in_dim, out_dim, self.dtype, &self.device),
         }
     }
 
@@ -592,6 +613,7 @@ impl Weights {
             dtype,
             device: device.clone(),
             vars: None,
+            lora: None,
         }
     }
 

@@ -31,6 +31,8 @@ impl LoraLinear {
             base: Linear {
                 weight: p.get(&[out_dim, in_dim], "original")?,
                 bias: Some(w.get(&[out_dim], "bias")?),
+                // Jina carries its own task adapters; PEFT LoRA is not attached here.
+                lora: None,
             },
             a: p.get(&[t, r, in_dim], "0.lora_A")?,
             b: p.get(&[t, out_dim, r], "0.lora_B")?,

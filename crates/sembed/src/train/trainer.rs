@@ -43,6 +43,16 @@ pub struct TrainConfig {
     pub max_length: Option<usize>,
     /// Stop after this many optimiser steps in this run (a resumable checkpoint is saved).
     pub max_steps: Option<u64>,
+    /// Train LoRA adapters (rank, alpha, target modules) instead of all weights.
+    pub lora: Option<LoraConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Empty: PEFT's default for the architecture (query/value projections).
+    pub targets: Vec<String>,
 }
 
 impl Default for TrainConfig {
@@ -62,6 +72,7 @@ impl Default for TrainConfig {
             task: None,
             max_length: None,
             max_steps: None,
+            lora: None,
         }
     }
 }
@@ -114,7 +125,12 @@ pub fn peak_rss_bytes() -> Option<usize> {
 }
 
 pub struct Trainer {
+    /// The base model folder (weights not trained are copied from here).
     src: PathBuf,
+    /// LoRA: the adapter spec (the variables are the adapters, by PEFT name).
+    lora: Option<crate::lora::LoraSpec>,
+    /// Parameters of the whole model (trained or not), for the memory report.
+    base_parameters: usize,
     pub embedder: Embedder,
     vars: NamedVars,
     /// Positions in `vars` of the optimised variables.
@@ -131,9 +147,63 @@ impl Trainer {
     /// Load `model_dir` for training. If it holds `trainer_state.json` and `optimizer.safetensors`
     /// (a checkpoint) and `resume` is set, the run continues where it stopped.
     pub fn new(model_dir: &Path, config: TrainConfig, dtype: DType, resume: bool) -> Result<Self> {
-        let (embedder, vars) = Embedder::load_trainable(model_dir, dtype, &crate::device::cpu())?;
+        let cpu = crate::device::cpu();
+        let (src, embedder, vars, lora) = match &config.lora {
+            None => {
+                let (e, vars) = Embedder::load_trainable(model_dir, dtype, &cpu)?;
+                (model_dir.to_path_buf(), e, vars, None)
+            }
+            Some(lc) => {
+                let (attach, base) = if resume {
+                    crate::lora::LoraAttach::from_peft(model_dir, true)?
+                } else {
+                    let arch =
+                        crate::config::Architecture::from_file(&model_dir.join("config.json"))?;
+                    if matches!(arch, Architecture::Jina(_)) {
+                        return Err(Error::Unsupported("--lora on jina-embeddings-v3: it has its own task adapters; use --task".into()));
+                    }
+                    let targets = if lc.targets.is_empty() {
+                        crate::lora::LoraSpec::default_targets(&arch)
+                    } else {
+                        lc.targets.clone()
+                    };
+                    let spec = crate::lora::LoraSpec {
+                        rank: lc.rank,
+                        alpha: lc.alpha,
+                        targets,
+                    };
+                    (
+                        crate::lora::LoraAttach::new(spec, config.seed),
+                        model_dir.to_path_buf(),
+                    )
+                };
+                let spec = attach.spec.clone();
+                let attach = std::sync::Arc::new(attach);
+                let weights = crate::weights::Weights::new(
+                    crate::weights::WeightStore::from_dir(&base)?,
+                    dtype,
+                    &cpu,
+                )
+                .with_lora(attach.clone());
+                let e = Embedder::from_weights(&base, &weights)?;
+                let vars = attach.variables();
+                if vars.is_empty() {
+                    return Err(Error::InvalidInput(format!(
+                        "LoRA targets {:?} match no Linear layer of the model",
+                        spec.targets
+                    )));
+                }
+                (base, e, vars, Some(spec))
+            }
+        };
+        let store = crate::weights::WeightStore::from_dir(&src)?;
+        let base_parameters: usize = store
+            .names()
+            .map(|n| store.info(n).map_or(0, |i| i.numel()))
+            .sum();
         let mut adapter = None;
         let trained: Vec<usize> = match (&embedder.folder().arch, &config.task) {
+            (_, _) if lora.is_some() => (0..vars.len()).collect(),
             (Architecture::Jina(c), Some(t)) => {
                 adapter = Some(c.lora_adaptations.iter().position(|a| a == t).ok_or_else(
                     || {
@@ -178,7 +248,9 @@ impl Trainer {
             opt.step = state.step;
         }
         Ok(Trainer {
-            src: model_dir.to_path_buf(),
+            src,
+            lora,
+            base_parameters,
             embedder,
             vars,
             trained,
@@ -350,9 +422,12 @@ impl Trainer {
         Ok(())
     }
 
-    /// Save a model checkpoint with optimiser and trainer state.
+    /// Save a model checkpoint with optimiser and trainer state (LoRA: the adapter folder).
     pub fn save_checkpoint(&self, out: &Path) -> Result<()> {
-        save_model(&self.src, out, &self.vars)?;
+        match &self.lora {
+            None => save_model(&self.src, out, &self.vars)?,
+            Some(spec) => crate::lora::save_peft(out, spec, &self.src, &self.vars)?,
+        }
         let mut tensors = Vec::new();
         for ((name, _), st) in self.opt.params.iter().zip(&self.opt.state) {
             tensors.push((
@@ -375,9 +450,21 @@ impl Trainer {
         std::fs::write(out.join("training_config.json"), config).map_err(|e| Error::io(out, e))
     }
 
-    /// Save the trained model (no optimiser state).
+    /// Save the trained model (no optimiser state). LoRA: the PEFT adapter in `out/adapter`, and the
+    /// adapters merged into the base weights as a complete model folder in `out`.
     pub fn save_model(&self, out: &Path) -> Result<()> {
-        save_model(&self.src, out, &self.vars)
+        match &self.lora {
+            None => save_model(&self.src, out, &self.vars),
+            Some(spec) => {
+                crate::lora::save_peft(&out.join("adapter"), spec, &self.src, &self.vars)?;
+                let store = crate::weights::WeightStore::from_dir(&self.src)?;
+                let merged: NamedVars = crate::lora::merged_weights(&store, spec, &self.vars)?
+                    .into_iter()
+                    .map(|(n, t)| Ok((n, candle_core::Var::from_tensor(&t)?)))
+                    .collect::<Result<_>>()?;
+                save_model(&self.src, out, &merged)
+            }
+        }
     }
 
     fn evaluate(&self, eval: Option<&[Example]>) -> Result<Option<RetrievalMetrics>> {
@@ -394,21 +481,30 @@ impl Trainer {
 
     pub fn memory(&self) -> MemoryReport {
         let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let weights: usize = self.vars.iter().map(|(_, v)| size(v.as_tensor())).sum();
-        let params: usize = self
+        let var_bytes: usize = self.vars.iter().map(|(_, v)| size(v.as_tensor())).sum();
+        let var_params: usize = self
             .vars
             .iter()
             .map(|(_, v)| v.as_tensor().elem_count())
             .sum();
+        let elem = self.dtype.size_in_bytes();
+        let (params, weights) = match self.lora {
+            None => (var_params, var_bytes),
+            Some(_) => (
+                self.base_parameters + var_params,
+                self.base_parameters * elem + var_bytes,
+            ),
+        };
         let trainable: usize = self
             .opt
             .params
             .iter()
             .map(|(_, v)| v.as_tensor().elem_count())
             .sum();
-        // Gradients exist for every variable in the backward pass (candle differentiates all Vars);
-        // AdamW keeps two f32 moments per trained parameter.
-        let gradients = weights;
+        // Gradients exist for every variable in the backward pass (candle differentiates all Vars;
+        // with LoRA only the adapters are variables); AdamW keeps two f32 moments per trained
+        // parameter.
+        let gradients = var_bytes;
         let optimizer = trainable * 8;
         let peak = peak_rss_bytes();
         MemoryReport {
