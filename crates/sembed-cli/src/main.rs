@@ -26,7 +26,7 @@ enum Command {
     /// Serve embeddings over HTTP (OpenAI /v1/embeddings and TEI /embed) with dynamic batching.
     Serve(ServeArgs),
     /// Fine-tune a model on pairs or triplets (JSONL) with real backpropagation.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Retrieval metrics of a model on pairs (JSONL): each anchor a query, the positives the corpus.
     Eval(EvalArgs),
     /// Mine (docstring → function) pairs from Rust and Python sources into training data.
@@ -285,7 +285,7 @@ fn main() {
     let result = match cli.command {
         Command::Embed(args) => embed(args),
         Command::Serve(args) => serve(args),
-        Command::Train(args) => train(args),
+        Command::Train(args) => train(*args),
         Command::Eval(args) => eval(args),
         Command::Mine {
             src,
