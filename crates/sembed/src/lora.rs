@@ -165,6 +165,11 @@ impl LoraAttach {
         Ok(Some(out))
     }
 
+    /// Whether the adapters are being trained.
+    pub fn trainable(&self) -> bool {
+        self.trainable
+    }
+
     /// The trainable adapter tensors created so far, by PEFT name.
     pub fn variables(&self) -> NamedVars {
         self.created.lock().expect("not poisoned").clone()

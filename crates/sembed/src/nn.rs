@@ -23,12 +23,86 @@ fn wide(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `y = x W^T + b`.
-/// With a LoRA adapter `(A [r, in], B [out, r], scale)`: `+ (x Aᵀ) Bᵀ · scale`.
+/// With a LoRA adapter `(A [r, in], B [out, r], scale)`: `+ (x Aᵀ) Bᵀ · scale`. A `frozen` weight
+/// (LoRA training) multiplies through [`FrozenMatmul`], whose backward gives the input gradient only.
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<(Tensor, Tensor, f64)>,
+    pub frozen: bool,
+}
+
+/// `x · Wᵀ` for a weight that is not trained. candle's matmul backward computes (and keeps until the
+/// end of the backward pass) a gradient for both operands, even a constant one: for a frozen 1.5B
+/// model that is 6 GB of weight gradients nobody reads, plus a third more compute. This op's backward
+/// returns only `∂L/∂x = ∂L/∂y · W`.
+#[derive(Clone)]
+pub struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        fn run<T: candle_core::WithDType>(
+            s: &[T],
+            layout: &candle_core::Layout,
+            w: &Tensor,
+        ) -> candle_core::Result<(Vec<T>, candle_core::Shape)> {
+            let x = match layout.contiguous_offsets() {
+                Some((a, b)) => Tensor::from_slice(&s[a..b], layout.shape(), &Device::Cpu)?,
+                None => {
+                    return Err(candle_core::Error::Msg(
+                        "frozen-matmul: non-contiguous input".into(),
+                    ))
+                }
+            };
+            let y = x.matmul(&w.t()?)?;
+            let shape = y.shape().clone();
+            Ok((y.flatten_all()?.to_vec1::<T>()?, shape))
+        }
+        Ok(match storage {
+            S::F32(s) => {
+                let (v, sh) = run(s, layout, &self.weight)?;
+                (S::F32(v), sh)
+            }
+            S::F64(s) => {
+                let (v, sh) = run(s, layout, &self.weight)?;
+                (S::F64(v), sh)
+            }
+            S::F16(s) => {
+                let (v, sh) = run(s, layout, &self.weight)?;
+                (S::F16(v), sh)
+            }
+            S::BF16(s) => {
+                let (v, sh) = run(s, layout, &self.weight)?;
+                (S::BF16(v), sh)
+            }
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "frozen-matmul: unsupported dtype".into(),
+                ))
+            }
+        })
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.weight)?))
+    }
 }
 
 impl Linear {
@@ -41,11 +115,24 @@ impl Linear {
                 None
             },
             lora: w.lora_adapter(in_dim, out_dim)?,
+            frozen: w.frozen(),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = matmul_t(x, &self.weight)?;
+        let mut y = if self.frozen {
+            let dims = x.dims().to_vec();
+            let rows: usize = dims[..dims.len() - 1].iter().product();
+            let flat = x.reshape((rows, dims[dims.len() - 1]))?.contiguous()?;
+            let y = flat.apply_op1(FrozenMatmul {
+                weight: self.weight.clone(),
+            })?;
+            let mut out = dims;
+            *out.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
+            y.reshape(out)?
+        } else {
+            matmul_t(x, &self.weight)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

@@ -539,6 +539,9 @@ enum Source {
     /// Shape-only source: every tensor asked for is a zero tensor of the asked shape (stride 0, so no
     /// memory), and the request is recorded. Builds a model of any size to check names and shapes.
     Zeros(std::sync::Mutex<Vec<(String, Vec<usize>)>>),
+    /// Random initialisation (norm weights 1, biases 0, others uniform with std 0.02, as HF's
+    /// `initializer_range`), for memory and speed measurements of models whose weights are not here.
+    Random(std::sync::Mutex<crate::train::data::SplitMix64>),
 }
 
 /// A view of the weights under a name prefix, in a compute dtype on a device: what models load from.
@@ -574,6 +577,11 @@ impl Weights {
     pub fn with_lora(mut self, lora: std::sync::Arc<crate::lora::LoraAttach>) -> Self {
         self.lora = Some(lora);
         self
+    }
+
+    /// Whether loaded weights are constants in a training run (LoRA training: only adapters learn).
+    pub fn frozen(&self) -> bool {
+        self.lora.as_ref().is_some_and(|l| l.trainable())
     }
 
     /// The LoRA adapter for the Linear at this prefix, if any: `(A, B, scale)`.
@@ -617,11 +625,21 @@ impl Weights {
         }
     }
 
+    /// A randomly initialised source (see `Source::Random`); every tensor asked for exists.
+    pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
+        Weights {
+            source: std::sync::Arc::new(Source::Random(std::sync::Mutex::new(
+                crate::train::data::SplitMix64(seed),
+            ))),
+            ..Self::zeros(dtype, device)
+        }
+    }
+
     /// The (name, shape) pairs a shape-only source was asked for, in order.
     pub fn requested(&self) -> Vec<(String, Vec<usize>)> {
         match &*self.source {
             Source::Zeros(r) => r.lock().expect("not poisoned").clone(),
-            Source::Store(_) => Vec::new(),
+            Source::Store(_) | Source::Random(_) => Vec::new(),
         }
     }
 
@@ -652,7 +670,7 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         match &*self.source {
             Source::Store(s) => s.contains(&self.full(name)),
-            Source::Zeros(_) => true,
+            Source::Zeros(_) | Source::Random(_) => true,
         }
     }
 
@@ -675,6 +693,25 @@ impl Weights {
             Source::Zeros(r) => {
                 r.lock().expect("not poisoned").push((full, shape.to_vec()));
                 Ok(Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(shape)?)
+            }
+            Source::Random(rng) => {
+                let n: usize = shape.iter().product();
+                let t = if full.ends_with("norm.weight")
+                    || full.ends_with("LayerNorm.weight")
+                    || full.contains("_ln.weight")
+                {
+                    Tensor::ones(shape, DType::F32, &self.device)?
+                } else if full.ends_with(".bias") {
+                    Tensor::zeros(shape, DType::F32, &self.device)?
+                } else {
+                    let mut rng = rng.lock().expect("not poisoned");
+                    let a = 0.02 * 3f32.sqrt();
+                    let v: Vec<f32> = (0..n)
+                        .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * a)
+                        .collect();
+                    Tensor::from_vec(v, shape, &self.device)?
+                };
+                Ok(t.to_dtype(self.dtype)?)
             }
         }
     }

@@ -33,6 +33,7 @@ impl LoraLinear {
                 bias: Some(w.get(&[out_dim], "bias")?),
                 // Jina carries its own task adapters; PEFT LoRA is not attached here.
                 lora: None,
+                frozen: false,
             },
             a: p.get(&[t, r, in_dim], "0.lora_A")?,
             b: p.get(&[t, out_dim, r], "0.lora_B")?,
