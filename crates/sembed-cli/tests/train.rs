@@ -513,3 +513,63 @@ fn lora_adapters_save_load_merge_and_resume() {
         adapter
     );
 }
+
+/// Ctrl-C (SIGINT) during training saves a resumable checkpoint and exits cleanly.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_resumable_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_pairs(dir.path(), 24);
+    let model = root().join("tests/fixtures/bert-tiny");
+    let out = dir.path().join("out");
+    let child = Command::new(env!("CARGO_BIN_EXE_sembed"))
+        .args([
+            "train",
+            "-m",
+            p(&model),
+            "--data",
+            p(&data),
+            "-o",
+            p(&out),
+            "--epochs",
+            "100000",
+            "--batch-size",
+            "4",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training has visibly started (the first epoch checkpoint), bounded in time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !out.join("checkpoints/epoch-1/trainer_state.json").is_file() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(String::from_utf8(output.stdout).unwrap().trim()).unwrap();
+    assert_eq!(report["interrupted"], true);
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoints/interrupted/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(state["step"].as_u64().unwrap() >= 6);
+    assert!(out
+        .join("checkpoints/interrupted/optimizer.safetensors")
+        .is_file());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--resume"));
+}

@@ -422,6 +422,15 @@ impl Trainer {
         Ok(())
     }
 
+    /// One optimiser step on one batch (loss, backward, clipping, AdamW at `lr`); returns the loss.
+    pub fn step(&mut self, examples: &[&Example], lr: f64) -> Result<f64> {
+        let loss = self.batch_loss(examples)?;
+        let grads = collect(&self.vars, &loss.backward()?);
+        self.update(grads, lr)?;
+        self.state.step += 1;
+        value(&loss)
+    }
+
     /// Save a model checkpoint with optimiser and trainer state (LoRA: the adapter folder).
     pub fn save_checkpoint(&self, out: &Path) -> Result<()> {
         match &self.lora {
