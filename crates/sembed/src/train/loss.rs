@@ -133,3 +133,59 @@ where
 pub fn value(loss: &Tensor) -> Result<f64> {
     Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t<const N: usize>(rows: &[[f32; 4]; N]) -> Tensor {
+        Tensor::new(rows, &Device::Cpu).unwrap()
+    }
+
+    /// Triplet and MNRL against values computed by hand (numpy-style, independent of the code).
+    #[test]
+    fn losses_match_hand_computation() {
+        let a = t(&[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]);
+        let p = t(&[[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]);
+        let n = t(&[[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]);
+        // cos(a0,p0)=1/√2, cos(a0,n0)=0; cos(a1,p1)=1, cos(a1,n1)=0.
+        let s = std::f64::consts::FRAC_1_SQRT_2;
+        let want = (((1.0 - s) - 1.0 + 0.5f64).max(0.0) + (0.0 - 1.0 + 0.5f64).max(0.0)) / 2.0;
+        let got = value(&triplet_loss(&a, &p, &n, Distance::Cosine, 0.5).unwrap()).unwrap();
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        // MNRL row 0: scores 20·[s, 1/√2·0(p1·a0=0), 0, 1]: candidates p0, p1, n0, n1.
+        let rows = [[20.0 * s, 0.0, 0.0, 20.0], [20.0 * s, 20.0, 0.0, 0.0]];
+        let want: f64 = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.iter().map(|x| x.exp()).sum::<f64>().ln() - r[i])
+            .sum::<f64>()
+            / 2.0;
+        let got = value(&mnrl_loss(&a, &p, std::slice::from_ref(&n), 20.0).unwrap()).unwrap();
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+
+    /// The Matryoshka wrapper is the weighted sum of the inner loss on truncated embeddings.
+    #[test]
+    fn matryoshka_is_the_weighted_sum_over_truncations() {
+        let a = t(&[[1.0, 2.0, 0.5, -1.0], [0.3, -0.2, 1.0, 0.0]]);
+        let p = t(&[[0.9, 2.1, 0.0, 1.0], [0.1, 0.0, 1.0, 0.5]]);
+        let inner = |e: &[Tensor]| mnrl_loss(&e[0], &e[1], &[], 20.0);
+        let got = value(&matryoshka(&[a.clone(), p.clone()], &[2, 4], &[1.0, 0.5], inner).unwrap())
+            .unwrap();
+        let l2 = value(
+            &mnrl_loss(
+                &a.narrow(1, 0, 2).unwrap(),
+                &p.narrow(1, 0, 2).unwrap(),
+                &[],
+                20.0,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let l4 = value(&mnrl_loss(&a, &p, &[], 20.0).unwrap()).unwrap();
+        assert!((got - (l2 + 0.5 * l4)).abs() < 1e-6);
+        assert!(matryoshka(&[a, p], &[5], &[1.0], inner).is_err());
+    }
+}
