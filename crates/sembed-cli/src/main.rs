@@ -240,12 +240,13 @@ struct TrainArgs {
     /// Modules to adapt, e.g. query,value or q_proj,k_proj,v_proj,o_proj (default: query/value).
     #[arg(long, value_delimiter = ',')]
     lora_targets: Vec<String>,
-    /// LoRA dropout; only 0 is supported (as --dropout).
+    /// Dropout on the LoRA adapter input (PEFT lora_dropout).
     #[arg(long, default_value_t = 0.0)]
     lora_dropout: f64,
-    /// Dropout probability. Training runs without dropout; only 0 is accepted.
-    #[arg(long, default_value_t = 0.0)]
-    dropout: f64,
+    /// Dropout probability for every dropout of the model (default: the model config's, as in
+    /// sentence-transformers training); 0 switches dropout off, e.g. for deterministic gradient dumps.
+    #[arg(long)]
+    dropout: Option<f64>,
     /// Stop after this many optimiser steps (saving a resumable checkpoint).
     #[arg(long)]
     max_steps: Option<u64>,
@@ -424,14 +425,13 @@ fn serve(args: ServeArgs) -> Result<()> {
 
 fn train(args: TrainArgs) -> Result<()> {
     use sembed::train::trainer::{LossKind, TrainConfig, Trainer};
-    if args.lora_dropout != 0.0 {
-        bail!("--lora-dropout {}: only 0 is supported", args.lora_dropout);
-    }
-    if args.dropout != 0.0 {
-        bail!(
-            "--dropout {}: training runs without dropout; only 0 is supported",
-            args.dropout
-        );
+    for (flag, p) in [
+        ("--dropout", args.dropout.unwrap_or(0.0)),
+        ("--lora-dropout", args.lora_dropout),
+    ] {
+        if !(0.0..1.0).contains(&p) {
+            bail!("{flag} {p}: a probability in [0, 1) is needed");
+        }
     }
     let dir = match (&args.resume, &args.model) {
         (Some(r), _) => r.clone(),
@@ -461,9 +461,11 @@ fn train(args: TrainArgs) -> Result<()> {
         task: args.task.clone(),
         max_length: args.max_length,
         max_steps: args.max_steps,
+        dropout: args.dropout,
         lora: args.lora.then(|| sembed::train::trainer::LoraConfig {
             rank: args.lora_rank,
             alpha: args.lora_alpha,
+            dropout: args.lora_dropout,
             targets: args.lora_targets.clone(),
         }),
     };

@@ -84,6 +84,8 @@ fn dump_gradients_match_upstream() {
                 p(&data),
                 "--batch-size",
                 "8",
+                "--dropout",
+                "0",
                 "--dump-gradients",
                 p(&out),
             ];
@@ -257,6 +259,45 @@ fn jina_trains_only_the_chosen_adapter() {
     }
 }
 
+/// Dropout is on by default in training (the model config's probabilities): two dumps with the
+/// default differ from the dropout-free one, and `--dropout 0` dumps are identical run to run.
+#[test]
+fn dropout_is_on_by_default_and_switchable_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = root().join("tests/fixtures/bert-tiny");
+    let data = root().join("tests/fixtures/grads/bert-tiny/triplets.jsonl");
+    let dump = |name: &str, extra: &[&str]| -> f64 {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "train",
+            "-m",
+            p(&model),
+            "--data",
+            p(&data),
+            "--dump-gradients",
+            p(&out),
+        ];
+        args.extend(extra);
+        let v: Value = serde_json::from_str(ok(sembed(&args)).trim()).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let off1 = dump("a", &["--dropout", "0"]);
+    let off2 = dump("b", &["--dropout", "0"]);
+    assert_eq!(off1, off2);
+    assert_eq!(
+        load_all(&dir.path().join("a")),
+        load_all(&dir.path().join("b"))
+    );
+    let on = dump("c", &[]);
+    assert_ne!(
+        on, off1,
+        "dropout (hidden 0.1 in the config) changes the loss"
+    );
+    assert_eq!(on, dump("d", &[]), "masks are seeded");
+    let heavy = dump("e", &["--dropout", "0.5"]);
+    assert_ne!(heavy, on);
+}
+
 #[test]
 fn malformed_training_data_names_the_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -304,11 +345,11 @@ fn malformed_training_data_names_the_line() {
         "--data",
         p(&data),
         "--dropout",
-        "0.1",
+        "1.5",
         "-o",
         p(&dir.path().join("o")),
     ]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("only 0 is supported"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a probability in [0, 1)"));
 }
 
 /// all-MiniLM-L6-v2 fine-tuned on (docstring → function) pairs mined from the Python standard

@@ -32,6 +32,7 @@ fn main() -> sembed::Result<()> {
     let spec = LoraSpec {
         rank: 8,
         alpha: 16.0,
+        dropout: 0.0,
         targets: vec!["q_proj".into(), "v_proj".into()],
     };
     let attach = Arc::new(LoraAttach::new(spec, 7));

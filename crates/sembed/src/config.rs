@@ -18,6 +18,8 @@ pub struct BertConfig {
     pub max_position_embeddings: usize,
     pub type_vocab_size: usize,
     pub layer_norm_eps: f64,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +42,7 @@ pub struct QwenConfig {
     pub attention_bias: bool,
     /// Per-head RMSNorm on queries and keys (Qwen3).
     pub qk_norm: bool,
+    pub attention_dropout: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +61,8 @@ pub struct JinaConfig {
     pub lora_alpha: f64,
     pub task_instructions: BTreeMap<String, String>,
     pub matryoshka_dimensions: Vec<usize>,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
 }
 
 impl JinaConfig {
@@ -132,6 +137,8 @@ impl Architecture {
                 lora_alpha: f.f64_or("lora_alpha", 1.0)?,
                 task_instructions: f.get_or("task_instructions", BTreeMap::new())?,
                 matryoshka_dimensions: f.get_or("matryoshka_dimensions", Vec::new())?,
+                hidden_dropout_prob: f.f64_or("hidden_dropout_prob", 0.1)?,
+                attention_probs_dropout_prob: f.f64_or("attention_probs_dropout_prob", 0.1)?,
             }));
         }
         let is_qwen3 = model_type == "qwen3" || archs.iter().any(|a| a.starts_with("Qwen3"));
@@ -179,6 +186,7 @@ impl Architecture {
                     true
                 },
                 qk_norm: is_qwen3,
+                attention_dropout: f.f64_or("attention_dropout", 0.0)?,
             }))
             .and_then(|a| a.validate(path));
         }
@@ -201,6 +209,8 @@ impl Architecture {
                 max_position_embeddings: f.usize_or("max_position_embeddings", 512)?,
                 type_vocab_size: f.usize_or("type_vocab_size", 2)?,
                 layer_norm_eps: f.f64_or("layer_norm_eps", 1e-12)?,
+                hidden_dropout_prob: f.f64_or("hidden_dropout_prob", 0.1)?,
+                attention_probs_dropout_prob: f.f64_or("attention_probs_dropout_prob", 0.1)?,
             }))
             .and_then(|a| a.validate(path));
         }

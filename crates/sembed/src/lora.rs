@@ -14,6 +14,8 @@ use std::sync::Mutex;
 pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f64,
+    /// Dropout on the adapter input during training.
+    pub dropout: f64,
     /// Module names (last path component) that get adapters, e.g. `query`, `value`, `q_proj`.
     pub targets: Vec<String>,
 }
@@ -92,6 +94,7 @@ impl LoraAttach {
                 spec: LoraSpec {
                     rank,
                     alpha,
+                    dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
                     targets,
                 },
                 saved: Some(saved),
@@ -185,7 +188,7 @@ pub fn save_peft(out: &Path, spec: &LoraSpec, base: &Path, vars: &NamedVars) -> 
         "base_model_name_or_path": base.canonicalize().unwrap_or_else(|_| base.to_path_buf()),
         "r": spec.rank,
         "lora_alpha": spec.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": spec.dropout,
         "target_modules": spec.targets,
         "bias": "none",
         "fan_in_fan_out": false,

@@ -14,6 +14,61 @@ use candle_core::{DType, Device, Tensor, D};
 /// masked (a pad query under causal attention) must stay finite, or NaN would leak through `0 * NaN`.
 pub const MASK_VALUE: f32 = -1e9;
 
+/// Dropout for training. A forward pass runs inside [`with_dropout`] to enable it; outside (inference,
+/// gradient checks) every dropout is the identity. Masks come from a seeded generator, so a training
+/// step is reproducible (resume gives the same result).
+pub struct DropoutCtx {
+    /// Replaces every configured probability (`--dropout P`); None keeps the model's own.
+    pub p_override: Option<f64>,
+    rng: std::sync::Mutex<crate::train::data::SplitMix64>,
+}
+
+impl DropoutCtx {
+    pub fn new(p_override: Option<f64>, seed: u64) -> Self {
+        DropoutCtx {
+            p_override,
+            rng: std::sync::Mutex::new(crate::train::data::SplitMix64(seed)),
+        }
+    }
+}
+
+thread_local! {
+    static DROPOUT: std::cell::RefCell<Option<std::sync::Arc<DropoutCtx>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` with dropout enabled by `ctx` on this thread.
+pub fn with_dropout<T>(ctx: std::sync::Arc<DropoutCtx>, f: impl FnOnce() -> T) -> T {
+    let previous = DROPOUT.with(|d| d.replace(Some(ctx)));
+    let out = f();
+    DROPOUT.with(|d| *d.borrow_mut() = previous);
+    out
+}
+
+/// Inverted dropout with the configured probability `p` (or the override); identity when dropout is
+/// not enabled or the probability is 0. Differentiable: the mask is a constant.
+pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
+    let Some(ctx) = DROPOUT.with(|d| d.borrow().clone()) else {
+        return Ok(x.clone());
+    };
+    let p = ctx.p_override.unwrap_or(p);
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if p >= 1.0 {
+        return Ok(x.zeros_like()?);
+    }
+    let keep = 1.0 / (1.0 - p);
+    let n = x.elem_count();
+    let mask: Vec<f32> = {
+        let mut rng = ctx.rng.lock().expect("not poisoned");
+        (0..n)
+            .map(|_| if rng.next_f64() < p { 0.0 } else { keep as f32 })
+            .collect()
+    };
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
 /// The dtype norms and softmax compute in: f32, or f64 for f64 tensors.
 fn wide(x: &Tensor) -> Result<Tensor> {
     Ok(match x.dtype() {
@@ -30,6 +85,8 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<(Tensor, Tensor, f64)>,
+    /// Dropout on the adapter's input (PEFT `lora_dropout`).
+    pub lora_dropout: f64,
     pub frozen: bool,
 }
 
@@ -115,6 +172,7 @@ impl Linear {
                 None
             },
             lora: w.lora_adapter(in_dim, out_dim)?,
+            lora_dropout: w.lora_dropout(),
             frozen: w.frozen(),
         })
     }
@@ -137,7 +195,8 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some((a, b, scale)) = &self.lora {
-            y = (y + (matmul_t(&matmul_t(x, a)?, b)? * *scale)?)?;
+            let xd = dropout(x, self.lora_dropout)?;
+            y = (y + (matmul_t(&matmul_t(&xd, a)?, b)? * *scale)?)?;
         }
         Ok(y)
     }
@@ -280,13 +339,19 @@ pub fn attention_bias(mask: &Tensor, causal: bool, mask_value: f32) -> Result<Te
 
 /// Scaled dot-product attention. `q [B, H, S, d]`, `k`, `v` `[B, H, S, d]`, `bias` broadcastable to
 /// `[B, H, S, S]` (f32). Returns `[B, S, H·d]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    dropout_p: f64,
+) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
     let scale = 1.0 / (d as f64).sqrt();
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = wide(&scores)?;
     let scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
-    let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    let probs = dropout(&softmax_last_dim(&scores)?, dropout_p)?.to_dtype(v.dtype())?;
     let out = probs.matmul(&v.contiguous()?)?; // [B, H, S, d]
     Ok(out.transpose(1, 2)?.reshape((b, s, h * d))?)
 }
@@ -385,6 +450,7 @@ pub fn attention_packed(
     nkv: usize,
     bias: &Tensor,
     rope: Option<(&Tensor, &Tensor)>,
+    dropout_p: f64,
 ) -> Result<Tensor> {
     let mut q = split_heads(&packing.pad(q)?, nq)?;
     let mut k = split_heads(&packing.pad(k)?, nkv)?;
@@ -395,7 +461,7 @@ pub fn attention_packed(
     }
     let k = repeat_kv(&k, nq / nkv)?;
     let v = repeat_kv(&v, nq / nkv)?;
-    packing.unpad(&attention(&q, &k, &v, bias)?)
+    packing.unpad(&attention(&q, &k, &v, bias, dropout_p)?)
 }
 
 /// Positions per row counted from the row's first real token: `max(0, cumsum(mask) - 1)`, `[B, S]` u32.

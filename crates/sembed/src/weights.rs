@@ -579,6 +579,11 @@ impl Weights {
         self
     }
 
+    /// The LoRA dropout probability (0 without LoRA).
+    pub fn lora_dropout(&self) -> f64 {
+        self.lora.as_ref().map_or(0.0, |l| l.spec.dropout)
+    }
+
     /// Whether loaded weights are constants in a training run (LoRA training: only adapters learn).
     pub fn frozen(&self) -> bool {
         self.lora.as_ref().is_some_and(|l| l.trainable())

@@ -55,6 +55,8 @@ pub struct Bert {
     heads: usize,
     hidden: usize,
     act: Activation,
+    hidden_dropout: f64,
+    attention_dropout: f64,
 }
 
 impl Bert {
@@ -94,6 +96,8 @@ impl Bert {
             heads: cfg.num_attention_heads,
             hidden: h,
             act: Activation::parse(&cfg.hidden_act)?,
+            hidden_dropout: cfg.hidden_dropout_prob,
+            attention_dropout: cfg.attention_probs_dropout_prob,
         })
     }
 }
@@ -111,7 +115,10 @@ impl Encoder for Bert {
         let pos = nn::embedding(&self.position, &batch.packed_positions)?;
         // token_type_ids are all 0 for single sentences.
         let tt = self.token_type.narrow(0, 0, 1)?;
-        let mut x = self.emb_norm.forward(&(words + pos)?.broadcast_add(&tt)?)?;
+        let mut x = nn::dropout(
+            &self.emb_norm.forward(&(words + pos)?.broadcast_add(&tt)?)?,
+            self.hidden_dropout,
+        )?;
         let bias = nn::attention_bias(&batch.attention_mask, false, nn::MASK_VALUE)?;
         for l in &self.layers {
             let (q, k, v) = (
@@ -128,11 +135,14 @@ impl Encoder for Bert {
                 self.heads,
                 &bias,
                 None,
+                self.attention_dropout,
             )?;
-            x = l.attn_norm.forward(&(l.attn_out.forward(&a)? + &x)?)?;
+            let a = nn::dropout(&l.attn_out.forward(&a)?, self.hidden_dropout)?;
+            x = l.attn_norm.forward(&(a + &x)?)?;
             let m = l
                 .output
                 .forward(&self.act.apply(&l.intermediate.forward(&x)?)?)?;
+            let m = nn::dropout(&m, self.hidden_dropout)?;
             x = l.out_norm.forward(&(m + &x)?)?;
         }
         debug_assert_eq!(x.dims(), &[batch.packing.tokens, self.hidden]);

@@ -33,6 +33,7 @@ impl LoraLinear {
                 bias: Some(w.get(&[out_dim], "bias")?),
                 // Jina carries its own task adapters; PEFT LoRA is not attached here.
                 lora: None,
+                lora_dropout: 0.0,
                 frozen: false,
             },
             a: p.get(&[t, r, in_dim], "0.lora_A")?,
@@ -161,7 +162,10 @@ impl Encoder for Jina {
         let tt = self
             .token_type
             .forward(&batch.packed_ids.zeros_like()?, task)?;
-        let mut x = self.emb_ln.forward(&(words + tt)?)?;
+        let mut x = nn::dropout(
+            &self.emb_ln.forward(&(words + tt)?)?,
+            self.cfg.hidden_dropout_prob,
+        )?;
         let (cos, sin) =
             nn::rope_tables(&batch.positions, hd, self.cfg.rotary_emb_base, x.dtype())?;
         let bias = nn::attention_bias(&batch.attention_mask, false, JINA_MASK)?;
@@ -180,11 +184,14 @@ impl Encoder for Jina {
                 heads,
                 &bias,
                 Some((&cos, &sin)),
+                self.cfg.attention_probs_dropout_prob,
             )?;
-            x = l.norm1.forward(&(x + l.out_proj.forward(&a, task)?)?)?;
+            let a = nn::dropout(&l.out_proj.forward(&a, task)?, self.cfg.hidden_dropout_prob)?;
+            x = l.norm1.forward(&(x + a)?)?;
             let m = l
                 .fc2
                 .forward(&self.act.apply(&l.fc1.forward(&x, task)?)?, task)?;
+            let m = nn::dropout(&m, self.cfg.hidden_dropout_prob)?;
             x = l.norm2.forward(&(x + m)?)?;
         }
         Ok(x)

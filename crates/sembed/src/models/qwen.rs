@@ -107,6 +107,7 @@ impl Encoder for Qwen {
                 nkv,
                 &bias,
                 Some((&cos, &sin)),
+                cfg.attention_dropout,
             )?;
             x = (x + l.o.forward(&a)?)?;
             let hs = l.post_norm.forward(&x)?;

@@ -45,12 +45,17 @@ pub struct TrainConfig {
     pub max_steps: Option<u64>,
     /// Train LoRA adapters (rank, alpha, target modules) instead of all weights.
     pub lora: Option<LoraConfig>,
+    /// Dropout probability for every dropout of the model; None keeps the model config's
+    /// (`hidden_dropout_prob`, `attention_probs_dropout_prob`, ...). `Some(0.0)` switches it off.
+    pub dropout: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f64,
+    /// Dropout on the adapter input.
+    pub dropout: f64,
     /// Empty: PEFT's default for the architecture (query/value projections).
     pub targets: Vec<String>,
 }
@@ -73,6 +78,7 @@ impl Default for TrainConfig {
             max_length: None,
             max_steps: None,
             lora: None,
+            dropout: None,
         }
     }
 }
@@ -170,6 +176,7 @@ impl Trainer {
                     let spec = crate::lora::LoraSpec {
                         rank: lc.rank,
                         alpha: lc.alpha,
+                        dropout: lc.dropout,
                         targets,
                     };
                     (
@@ -333,9 +340,20 @@ impl Trainer {
         }
     }
 
-    /// Loss and the gradient of every variable for one batch, without updating anything.
+    /// [`Trainer::batch_loss`] with the model's dropout on, its masks drawn from a generator seeded
+    /// by (seed, step, micro-batch): the same step gives the same masks, so resuming reproduces a run.
+    pub fn training_loss(&self, examples: &[&Example], micro: usize) -> Result<Tensor> {
+        let seed = self.config.seed
+            ^ (self.state.step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (micro as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let ctx = std::sync::Arc::new(crate::nn::DropoutCtx::new(self.config.dropout, seed));
+        crate::nn::with_dropout(ctx, || self.batch_loss(examples))
+    }
+
+    /// Loss and the gradient of every variable for one batch (dropout as in training), without
+    /// updating anything.
     pub fn gradients(&self, examples: &[&Example]) -> Result<(f64, Vec<Option<Tensor>>)> {
-        let loss = self.batch_loss(examples)?;
+        let loss = self.training_loss(examples, 0)?;
         let grads = loss.backward()?;
         Ok((value(&loss)?, collect(&self.vars, &grads)))
     }
@@ -424,7 +442,7 @@ impl Trainer {
 
     /// One optimiser step on one batch (loss, backward, clipping, AdamW at `lr`); returns the loss.
     pub fn step(&mut self, examples: &[&Example], lr: f64) -> Result<f64> {
-        let loss = self.batch_loss(examples)?;
+        let loss = self.training_loss(examples, 0)?;
         let grads = collect(&self.vars, &loss.backward()?);
         self.update(grads, lr)?;
         self.state.step += 1;
@@ -615,11 +633,11 @@ impl Trainer {
                 let group_end = (self.state.next_batch + accum).min(batches.len());
                 let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
                 let mut group_loss = 0.0;
-                for b in &batches[self.state.next_batch..group_end] {
+                for (micro, b) in batches[self.state.next_batch..group_end].iter().enumerate() {
                     let ex: Vec<&Example> = b.iter().map(|&i| &examples[i]).collect();
                     texts_seen += ex.len();
-                    let loss =
-                        (self.batch_loss(&ex)? / (group_end - self.state.next_batch) as f64)?;
+                    let loss = (self.training_loss(&ex, micro)?
+                        / (group_end - self.state.next_batch) as f64)?;
                     group_loss += value(&loss)?;
                     accumulate(&mut acc, collect(&self.vars, &loss.backward()?))?;
                 }
