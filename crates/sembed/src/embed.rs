@@ -517,33 +517,11 @@ impl Fusion {
 
 impl Embed for Fusion {
     fn embed(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
-        if opts.dimensions.is_some() {
-            return Err(Error::InvalidInput(format!(
-                "{}: `dimensions` cannot be set on a fusion (its dimension is fixed at {})",
-                self.name,
-                self.dimension()
-            )));
-        }
-        if let Some(t) = &opts.task {
-            if !self.knows_task(t) {
-                return Err(Error::InvalidInput(format!(
-                    "no model of {} knows task `{t}`",
-                    self.name
-                )));
-            }
-        }
+        self.check(opts)?;
         let total: f64 = self.parts.iter().map(|(_, w)| w).sum();
         let mut out = vec![Vec::with_capacity(self.dimension()); texts.len()];
         for (part, weight) in &self.parts {
-            let mut part_opts = opts.clone();
-            part_opts.normalize = true;
-            // A task only goes to the parts that know it (the Jina half); others use the role.
-            if let Some(t) = &opts.task {
-                if !part.knows_task(t) {
-                    part_opts.task = None;
-                }
-            }
-            let vectors = part.embed(texts, &part_opts)?;
+            let vectors = part.embed(texts, &self.part_options(part.as_ref(), opts))?;
             let scale = (weight / total).sqrt() as f32;
             for (o, v) in out.iter_mut().zip(vectors) {
                 o.extend(v.into_iter().map(|x| x * scale));
