@@ -275,13 +275,18 @@ struct EvalArgs {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SEMBED_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,hf_hub=off")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Logs go to stderr; SEMBED_LOG sets the filter (e.g. `info`), SEMBED_LOG_FORMAT=json makes them
+    // one JSON object per line for log collectors.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SEMBED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,hf_hub=off"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("SEMBED_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(args) => embed(args),

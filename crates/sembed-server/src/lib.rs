@@ -139,13 +139,16 @@ pub fn build(
         .route("/info", get(info))
         .route("/metrics", get(metrics_route))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    let router = Router::new()
-        .route("/health", get(health))
-        .merge(protected)
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state.clone());
+    let router =
+        Router::new()
+            .route("/health", get(health))
+            .merge(protected)
+            .fallback(not_found)
+            .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            .layer(tower_http::trace::TraceLayer::new_for_http().on_response(
+                tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
+            ))
+            .with_state(state.clone());
     Ok((router, state))
 }
 
