@@ -373,7 +373,8 @@ impl Embedder {
 
     /// Pooled (unnormalised, untruncated) vectors of one padded batch.
     fn forward_rows(&self, rows: &[&Vec<u32>], adapter: Option<usize>) -> Result<Vec<Vec<f32>>> {
-        let (hidden, mask, mask_rows) = self.forward_hidden(rows, adapter)?;
+        let (hidden, mask, mask_rows) =
+            crate::nn::inference(|| self.forward_hidden(rows, adapter))?;
         let pooled = pool(&hidden, &mask, &mask_rows, self.folder.sentence.pooling)?;
         Ok(pooled.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }

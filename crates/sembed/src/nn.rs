@@ -69,6 +69,24 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     Ok((x * mask)?)
 }
 
+thread_local! {
+    static FAST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` as inference: norms and softmax use candle-nn's fused kernels (no gradient), which are
+/// several times faster than the op-by-op versions. Training never runs inside this.
+pub fn inference<T>(f: impl FnOnce() -> T) -> T {
+    let previous = FAST.with(|c| c.replace(true));
+    let out = f();
+    FAST.with(|c| c.set(previous));
+    out
+}
+
+/// Whether the fused kernels may be used for `x` (inference, and not f64, which they do not cover).
+fn fast(x: &Tensor) -> bool {
+    FAST.with(|c| c.get()) && x.dtype() != DType::F64
+}
+
 /// The dtype norms and softmax compute in: f32, or f64 for f64 tensors.
 fn wide(x: &Tensor) -> Result<Tensor> {
     Ok(match x.dtype() {
@@ -231,6 +249,14 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fast(x) {
+            return Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )?);
+        }
         let dtype = x.dtype();
         let x = wide(x)?;
         let w = x.dtype();
@@ -261,6 +287,13 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fast(x) {
+            return Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.weight,
+                self.eps as f32,
+            )?);
+        }
         let dtype = x.dtype();
         let xf = wide(x)?;
         let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -273,6 +306,9 @@ impl RmsNorm {
 
 /// Softmax over the last dimension, in f32 (f64 for f64 input).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fast(x) {
+        return Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?);
+    }
     let dtype = x.dtype();
     let x = wide(x)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
