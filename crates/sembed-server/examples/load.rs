@@ -42,7 +42,21 @@ fn code_chunks(limit: usize) -> Vec<String> {
     chunks
 }
 
+/// The allocator setup of the `sembed` binary (see crates/sembed-cli/src/main.rs), so that the numbers
+/// are the ones users get.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn tune_allocator() {
+    // SAFETY: plain setters of mimalloc's global options (15 = purge_delay, 4 = arena_eager_commit).
+    unsafe {
+        libmimalloc_sys::mi_option_set(15, -1);
+        libmimalloc_sys::mi_option_set(4, 1);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let dir = match args.get(1) {
         Some(d) => std::path::PathBuf::from(d),

@@ -18,7 +18,21 @@ fn gib(b: usize) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
+/// The allocator setup of the `sembed` binary (see crates/sembed-cli/src/main.rs), so that the numbers
+/// are the ones users get.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn tune_allocator() {
+    // SAFETY: plain setters of mimalloc's global options (15 = purge_delay, 4 = arena_eager_commit).
+    unsafe {
+        libmimalloc_sys::mi_option_set(15, -1);
+        libmimalloc_sys::mi_option_set(4, 1);
+    }
+}
+
 fn main() -> sembed::Result<()> {
+    tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let config = std::path::PathBuf::from(args.get(1).expect("path to config.json"));
     let pairs: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2);
