@@ -23,28 +23,38 @@ struct Outcome {
     worst_tensor: String,
 }
 
-fn run(model: &str, loss_name: &str, dtype: DType) -> Outcome {
-    let dir = fixtures().join(model);
-    let (e, vars) = Embedder::load_trainable(&dir, dtype, &sembed::device::cpu()).unwrap();
-    let lines =
-        std::fs::read_to_string(fixtures().join("grads").join(model).join("triplets.jsonl"))
-            .unwrap();
-    let rows: Vec<Value> = lines
+/// The anchor, positive and negative columns of the golden training batch.
+fn triplet_columns(model: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let path = fixtures().join("grads").join(model).join("triplets.jsonl");
+    let rows: Vec<Value> = std::fs::read_to_string(path)
+        .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let col = |k: &str| {
         rows.iter()
             .map(|r| r[k].as_str().unwrap().to_string())
-            .collect::<Vec<_>>()
+            .collect()
     };
-    let opts = EmbedOptions {
+    (col("anchor"), col("positive"), col("negative"))
+}
+
+/// The golden gradients run Jina with the retrieval.passage adapter, the others without a prompt.
+fn golden_options(model: &str) -> EmbedOptions {
+    EmbedOptions {
         task: (model == "jina-v3-tiny").then(|| "retrieval.passage".to_string()),
         ..Default::default()
-    };
-    let a = e.embed_tensor(&col("anchor"), &opts).unwrap();
-    let p = e.embed_tensor(&col("positive"), &opts).unwrap();
-    let n = e.embed_tensor(&col("negative"), &opts).unwrap();
+    }
+}
+
+fn run(model: &str, loss_name: &str, dtype: DType) -> Outcome {
+    let dir = fixtures().join(model);
+    let (e, vars) = Embedder::load_trainable(&dir, dtype, &sembed::device::cpu()).unwrap();
+    let (anchors, positives, negatives) = triplet_columns(model);
+    let opts = golden_options(model);
+    let a = e.embed_tensor(&anchors, &opts).unwrap();
+    let p = e.embed_tensor(&positives, &opts).unwrap();
+    let n = e.embed_tensor(&negatives, &opts).unwrap();
     let loss = match loss_name {
         "triplet" => triplet_loss(&a, &p, &n, Distance::Cosine, 0.5).unwrap(),
         "mnrl" => mnrl_loss(&a, &p, &[n], 20.0).unwrap(),
@@ -206,23 +216,8 @@ fn autodiff_agrees_with_finite_differences_on_every_tensor() {
     for model in ["bert-tiny", "qwen2-bidir-tiny", "jina-v3-tiny"] {
         let dir = fixtures().join(model);
         let (e, vars) = Embedder::load_trainable(&dir, DType::F64, &sembed::device::cpu()).unwrap();
-        let lines =
-            std::fs::read_to_string(fixtures().join("grads").join(model).join("triplets.jsonl"))
-                .unwrap();
-        let rows: Vec<Value> = lines
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let col = |k: &str| {
-            rows.iter()
-                .map(|r| r[k].as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
-        };
-        let (anchors, positives, negatives) = (col("anchor"), col("positive"), col("negative"));
-        let opts = EmbedOptions {
-            task: (model == "jina-v3-tiny").then(|| "retrieval.passage".to_string()),
-            ..Default::default()
-        };
+        let (anchors, positives, negatives) = triplet_columns(model);
+        let opts = golden_options(model);
         let loss = || {
             let a = e.embed_tensor(&anchors, &opts)?;
             let p = e.embed_tensor(&positives, &opts)?;
