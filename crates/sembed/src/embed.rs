@@ -4,12 +4,14 @@
 
 use crate::config::{Architecture, ModelFolder, Pooling};
 use crate::error::{Error, Result};
+use crate::fast::{bert::FastBert, Engine, Precision};
 use crate::models::{bert::Bert, jina::Jina, qwen::Qwen, Batch, Encoder};
 use crate::pool::{normalize_rows, pool};
 use crate::tokenize::TextTokenizer;
 use crate::weights::{WeightStore, Weights};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
+use std::sync::Arc;
 
 /// What an input is, for models that embed queries and documents differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +103,9 @@ pub struct Embedder {
     name: String,
     folder: ModelFolder,
     model: Box<dyn Encoder>,
+    /// Set when the fast CPU path runs this model (then `model` is the same engine behind the
+    /// `Encoder` interface).
+    fast: Option<Arc<FastBert>>,
     tokenizer: TextTokenizer,
     device: Device,
 }
@@ -112,9 +117,48 @@ struct Resolved {
 }
 
 impl Embedder {
-    /// Load a model folder in the given compute dtype.
+    /// Load a model folder in the given compute dtype (the fast CPU path where it applies).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        if dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file() {
+        Self::load_with(dir, dtype, device, Engine::Auto)
+    }
+
+    /// Load a model folder in the given compute dtype, on the given engine.
+    pub fn load_with(dir: &Path, dtype: DType, device: &Device, engine: Engine) -> Result<Self> {
+        let is_adapter =
+            dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file();
+        let fast_ok = !is_adapter
+            && device.is_cpu()
+            && dtype == DType::F32
+            && matches!(
+                ModelFolder::read(dir).map(|f| f.arch),
+                Ok(Architecture::Bert(_))
+            );
+        let precision = match engine {
+            Engine::Candle => None,
+            Engine::Auto => fast_ok.then_some(Precision::F32),
+            Engine::Fast(p) => {
+                if !fast_ok {
+                    return Err(Error::Unsupported(format!(
+                        "{}: the fast engine (and int8) runs BERT-family models on the CPU with \
+                         f32 compute only",
+                        dir.display()
+                    )));
+                }
+                Some(p)
+            }
+        };
+        if let Some(precision) = precision {
+            let weights = Weights::new(WeightStore::from_dir(dir)?, DType::F32, device);
+            let folder = ModelFolder::read(dir)?;
+            let Architecture::Bert(cfg) = &folder.arch else {
+                unreachable!("checked above")
+            };
+            let fast = Arc::new(FastBert::load(cfg, &weights, precision)?);
+            let mut e = Self::from_weights_with(dir, &weights, Some(fast))?;
+            e.folder = folder;
+            return Ok(e);
+        }
+        if is_adapter {
             // A PEFT LoRA adapter folder: the base model it names, with the adapters attached.
             let (attach, base) = crate::lora::LoraAttach::from_peft(dir, false)?;
             let weights = Weights::new(WeightStore::from_dir(&base)?, dtype, device)
@@ -138,10 +182,21 @@ impl Embedder {
 
     /// Build from the folder's config and tokenizer with weights from `weights`.
     pub fn from_weights(dir: &Path, weights: &Weights) -> Result<Self> {
+        Self::from_weights_with(dir, weights, None)
+    }
+
+    fn from_weights_with(
+        dir: &Path,
+        weights: &Weights,
+        fast: Option<Arc<FastBert>>,
+    ) -> Result<Self> {
         let device = weights.device();
         let folder = ModelFolder::read(dir)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
-        let model = build_model(&folder.arch, weights)?;
+        let model: Box<dyn Encoder> = match &fast {
+            Some(f) => Box::new(FastEncoder(f.clone())),
+            None => build_model(&folder.arch, weights)?,
+        };
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -150,9 +205,23 @@ impl Embedder {
             name,
             folder,
             model,
+            fast,
             tokenizer,
             device: device.clone(),
         })
+    }
+
+    /// Which engine and precision run this model (`candle` or `fast-f32` / `fast-int8`).
+    pub fn engine_name(&self) -> String {
+        match &self.fast {
+            Some(f) => format!("fast-{}", f.precision()),
+            None => "candle".into(),
+        }
+    }
+
+    /// The fast engine, when it runs this model.
+    pub fn fast(&self) -> Option<&FastBert> {
+        self.fast.as_deref()
     }
 
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
@@ -373,6 +442,17 @@ impl Embedder {
 
     /// Pooled (unnormalised, untruncated) vectors of one padded batch.
     fn forward_rows(&self, rows: &[&Vec<u32>], adapter: Option<usize>) -> Result<Vec<Vec<f32>>> {
+        if let Some(fast) = &self.fast {
+            let rows: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+            let hidden = fast.forward(&rows)?;
+            let lens: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+            return Ok(crate::pool::pool_packed(
+                &hidden,
+                &lens,
+                fast.hidden_size(),
+                self.folder.sentence.pooling,
+            ));
+        }
         let (hidden, mask, mask_rows) =
             crate::nn::inference(|| self.forward_hidden(rows, adapter))?;
         let pooled = pool(&hidden, &mask, &mask_rows, self.folder.sentence.pooling)?;
@@ -445,6 +525,32 @@ impl Embed for Embedder {
     }
     fn name(&self) -> &str {
         &self.name
+    }
+}
+
+/// The fast engine behind the `Encoder` interface (for `last_hidden_state` and friends).
+struct FastEncoder(Arc<FastBert>);
+
+impl Encoder for FastEncoder {
+    fn forward(&self, batch: &Batch) -> Result<Tensor> {
+        let ids = batch.packed_ids.to_vec1::<u32>()?;
+        let mut rows = Vec::with_capacity(batch.mask_rows.len());
+        let mut start = 0;
+        for m in &batch.mask_rows {
+            let n = m.iter().filter(|&&v| v != 0).count();
+            rows.push(&ids[start..start + n]);
+            start += n;
+        }
+        let h = self.0.hidden_size();
+        let hidden = self.0.forward(&rows)?;
+        Ok(Tensor::from_vec(
+            hidden,
+            (start, h),
+            batch.packed_ids.device(),
+        )?)
+    }
+    fn hidden_size(&self) -> usize {
+        self.0.hidden_size()
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod embed;
 pub mod error;
+pub mod fast;
 pub mod fusion_config;
 pub mod hub;
 pub mod lora;

@@ -47,6 +47,45 @@ pub fn pool(
     })
 }
 
+/// Pool packed hidden states `[Σ lens, h]` (real tokens only, row after row) into one vector per row.
+pub fn pool_packed(hidden: &[f32], lens: &[usize], h: usize, pooling: Pooling) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(lens.len());
+    let mut start = 0;
+    for &n in lens {
+        let rows = &hidden[start * h..(start + n) * h];
+        start += n;
+        let v = match pooling {
+            Pooling::Cls => rows[..h].to_vec(),
+            Pooling::LastToken => rows[(n - 1) * h..].to_vec(),
+            Pooling::Mean | Pooling::MeanSqrtLen => {
+                let mut acc = vec![0f64; h];
+                for r in rows.chunks_exact(h) {
+                    for (a, x) in acc.iter_mut().zip(r) {
+                        *a += *x as f64;
+                    }
+                }
+                let denom = if pooling == Pooling::Mean {
+                    n as f64
+                } else {
+                    (n as f64).sqrt()
+                };
+                acc.into_iter().map(|a| (a / denom) as f32).collect()
+            }
+            Pooling::Max => {
+                let mut acc = vec![f32::NEG_INFINITY; h];
+                for r in rows.chunks_exact(h) {
+                    for (a, x) in acc.iter_mut().zip(r) {
+                        *a = a.max(*x);
+                    }
+                }
+                acc
+            }
+        };
+        out.push(v);
+    }
+    out
+}
+
 /// L2-normalise each row of a `[n][d]` matrix in place (zero rows stay zero).
 pub fn normalize_rows(rows: &mut [Vec<f32>]) {
     for r in rows {
