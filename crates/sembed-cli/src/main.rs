@@ -123,6 +123,8 @@ struct EmbedArgs {
     /// Compute dtype.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: ComputeDtype,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(clap::Args)]
@@ -156,6 +158,48 @@ struct ServeArgs {
     auto_truncate: bool,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: ComputeDtype,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Which engine runs the models, and in what precision.
+#[derive(clap::Args, Clone, Copy)]
+struct EngineArgs {
+    /// `auto`: the fast CPU engine for BERT-family models in f32, candle otherwise; `candle`: always
+    /// the reference implementation; `fast`: the fast engine or an error.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: EngineArg,
+    /// `int8`: int8 weights and per-token int8 activations on the fast engine (BERT family, CPU).
+    #[arg(long, value_enum, default_value = "none")]
+    quantize: QuantizeArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EngineArg {
+    Auto,
+    Fast,
+    Candle,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum QuantizeArg {
+    None,
+    Int8,
+}
+
+impl EngineArgs {
+    fn engine(self) -> Result<sembed::fast::Engine> {
+        use sembed::fast::{Engine, Precision};
+        Ok(match (self.engine, self.quantize) {
+            (EngineArg::Candle, QuantizeArg::Int8) => {
+                bail!("--quantize int8 runs on the fast engine, not with --engine candle")
+            }
+            (_, QuantizeArg::Int8) => Engine::Fast(Precision::Int8),
+            (EngineArg::Auto, QuantizeArg::None) => Engine::Auto,
+            (EngineArg::Fast, QuantizeArg::None) => Engine::Fast(Precision::F32),
+            (EngineArg::Candle, QuantizeArg::None) => Engine::Candle,
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -278,6 +322,8 @@ struct EvalArgs {
     task: Option<String>,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 /// Keep freed memory in the process instead of handing it back to the kernel after 10 ms: the same
@@ -340,8 +386,8 @@ fn embed(args: EmbedArgs) -> Result<()> {
     }
     let dtype = args.dtype.dtype();
     let device = sembed::device::cpu();
-    let model =
-        sembed::fusion_config::load(&args.models, dtype, &device).context("loading the model")?;
+    let model = sembed::fusion_config::load(&args.models, dtype, &device, args.engine.engine()?)
+        .context("loading the model")?;
     let opts = EmbedOptions {
         role: args.input_type.map(|r| match r {
             Role::Query => InputRole::Query,
@@ -375,6 +421,7 @@ impl ComputeDtype {
 
 fn serve(args: ServeArgs) -> Result<()> {
     let device = sembed::device::cpu();
+    let engine = args.engine.engine()?;
     let specs = if args.models.is_empty() {
         vec![String::new()]
     } else {
@@ -406,8 +453,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         } else {
             vec![reference.clone()]
         };
-        let model =
-            sembed::fusion_config::load(&refs, args.dtype.dtype(), &device).with_context(|| {
+        let model = sembed::fusion_config::load(&refs, args.dtype.dtype(), &device, engine)
+            .with_context(|| {
                 format!(
                     "loading model `{name}` ({})",
                     if reference.is_empty() {
@@ -584,8 +631,13 @@ fn mine(
 
 fn eval(args: EvalArgs) -> Result<()> {
     let refs: Vec<String> = args.model.iter().cloned().collect();
-    let model = sembed::fusion_config::load(&refs, sembed::DType::F32, &sembed::device::cpu())
-        .context("loading the model")?;
+    let model = sembed::fusion_config::load(
+        &refs,
+        sembed::DType::F32,
+        &sembed::device::cpu(),
+        args.engine.engine()?,
+    )
+    .context("loading the model")?;
     let examples = sembed::train::data::read_examples(&args.data)?;
     let metrics = sembed::train::eval::evaluate(
         model.as_ref(),

@@ -13,6 +13,7 @@
 
 use crate::embed::{Embed, Embedder, Fusion};
 use crate::error::{Error, Result};
+use crate::fast::Engine;
 use crate::hub;
 use candle_core::{DType, Device};
 use serde::Deserialize;
@@ -91,24 +92,35 @@ pub fn parse_model_args(args: &[String]) -> Result<Option<FusionFile>> {
 }
 
 /// Load whatever `--model` arguments describe.
-pub fn load(args: &[String], dtype: DType, device: &Device) -> Result<Box<dyn Embed>> {
+/// `engine` applies to every model (models the fast engine cannot run error under `Engine::Fast`).
+pub fn load(
+    args: &[String],
+    dtype: DType,
+    device: &Device,
+    engine: Engine,
+) -> Result<Box<dyn Embed>> {
     if let Some(fusion) = parse_model_args(args)? {
-        return Ok(Box::new(load_fusion(&fusion, dtype, device)?));
+        return Ok(Box::new(load_fusion(&fusion, dtype, device, engine)?));
     }
     let reference = args.first().map(String::as_str).unwrap_or("");
     let dir = hub::resolve(reference)?;
-    let e = Embedder::load(&dir, dtype, device)?;
+    let e = Embedder::load_with(&dir, dtype, device, engine)?;
     Ok(Box::new(match args.first() {
         Some(r) => e.with_name(r.clone()),
         None => e.with_name(hub::DEFAULT_MODEL_NAME),
     }))
 }
 
-pub fn load_fusion(f: &FusionFile, dtype: DType, device: &Device) -> Result<Fusion> {
+pub fn load_fusion(
+    f: &FusionFile,
+    dtype: DType,
+    device: &Device,
+    engine: Engine,
+) -> Result<Fusion> {
     let mut parts: Vec<(Box<dyn Embed>, f64)> = Vec::new();
     for m in &f.models {
         let dir = hub::resolve(&m.reference)?;
-        let e = Embedder::load(&dir, dtype, device)?.with_name(m.name.clone());
+        let e = Embedder::load_with(&dir, dtype, device, engine)?.with_name(m.name.clone());
         parts.push((Box::new(e), m.weight.unwrap_or(1.0)));
     }
     let name = f.name.clone().unwrap_or_else(|| {
