@@ -2,10 +2,12 @@
 
 /// mimalloc instead of the system allocator: inference allocates and frees large activation buffers
 /// on every layer, and glibc returns them to the kernel, so each one pays page faults and zeroing
-/// again (a third of the CPU time went to the kernel).
+/// again (a third of the CPU time went to the kernel). Counted, for `sembed bench`.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
+mod alloc;
+mod bench;
 mod input;
 mod output;
 
@@ -51,6 +53,9 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Measure: stages, throughput by batch size and length, latency, memory, int8, training and
+    /// gradient cost, and the peers on the same texts; writes JSON, Markdown and SVG.
+    Bench(Box<bench::BenchArgs>),
     /// Print the header of a safetensors file: names, dtypes, shapes, parameter count, bytes.
     Inspect {
         /// A .safetensors file.
@@ -364,6 +369,7 @@ fn main() {
             heldout_fraction,
             seed,
         } => mine(&src, &out, heldout.as_deref(), heldout_fraction, seed),
+        Command::Bench(args) => bench::run(*args),
         Command::Inspect { file } => inspect(&file),
     };
     if let Err(e) = result {

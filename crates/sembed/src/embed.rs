@@ -64,11 +64,43 @@ impl Default for EmbedOptions {
     }
 }
 
+/// Where the time of an embedding call went (accumulated over calls).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Stages {
+    /// Prompt prefixing and tokenisation.
+    pub tokenize: std::time::Duration,
+    /// Batch layout and the transformer forward passes.
+    pub forward: std::time::Duration,
+    /// Pooling hidden states into one vector per text.
+    pub pool: std::time::Duration,
+    /// Matryoshka truncation and L2 normalisation.
+    pub normalize: std::time::Duration,
+    /// Joining the parts of a fusion.
+    pub fusion: std::time::Duration,
+}
+
+impl Stages {
+    pub fn total(&self) -> std::time::Duration {
+        self.tokenize + self.forward + self.pool + self.normalize + self.fusion
+    }
+}
+
 /// Anything that turns texts into vectors: one model or a fusion of several.
 pub trait Embed: Send + Sync {
-    fn embed(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>>;
+    fn embed(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+        self.embed_staged(texts, opts, &mut Stages::default())
+    }
+    /// [`Embed::embed`], adding the time of each stage to `stages`.
+    fn embed_staged(
+        &self,
+        texts: &[String],
+        opts: &EmbedOptions,
+        stages: &mut Stages,
+    ) -> Result<Vec<Vec<f32>>>;
     /// Output dimension with default options.
     fn dimension(&self) -> usize;
+    /// The engine(s) running the model(s): `candle`, `fast-f32`, `fast-int8`; `+`-joined for a fusion.
+    fn engine(&self) -> String;
     fn name(&self) -> &str;
     /// Whether `task` means something here (a Jina adapter or a prompt name).
     fn knows_task(&self, task: &str) -> bool;
@@ -416,6 +448,17 @@ impl Embedder {
         adapter: Option<usize>,
         opts: &EmbedOptions,
     ) -> Result<Vec<Vec<f32>>> {
+        self.embed_ids_staged(ids, adapter, opts, &mut Stages::default())
+    }
+
+    /// [`Embedder::embed_ids`], adding the time of each stage to `stages`.
+    pub fn embed_ids_staged(
+        &self,
+        ids: &[Vec<u32>],
+        adapter: Option<usize>,
+        opts: &EmbedOptions,
+        stages: &mut Stages,
+    ) -> Result<Vec<Vec<f32>>> {
         self.check_dimensions(opts)?;
         let batch_size = opts.batch_size.max(1);
         let mut order: Vec<usize> = (0..ids.len()).collect();
@@ -424,11 +467,12 @@ impl Embedder {
         let mut out = vec![Vec::new(); ids.len()];
         for chunk in order.chunks(batch_size) {
             let rows: Vec<&Vec<u32>> = chunk.iter().map(|&i| &ids[i]).collect();
-            let vectors = self.forward_rows(&rows, adapter)?;
+            let vectors = self.forward_rows(&rows, adapter, stages)?;
             for (&i, v) in chunk.iter().zip(vectors) {
                 out[i] = v;
             }
         }
+        let t = std::time::Instant::now();
         if let Some(d) = opts.dimensions {
             for v in &mut out {
                 v.truncate(d);
@@ -437,26 +481,41 @@ impl Embedder {
         if opts.normalize {
             normalize_rows(&mut out);
         }
+        stages.normalize += t.elapsed();
         Ok(out)
     }
 
     /// Pooled (unnormalised, untruncated) vectors of one padded batch.
-    fn forward_rows(&self, rows: &[&Vec<u32>], adapter: Option<usize>) -> Result<Vec<Vec<f32>>> {
+    fn forward_rows(
+        &self,
+        rows: &[&Vec<u32>],
+        adapter: Option<usize>,
+        stages: &mut Stages,
+    ) -> Result<Vec<Vec<f32>>> {
+        let t = std::time::Instant::now();
         if let Some(fast) = &self.fast {
             let rows: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
             let hidden = fast.forward(&rows)?;
             let lens: Vec<usize> = rows.iter().map(|r| r.len()).collect();
-            return Ok(crate::pool::pool_packed(
+            let t2 = std::time::Instant::now();
+            stages.forward += t2 - t;
+            let pooled = crate::pool::pool_packed(
                 &hidden,
                 &lens,
                 fast.hidden_size(),
                 self.folder.sentence.pooling,
-            ));
+            );
+            stages.pool += t2.elapsed();
+            return Ok(pooled);
         }
         let (hidden, mask, mask_rows) =
             crate::nn::inference(|| self.forward_hidden(rows, adapter))?;
+        let t2 = std::time::Instant::now();
+        stages.forward += t2 - t;
         let pooled = pool(&hidden, &mask, &mask_rows, self.folder.sentence.pooling)?;
-        Ok(pooled.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        let pooled = pooled.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        stages.pool += t2.elapsed();
+        Ok(pooled)
     }
 
     /// Lay `rows` out as one batch and run the model: (padded hidden states `[B, S, H]`, mask
@@ -479,19 +538,29 @@ impl Embedder {
 }
 
 impl Embed for Embedder {
-    fn embed(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+    fn embed_staged(
+        &self,
+        texts: &[String],
+        opts: &EmbedOptions,
+        stages: &mut Stages,
+    ) -> Result<Vec<Vec<f32>>> {
         if texts.is_empty() {
             return Err(Error::InvalidInput("no texts to embed".into()));
         }
         self.check_dimensions(opts)?;
+        let t = std::time::Instant::now();
         let r = self.resolve(opts)?;
         let ids = self.tokenize_resolved(texts, opts, &r)?;
+        stages.tokenize += t.elapsed();
         // Output is normalised unless the caller asks otherwise (as TEI), whether or not the folder
         // lists a Normalize module; `normalize: false` returns the raw pooled vectors.
-        self.embed_ids(&ids, r.adapter, opts)
+        self.embed_ids_staged(&ids, r.adapter, opts, stages)
     }
     fn dimension(&self) -> usize {
         self.model.hidden_size()
+    }
+    fn engine(&self) -> String {
+        self.engine_name()
     }
     fn knows_task(&self, task: &str) -> bool {
         self.tasks().iter().any(|t| t == task) || self.folder.sentence.prompts.contains_key(task)
@@ -623,22 +692,34 @@ impl Fusion {
 }
 
 impl Embed for Fusion {
-    fn embed(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+    fn embed_staged(
+        &self,
+        texts: &[String],
+        opts: &EmbedOptions,
+        stages: &mut Stages,
+    ) -> Result<Vec<Vec<f32>>> {
         self.check(opts)?;
         let total: f64 = self.parts.iter().map(|(_, w)| w).sum();
         let mut out = vec![Vec::with_capacity(self.dimension()); texts.len()];
         for (part, weight) in &self.parts {
-            let vectors = part.embed(texts, &self.part_options(part.as_ref(), opts))?;
+            let vectors =
+                part.embed_staged(texts, &self.part_options(part.as_ref(), opts), stages)?;
+            let t = std::time::Instant::now();
             let scale = (weight / total).sqrt() as f32;
             for (o, v) in out.iter_mut().zip(vectors) {
                 o.extend(v.into_iter().map(|x| x * scale));
             }
+            stages.fusion += t.elapsed();
         }
         // Parts are always normalised, so the fused vector has unit norm whatever `normalize` says.
         Ok(out)
     }
     fn dimension(&self) -> usize {
         self.parts.iter().map(|(p, _)| p.dimension()).sum()
+    }
+    fn engine(&self) -> String {
+        let names: Vec<String> = self.parts.iter().map(|(p, _)| p.engine()).collect();
+        names.join("+")
     }
     fn name(&self) -> &str {
         &self.name

@@ -18,7 +18,7 @@ pub mod tokenize;
 pub mod train;
 pub mod weights;
 
-pub use embed::{Embed, EmbedOptions, Embedder, Fusion, InputRole};
+pub use embed::{Embed, EmbedOptions, Embedder, Fusion, InputRole, Stages};
 pub use error::{Error, Result};
 
 pub use candle_core::DType;

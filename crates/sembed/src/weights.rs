@@ -640,6 +640,14 @@ impl Weights {
         }
     }
 
+    /// [`Weights::random`] with every tensor a trainable variable (see [`Weights::variables`]).
+    pub fn random_trainable(seed: u64, dtype: DType, device: &Device) -> Self {
+        Weights {
+            vars: Some(Default::default()),
+            ..Self::random(seed, dtype, device)
+        }
+    }
+
     /// The (name, shape) pairs a shape-only source was asked for, in order.
     pub fn requested(&self) -> Vec<(String, Vec<usize>)> {
         match &*self.source {
@@ -682,21 +690,25 @@ impl Weights {
     /// Load `name` (under this prefix), checking its shape, in the compute dtype.
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
         let full = self.full(name);
-        match &*self.source {
-            Source::Store(s) => {
-                let t = s.get(&full, shape, self.dtype, &self.device)?;
-                match &self.vars {
-                    None => Ok(t),
-                    Some(vars) => {
-                        let var = candle_core::Var::from_tensor(&t)?;
-                        let t = var.as_tensor().clone();
-                        vars.lock().expect("not poisoned").push((full, var));
-                        Ok(t)
-                    }
-                }
+        let t = self.get_source(shape, &full)?;
+        match &self.vars {
+            None => Ok(t),
+            Some(vars) => {
+                let var = candle_core::Var::from_tensor(&t)?;
+                let t = var.as_tensor().clone();
+                vars.lock().expect("not poisoned").push((full, var));
+                Ok(t)
             }
+        }
+    }
+
+    fn get_source(&self, shape: &[usize], full: &str) -> Result<Tensor> {
+        match &*self.source {
+            Source::Store(s) => s.get(full, shape, self.dtype, &self.device),
             Source::Zeros(r) => {
-                r.lock().expect("not poisoned").push((full, shape.to_vec()));
+                r.lock()
+                    .expect("not poisoned")
+                    .push((full.to_string(), shape.to_vec()));
                 Ok(Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(shape)?)
             }
             Source::Random(rng) => {

@@ -299,6 +299,12 @@ impl FastBert {
     }
 }
 
+/// Free the scratch every thread keeps between calls (memory measurements start from nothing).
+pub fn release_scratch() {
+    rayon::broadcast(|_| SCRATCH.with(|s| drop(std::mem::take(&mut *s.borrow_mut()))));
+    SCRATCH.with(|s| drop(std::mem::take(&mut *s.borrow_mut())));
+}
+
 /// Split rows (in order) into at most `parts` contiguous groups of similar cost; returns the end index
 /// of each group.
 fn split_by_cost(rows: &[&[u32]], parts: usize, h: usize, inter: usize) -> Vec<usize> {

@@ -122,6 +122,22 @@ pub struct MemoryReport {
     pub activations_and_rest_bytes: Option<usize>,
 }
 
+/// Where the time and memory of one optimiser step went.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepProfile {
+    pub loss: f64,
+    /// The loss: every forward pass of the batch.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    /// Global gradient norm and clipping.
+    pub clip_s: f64,
+    pub adamw_s: f64,
+    /// Bytes of the gradients the backward pass produced (measured on the tensors).
+    pub gradients_bytes: usize,
+    /// Bytes of the AdamW moments after the step (measured on the tensors).
+    pub optimizer_bytes: usize,
+}
+
 /// Peak resident set size of this process (Linux `VmHWM`).
 pub fn peak_rss_bytes() -> Option<usize> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -448,6 +464,44 @@ impl Trainer {
         self.update(grads, lr)?;
         self.state.step += 1;
         value(&loss)
+    }
+
+    /// One optimiser step like [`Trainer::step`], timing each part and measuring the bytes of the
+    /// gradients and of the optimiser state it holds afterwards.
+    pub fn profile_step(&mut self, examples: &[&Example], lr: f64) -> Result<StepProfile> {
+        use std::time::Instant;
+        let t0 = Instant::now();
+        let loss = self.training_loss(examples, 0)?;
+        let loss_value = value(&loss)?;
+        let t1 = Instant::now();
+        let grads = collect(&self.vars, &loss.backward()?);
+        let t2 = Instant::now();
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let gradients_bytes = grads.iter().flatten().map(size).sum();
+        let mut trained: Vec<Option<Tensor>> =
+            self.trained.iter().map(|&i| grads[i].clone()).collect();
+        drop(grads);
+        let t3 = Instant::now();
+        clip_grad_norm(&mut trained, self.config.max_grad_norm.max(1e-12))?;
+        let t4 = Instant::now();
+        self.opt.step(&trained, lr)?;
+        let t5 = Instant::now();
+        self.state.step += 1;
+        let optimizer_bytes = self
+            .opt
+            .state
+            .iter()
+            .map(|st| size(&st.m) + size(&st.v))
+            .sum();
+        Ok(StepProfile {
+            loss: loss_value,
+            forward_s: (t1 - t0).as_secs_f64(),
+            backward_s: (t2 - t1).as_secs_f64(),
+            clip_s: (t4 - t3).as_secs_f64(),
+            adamw_s: (t5 - t4).as_secs_f64(),
+            gradients_bytes,
+            optimizer_bytes,
+        })
     }
 
     /// Save a model checkpoint with optimiser and trainer state (LoRA: the adapter folder).
