@@ -62,3 +62,18 @@ pub fn reset_peak() {
 pub fn peak() -> usize {
     PEAK.load(Relaxed)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_a_large_allocation_and_its_release() {
+        super::reset_peak();
+        let base = super::live();
+        let v = vec![1u8; 64 << 20];
+        assert!(super::peak() >= base + (64 << 20));
+        std::hint::black_box(&v);
+        drop(v);
+        // Other tests may allocate meanwhile, but not 64 MiB.
+        assert!(super::live() < base + (32 << 20));
+    }
+}

@@ -570,14 +570,14 @@ fn lengths(max: usize) -> Vec<usize> {
     v
 }
 
-/// `n` different texts of at least `len` tokens: the corpus joined and rotated.
-fn long_texts(texts: &[String], n: usize) -> Vec<String> {
+/// `n` different texts of `chars` characters: the corpus joined, rotated and cut.
+fn long_texts(texts: &[String], n: usize, chars: usize) -> Vec<String> {
     let joined = texts.join("\n");
-    let chars: Vec<char> = joined.chars().collect();
+    let all: Vec<char> = joined.chars().collect();
     (0..n)
         .map(|i| {
-            let off = i * chars.len() / n.max(1);
-            chars[off..].iter().chain(&chars[..off]).collect()
+            let off = i * all.len() / n.max(1);
+            all[off..].iter().chain(&all[..off]).take(chars).collect()
         })
         .collect()
 }
@@ -589,33 +589,42 @@ fn shape_grid(
     batches: &[usize],
     lengths: &[usize],
 ) -> Result<Vec<Shape>> {
-    let pool = long_texts(texts, *batches.iter().max().unwrap_or(&1));
     let mut out = Vec::new();
     for &b in batches {
         for &len in lengths {
-            let batch = &pool[..b];
             let opts = EmbedOptions {
                 max_length: Some(len),
                 batch_size: b,
                 ..Default::default()
             };
-            let tokens: usize = model.count_tokens(batch, &opts)?.iter().sum();
+            // Texts just long enough (the tokenizer reads a text whole before cutting it, so
+            // needlessly long ones would time the tokenizer, not the model).
+            let mut chars = len * 6;
+            let (batch, tokens) = loop {
+                let batch = long_texts(texts, b, chars);
+                let tokens: usize = model.count_tokens(&batch, &opts)?.iter().sum();
+                let total: usize = texts.iter().map(|t| t.chars().count()).sum();
+                if tokens >= b * len || chars >= total {
+                    break (batch, tokens);
+                }
+                chars *= 2;
+            };
             if tokens < b * len {
                 // The corpus is too short for this length: say so by skipping, never pad.
                 continue;
             }
-            model.embed(batch, &opts)?;
+            model.embed(&batch, &opts)?;
             let reps = if b * len <= 2048 { 5 } else { 2 };
             let mut best = f64::INFINITY;
             for _ in 0..reps {
                 let t = Instant::now();
-                model.embed(batch, &opts)?;
+                model.embed(&batch, &opts)?;
                 best = best.min(secs(t.elapsed()));
             }
             sembed::fast::bert::release_scratch();
             let base = alloc::live();
             alloc::reset_peak();
-            model.embed(batch, &opts)?;
+            model.embed(&batch, &opts)?;
             let peak = alloc::peak().saturating_sub(base);
             out.push(Shape {
                 batch: b,

@@ -2,6 +2,7 @@
 //! tests/fixtures (copied from shared/golden; tolerances from its README).
 
 use sembed::embed::{Embed, EmbedOptions, Embedder, Fusion, InputRole};
+use sembed::fast::{Engine, Precision};
 use sembed::DType;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -11,7 +12,17 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(model: &str) -> Embedder {
-    Embedder::load(&fixtures().join(model), DType::F32, &sembed::device::cpu()).unwrap()
+    load_on(model, Engine::Auto)
+}
+
+fn load_on(model: &str, engine: Engine) -> Embedder {
+    Embedder::load_with(
+        &fixtures().join(model),
+        DType::F32,
+        &sembed::device::cpu(),
+        engine,
+    )
+    .unwrap()
 }
 
 fn cases(model: &str) -> Value {
@@ -51,7 +62,11 @@ fn opts_for(case: &Value) -> EmbedOptions {
 
 /// Every single-text case: token ids exact, pooled ≤ 2e-5, normalised ≤ 1e-5, hidden states ≤ 2e-5.
 fn check_cases(model: &str) {
-    let e = load(model);
+    check_cases_on(model, Engine::Auto)
+}
+
+fn check_cases_on(model: &str, engine: Engine) {
+    let e = load_on(model, engine);
     let golden = cases(model);
     let mut checked = 0;
     for case in golden["cases"].as_array().unwrap() {
@@ -99,7 +114,11 @@ fn check_cases(model: &str) {
 
 /// The padded batches of the case file, embedded as one batch, on both padding sides.
 fn check_batched(model: &str) {
-    let mut e = load(model);
+    check_batched_on(model, Engine::Auto)
+}
+
+fn check_batched_on(model: &str, engine: Engine) {
+    let mut e = load_on(model, engine);
     let golden = cases(model);
     for left in [false, true] {
         e.set_padding_left(left);
@@ -130,11 +149,71 @@ fn check_batched(model: &str) {
 
 #[test]
 fn bert_tiny_cases() {
+    assert_eq!(load("bert-tiny").engine_name(), "fast-f32");
     check_cases("bert-tiny");
 }
 #[test]
 fn bert_tiny_batched() {
     check_batched("bert-tiny");
+}
+/// The candle implementation of BERT (the training path) stays golden too.
+#[test]
+fn bert_tiny_cases_and_batches_on_the_candle_engine() {
+    assert_eq!(load_on("bert-tiny", Engine::Candle).engine_name(), "candle");
+    check_cases_on("bert-tiny", Engine::Candle);
+    check_batched_on("bert-tiny", Engine::Candle);
+}
+
+/// Int8 stays close to the upstream vectors (its error is quantisation, not a bug: a wrong kernel
+/// gives cosines far below this).
+#[test]
+fn bert_tiny_int8_is_close_to_golden() {
+    let e = load_on("bert-tiny", Engine::Fast(Precision::Int8));
+    assert_eq!(e.engine_name(), "fast-int8");
+    let golden = cases("bert-tiny");
+    let mut worst = 1f64;
+    for case in golden["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap().to_string();
+        let got = e
+            .embed(std::slice::from_ref(&text), &opts_for(case))
+            .unwrap()
+            .remove(0);
+        let want = floats(&case["embedding_normalized"]);
+        let cos: f64 = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        worst = worst.min(cos);
+    }
+    println!("bert-tiny int8: worst cosine to golden {worst:.5}");
+    assert!(worst > 0.99, "int8 worst cosine {worst}");
+}
+
+#[test]
+fn fast_engine_refuses_what_it_cannot_run() {
+    for model in ["qwen2-bidir-tiny", "jina-v3-tiny"] {
+        for p in [Precision::F32, Precision::Int8] {
+            let err = Embedder::load_with(
+                &fixtures().join(model),
+                DType::F32,
+                &sembed::device::cpu(),
+                Engine::Fast(p),
+            )
+            .err()
+            .expect("refused");
+            assert!(err.to_string().contains("fast engine"), "{err}");
+        }
+        assert_eq!(load(model).engine_name(), "candle");
+    }
+    // f16 compute is not the fast path's: auto falls back to candle.
+    let e = Embedder::load(
+        &fixtures().join("bert-tiny"),
+        DType::F16,
+        &sembed::device::cpu(),
+    )
+    .unwrap();
+    assert_eq!(e.engine_name(), "candle");
 }
 #[test]
 fn qwen2_bidir_cases() {

@@ -193,10 +193,13 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     if let Some(g) = &r.gradients {
-        let _ = writeln!(
-            w,
-            "## Gradients: autodiff against finite differences (random BERT, 2 layers, 4 × 32 tokens)\n"
-        );
+        if let Some(c) = g.first() {
+            let _ = writeln!(
+                w,
+                "## Gradients: autodiff against finite differences (random BERT, {} layers, {} × {} tokens)\n",
+                c.layers, c.batch, c.seq
+            );
+        }
         let _ = writeln!(
             w,
             "| hidden | parameters | forward ms | autodiff ms | FD per entry ms | FD full gradient (estimate) | FD / autodiff |"

@@ -79,6 +79,8 @@ where
 pub struct GradCost {
     pub hidden: usize,
     pub layers: usize,
+    pub batch: usize,
+    pub seq: usize,
     pub parameters: usize,
     /// One loss evaluation (forward only).
     pub forward_s: f64,
@@ -166,6 +168,8 @@ pub fn cost_curve(
         out.push(GradCost {
             hidden,
             layers,
+            batch,
+            seq,
             parameters,
             forward_s,
             autodiff_s,

@@ -1,0 +1,151 @@
+//! `sembed bench --smoke` runs every section end to end (on the tiny golden BERT, from the repository
+//! root so that the fusion check finds its fixtures) and writes a coherent report. Not a timing test:
+//! only shapes, counts and invariants are checked.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[test]
+fn smoke_bench_writes_every_section() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_sembed"))
+        .current_dir(root())
+        .args([
+            "bench",
+            "--smoke",
+            "-m",
+            "tests/fixtures/bert-tiny",
+            "--corpus",
+            "crates",
+        ])
+        .arg("-o")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let md = String::from_utf8(run.stdout).unwrap();
+    for section in [
+        "## Stages",
+        "## Throughput by batch size",
+        "## Scaling",
+        "## Int8",
+        "## Training step",
+        "## Gradients",
+        "## Fusion shape check",
+        "## The real models, estimated",
+    ] {
+        assert!(md.contains(section), "missing {section} in:\n{md}");
+    }
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["smoke"], true);
+    assert_eq!(r["engine"], "fast-f32");
+    assert_eq!(r["corpus"]["texts"], 24);
+    let h = &r["headline"];
+    assert!(h["texts_per_s"].as_f64().unwrap() > 0.0);
+    // The stages add up to no more than the wall time of the call.
+    let stages: f64 = ["tokenize", "forward", "pool", "normalize", "fusion"]
+        .iter()
+        .map(|k| h["stages"][k].as_f64().unwrap())
+        .sum();
+    assert!(stages <= h["seconds"].as_f64().unwrap() * 1.01 + 1e-3);
+    assert!(r["latency"]["p50_ms"].as_f64().unwrap() <= r["latency"]["p99_ms"].as_f64().unwrap());
+    // Activation memory grows with the batch at a fixed length.
+    let shapes = r["shapes"].as_array().unwrap();
+    let at = |b: u64, l: u64| {
+        shapes
+            .iter()
+            .find(|s| s["batch"] == b && s["length"] == l)
+            .map(|s| s["peak_activation_bytes"].as_u64().unwrap())
+            .unwrap()
+    };
+    assert!(at(32, 64) > at(1, 64), "{shapes:?}");
+    let q = &r["quantized"];
+    assert_eq!(q["engine"], "fast-int8");
+    assert!(q["cosine_min"].as_f64().unwrap() > 0.9);
+    // Gradients and AdamW moments measured on the tensors equal the textbook bytes (full fine-tune).
+    let t = &r["training"];
+    assert_eq!(
+        t["profile"]["gradients_bytes"],
+        t["gradients_formula_bytes"]
+    );
+    assert_eq!(
+        t["profile"]["optimizer_bytes"],
+        t["optimizer_formula_bytes"]
+    );
+    let g = r["gradients"].as_array().unwrap();
+    assert!(g
+        .iter()
+        .all(|c| c["fd_full_estimate_s"].as_f64().unwrap() > c["autodiff_s"].as_f64().unwrap()));
+    // The fusion shape check: dimensions add up and vectors are unit.
+    let f = &r["fusion_check"];
+    let parts: u64 = f["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .sum();
+    assert_eq!(f["dimension"].as_u64().unwrap(), parts);
+    assert!(f["max_norm_error"].as_f64().unwrap() < 1e-5);
+    assert_eq!(r["estimates"]["models"].as_array().unwrap().len(), 2);
+    for chart in ["throughput.svg", "scaling.svg", "report.md"] {
+        let body = std::fs::read_to_string(out.path().join(chart)).unwrap();
+        assert!(!body.is_empty());
+    }
+}
+
+#[test]
+fn quantize_needs_the_fast_engine() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sembed"))
+            .current_dir(root())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "embed",
+        "-m",
+        "tests/fixtures/bert-tiny",
+        "--quantize",
+        "int8",
+        "--engine",
+        "candle",
+        "x",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--quantize int8"));
+    let out = run(&[
+        "embed",
+        "-m",
+        "tests/fixtures/qwen2-bidir-tiny",
+        "--quantize",
+        "int8",
+        "x",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fast engine"));
+    let out = run(&[
+        "embed",
+        "-m",
+        "tests/fixtures/bert-tiny",
+        "--quantize",
+        "int8",
+        "x",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
