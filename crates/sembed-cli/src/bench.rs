@@ -338,7 +338,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             batch_size: b,
             ..opts.clone()
         };
-        by_batch.push(throughput(model.as_ref(), &texts, &o, tokens, 1)?.0);
+        by_batch.push(throughput(model.as_ref(), &texts, &o, tokens, args.repeat)?.0);
     }
 
     let latency = latency(model.as_ref(), &texts, &lens, &opts, args.latency_runs)?;

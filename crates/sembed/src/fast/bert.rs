@@ -49,6 +49,9 @@ fn host(w: &Weights, shape: &[usize], name: &str) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
+/// Tokens per MLP chunk (the `[chunk, intermediate]` buffer: 3 MiB for MiniLM).
+const MLP_CHUNK: usize = 512;
+
 thread_local! {
     /// Per-thread scratch, grown as needed and kept between calls (fresh pages cost more than the
     /// arithmetic on them).
@@ -216,14 +219,15 @@ impl FastBert {
         let t: usize = rows.iter().map(|r| r.len()).sum();
         let smax = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-        let need = t * 3 * h + t * h + t * i.max(h) + smax * smax;
+        let wide_len = (t * h).max(t.min(MLP_CHUNK) * i);
+        let need = t * 3 * h + t * h + wide_len + smax * smax;
         if scratch.len() < need {
             scratch.resize(need, 0.0);
         }
         {
             let (qkv, rest) = scratch.split_at_mut(t * 3 * h);
             let (ctx, rest) = rest.split_at_mut(t * h);
-            let (wide, rest) = rest.split_at_mut(t * i.max(h));
+            let (wide, rest) = rest.split_at_mut(wide_len);
             let scores = &mut rest[..smax * smax];
 
             // Embeddings: word + position + token type 0, then LayerNorm.
@@ -287,12 +291,15 @@ impl FastBert {
                 let y = &mut wide[..t * h];
                 l.out.forward(ctx, t, y, par);
                 kernels::residual_layer_norm(x, y, &l.out_b, &l.ln1.0, &l.ln1.1, self.eps);
-                let up = &mut wide[..t * i];
-                l.up.forward(x, t, up, par);
-                kernels::bias_act(up, &l.up_b, self.act);
-                let y = &mut ctx[..t * h];
-                l.down.forward(up, t, y, par);
-                kernels::residual_layer_norm(x, y, &l.down_b, &l.ln2.0, &l.ln2.1, self.eps);
+                // The MLP in chunks of tokens: the wide intermediate stays cache-sized.
+                for c0 in (0..t).step_by(MLP_CHUNK) {
+                    let c1 = (c0 + MLP_CHUNK).min(t);
+                    let up = &mut wide[..(c1 - c0) * i];
+                    l.up.forward(&x[c0 * h..c1 * h], c1 - c0, up, par);
+                    kernels::bias_act(up, &l.up_b, self.act);
+                    l.down.forward(up, c1 - c0, &mut ctx[c0 * h..c1 * h], par);
+                }
+                kernels::residual_layer_norm(x, ctx, &l.down_b, &l.ln2.0, &l.ln2.1, self.eps);
             }
         }
         SCRATCH.with(|s| *s.borrow_mut() = scratch);

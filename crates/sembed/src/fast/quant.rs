@@ -12,6 +12,12 @@
 
 use gemm::Parallelism;
 
+thread_local! {
+    /// Per-thread quantised activations and their (scale, zero point), reused between calls.
+    static QSCRATCH: std::cell::RefCell<(Vec<u8>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// Columns per packed panel (4 AVX-512 registers of 16 i32 lanes).
 const NB: usize = 64;
 /// Rows per micro-kernel call.
@@ -88,17 +94,31 @@ impl QuantLinear {
 
     fn forward_rows(&self, x: &[f32], y: &mut [f32]) {
         let m = x.len() / self.k;
-        let mut qx = vec![0u8; m * self.kp];
-        let mut sx = vec![0f32; m];
-        let mut zx = vec![0f32; m];
-        quantize_rows(x, self.k, self.kp, &mut qx, &mut sx, &mut zx);
-        #[cfg(target_arch = "x86_64")]
-        if has_vnni() {
-            // SAFETY: the CPU has the features the kernel is compiled for; buffers are sized above.
-            unsafe { self.gemm_vnni(&qx, &sx, &zx, m, y) };
-            return;
+        let (mut qx_buf, mut sz) = QSCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        // Only ever grown: every byte used is written by `quantize_rows` first.
+        if qx_buf.len() < m * self.kp {
+            qx_buf.resize(m * self.kp, 0);
         }
-        self.gemm_portable(&qx, &sx, &zx, m, y);
+        if sz.len() < 2 * m {
+            sz.resize(2 * m, 0.0);
+        }
+        let qx = &mut qx_buf[..m * self.kp];
+        let (sx, zx) = sz[..2 * m].split_at_mut(m);
+        quantize_rows(x, self.k, self.kp, qx, sx, zx);
+        #[cfg(target_arch = "x86_64")]
+        let done = if has_vnni() {
+            // SAFETY: the CPU has the features the kernel is compiled for; buffers are sized above.
+            unsafe { self.gemm_vnni(qx, sx, zx, m, y) };
+            true
+        } else {
+            false
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = false;
+        if !done {
+            self.gemm_portable(qx, sx, zx, m, y);
+        }
+        QSCRATCH.with(|s| *s.borrow_mut() = (qx_buf, sz));
     }
 
     fn gemm_portable(&self, qx: &[u8], sx: &[f32], zx: &[f32], m: usize, y: &mut [f32]) {
@@ -188,15 +208,20 @@ impl QuantLinear {
             let row = r0 + r;
             let s = _mm512_set1_ps(sx[row]);
             let z = _mm512_set1_ps(zx[row]);
-            let mut tmp = [0f32; NB];
+            let dst = &mut y[row * self.n + c0..row * self.n + c0 + cols];
             for v in 0..4 {
                 let ws = _mm512_mul_ps(s, _mm512_loadu_ps(self.scale.as_ptr().add(c0 + v * 16)));
                 let cs = _mm512_loadu_ps(self.colsum.as_ptr().add(c0 + v * 16));
                 let accf = _mm512_cvtepi32_ps(a[v]);
                 let out = _mm512_mul_ps(_mm512_sub_ps(accf, _mm512_mul_ps(z, cs)), ws);
-                _mm512_storeu_ps(tmp.as_mut_ptr().add(v * 16), out);
+                // Store the lanes that exist (all 16 but in the last block of an odd width).
+                let lanes = cols.saturating_sub(v * 16).min(16);
+                if lanes == 0 {
+                    break;
+                }
+                let mask: __mmask16 = ((1u32 << lanes) - 1) as u16;
+                _mm512_mask_storeu_ps(dst.as_mut_ptr().add(v * 16), mask, out);
             }
-            y[row * self.n + c0..row * self.n + c0 + cols].copy_from_slice(&tmp[..cols]);
         }
     }
 }
@@ -226,20 +251,45 @@ pub fn int8_accelerated() -> bool {
 
 super::kernels::multiversion! {
     /// Per row: u8 codes with scale and zero point such that `x ≈ s · (q − z)`; the range always
-    /// contains 0 so that exact zeros stay exact. Columns `k..kp` get the zero point.
+    /// contains 0 so that exact zeros stay exact. Columns `k..kp` get the zero point. (Written with
+    /// lane arrays and ties-to-even rounding so that it vectorises: `f32::round` does not.)
     fn quantize_rows(x: &[f32], k: usize, kp: usize, qx: &mut [u8], sx: &mut [f32], zx: &mut [f32]) {
+        const L: usize = 16;
         for (r, row) in x.chunks_exact(k).enumerate() {
-            let (mut lo, mut hi) = (0f32, 0f32);
-            for &v in row {
+            let (mut lo, mut hi) = ([0f32; L], [0f32; L]);
+            let mut chunks = row.chunks_exact(L);
+            for c in &mut chunks {
+                for i in 0..L {
+                    lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
+                    hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
+                }
+            }
+            let (mut lo, mut hi) = (
+                lo.iter().fold(0f32, |a, &b| a.min(b)),
+                hi.iter().fold(0f32, |a, &b| a.max(b)),
+            );
+            for &v in chunks.remainder() {
                 lo = lo.min(v);
                 hi = hi.max(v);
             }
             let s = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
-            let z = (-lo / s).round().clamp(0.0, 255.0);
+            let z = (-lo / s).round_ties_even().clamp(0.0, 255.0);
             let inv = 1.0 / s;
             let q = &mut qx[r * kp..(r + 1) * kp];
             for (d, &v) in q.iter_mut().zip(row) {
-                *d = (v * inv + z).round().clamp(0.0, 255.0) as u8;
+                let y = (v * inv + z).round_ties_even();
+                // Clamp to [0, 255] by selects (NaN → 0), which vectorise where `clamp` does not.
+                let y = if y >= 0.0 {
+                    if y <= 255.0 {
+                        y
+                    } else {
+                        255.0
+                    }
+                } else {
+                    0.0
+                };
+                // SAFETY: y is finite and within [0, 255].
+                *d = unsafe { y.to_int_unchecked::<i32>() } as u8;
             }
             for d in &mut q[k..] {
                 *d = z as u8;
