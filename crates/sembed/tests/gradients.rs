@@ -230,9 +230,10 @@ fn autodiff_agrees_with_finite_differences_on_every_tensor() {
         assert_eq!(tensors.len(), vars.len(), "{model}: every tensor checked");
         let mut worst = 0.0f64;
         for c in &checks {
-            // Floor 1e-6: entries whose exact gradient is zero (BERT key biases, unused embedding
-            // rows) carry only rounding noise, ~1e-16 · loss / step ≈ 1e-11 for the differences.
-            let err = c.relative_error(1e-6);
+            // Floor 1e-5: entries whose exact gradient is zero (BERT key biases, unused embedding
+            // rows) carry only rounding noise: a few ulps of the loss over the step, up to ~1e-10
+            // (the GEMM kernels' summation order sets the exact value).
+            let err = c.relative_error(1e-5);
             assert!(
                 err <= 1e-4,
                 "{model} {}[{}]: autodiff {:e} vs finite difference {:e}",
