@@ -51,7 +51,7 @@ pub fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let p = p * r2 + r + 1.0;
     // 2^n from the bits: adding 1.5·2^23 puts the integer n in the low mantissa bits (exact for
     // |n| < 2^22). Unlike `n as i32` this vectorises, and a NaN input stays NaN through `p`.
@@ -70,7 +70,7 @@ pub fn erf(x: f32) -> f32 {
     p = p * x2 + -2.101_024e-6;
     p = p * x2 + -5.692_506_4e-5;
     p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.954_600_0e-3;
+    p = p * x2 + -2.9546e-3;
     p = p * x2 + -1.609_603_3e-2;
     let p = p * x;
     let mut q = -1.456_607_2e-5_f32;

@@ -209,10 +209,10 @@ impl QuantLinear {
             let s = _mm512_set1_ps(sx[row]);
             let z = _mm512_set1_ps(zx[row]);
             let dst = &mut y[row * self.n + c0..row * self.n + c0 + cols];
-            for v in 0..4 {
+            for (v, av) in a.iter().enumerate() {
                 let ws = _mm512_mul_ps(s, _mm512_loadu_ps(self.scale.as_ptr().add(c0 + v * 16)));
                 let cs = _mm512_loadu_ps(self.colsum.as_ptr().add(c0 + v * 16));
-                let accf = _mm512_cvtepi32_ps(a[v]);
+                let accf = _mm512_cvtepi32_ps(*av);
                 let out = _mm512_mul_ps(_mm512_sub_ps(accf, _mm512_mul_ps(z, cs)), ws);
                 // Store the lanes that exist (all 16 but in the last block of an odd width).
                 let lanes = cols.saturating_sub(v * 16).min(16);
