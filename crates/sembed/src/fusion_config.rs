@@ -9,6 +9,7 @@
 //! name = "jina"
 //! ref = "hf:jinaai/jina-embeddings-v3"
 //! weight = 1.0             # optional, default 1
+//! quantize = "int8"        # optional, per model: "int8" or "none" (BERT family on the CPU)
 //! ```
 
 use crate::embed::{Embed, Embedder, Fusion};
@@ -34,6 +35,23 @@ pub struct PartSpec {
     #[serde(rename = "ref")]
     pub reference: String,
     pub weight: Option<f64>,
+    /// `int8` or `none`: this part's precision, whatever the command line says.
+    pub quantize: Option<String>,
+}
+
+impl PartSpec {
+    /// The engine of this part: its own `quantize` setting, or the command's engine.
+    pub fn engine(&self, default: Engine) -> Result<Engine> {
+        use crate::fast::Precision;
+        Ok(match self.quantize.as_deref() {
+            None => default,
+            Some(q) => match q.parse::<Precision>()? {
+                Precision::Int8 => Engine::Fast(Precision::Int8),
+                Precision::F32 if default == Engine::Fast(Precision::Int8) => Engine::Auto,
+                Precision::F32 => default,
+            },
+        })
+    }
 }
 
 impl FusionFile {
@@ -84,6 +102,7 @@ pub fn parse_model_args(args: &[String]) -> Result<Option<FusionFile>> {
                     name: name.to_string(),
                     reference: reference.to_string(),
                     weight: None,
+                    quantize: None,
                 });
             }
             Ok(Some(FusionFile { name: None, models }))
@@ -120,7 +139,8 @@ pub fn load_fusion(
     let mut parts: Vec<(Box<dyn Embed>, f64)> = Vec::new();
     for m in &f.models {
         let dir = hub::resolve(&m.reference)?;
-        let e = Embedder::load_with(&dir, dtype, device, engine)?.with_name(m.name.clone());
+        let e =
+            Embedder::load_with(&dir, dtype, device, m.engine(engine)?)?.with_name(m.name.clone());
         parts.push((Box::new(e), m.weight.unwrap_or(1.0)));
     }
     let name = f.name.clone().unwrap_or_else(|| {
@@ -131,4 +151,50 @@ pub fn load_fusion(
             .join("+")
     });
     Fusion::new(name, parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    }
+
+    #[test]
+    fn quantize_is_chosen_per_model_in_a_fusion_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "[[model]]\nname = \"a\"\nref = \"{0}/bert-tiny\"\nquantize = \"int8\"\n\
+             [[model]]\nname = \"b\"\nref = \"{0}/bert-tiny\"\n\
+             [[model]]\nname = \"c\"\nref = \"{0}/qwen2-bidir-tiny\"\nquantize = \"none\"\n",
+            fixtures().display()
+        );
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, toml).unwrap();
+        let arg = [path.display().to_string()];
+        let cpu = crate::device::cpu();
+        let m = load(&arg, DType::F32, &cpu, Engine::Auto).unwrap();
+        assert_eq!(m.engine(), "fast-int8+fast-f32+candle");
+        // The command's int8 applies where a part says nothing; "none" keeps a part unquantised.
+        let err = load(
+            &arg,
+            DType::F32,
+            &cpu,
+            Engine::Fast(crate::fast::Precision::Int8),
+        );
+        assert!(err.is_ok(), "{:?}", err.err());
+        let m = err.unwrap();
+        assert_eq!(m.engine(), "fast-int8+fast-int8+candle");
+        std::fs::write(
+            &path,
+            format!(
+                "[[model]]\nname = \"a\"\nref = \"{}/bert-tiny\"\nquantize = \"int4\"\n",
+                fixtures().display()
+            ),
+        )
+        .unwrap();
+        let err = load(&arg, DType::F32, &cpu, Engine::Auto).err().unwrap();
+        assert!(err.to_string().contains("int4"), "{err}");
+    }
 }
