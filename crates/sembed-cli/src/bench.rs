@@ -187,6 +187,8 @@ pub struct Quantized {
     pub speedup_vs_f32: f64,
     pub cosine_min: f64,
     pub cosine_mean: f64,
+    /// Largest |difference| of any value between the int8 and f32 unit vectors.
+    pub max_abs_diff_vs_f32: f64,
     pub retrieval: Option<Retrieval>,
 }
 
@@ -713,6 +715,11 @@ fn quantized(
         headline,
         cosine_min: cos.iter().copied().fold(f64::INFINITY, f64::min),
         cosine_mean: cos.iter().sum::<f64>() / cos.len() as f64,
+        max_abs_diff_vs_f32: f32_vectors
+            .iter()
+            .zip(&vectors)
+            .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64))
+            .fold(0.0, f64::max),
         retrieval,
     })
 }

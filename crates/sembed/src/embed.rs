@@ -180,15 +180,13 @@ impl Embedder {
             }
         };
         if let Some(precision) = precision {
-            let weights = Weights::new(WeightStore::from_dir(dir)?, DType::F32, device);
             let folder = ModelFolder::read(dir)?;
             let Architecture::Bert(cfg) = &folder.arch else {
                 unreachable!("checked above")
             };
+            let weights = Weights::new(WeightStore::from_dir(dir)?, DType::F32, device);
             let fast = Arc::new(FastBert::load(cfg, &weights, precision)?);
-            let mut e = Self::from_weights_with(dir, &weights, Some(fast))?;
-            e.folder = folder;
-            return Ok(e);
+            return Self::from_weights_with(dir, &weights, Some(fast));
         }
         if is_adapter {
             // A PEFT LoRA adapter folder: the base model it names, with the adapters attached.

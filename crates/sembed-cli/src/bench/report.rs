@@ -80,7 +80,11 @@ pub fn markdown(r: &Report) -> String {
             r.engine, p.sembed_texts_per_s
         );
         if let Some(q) = p.sembed_int8_texts_per_s {
-            let _ = writeln!(w, "| sembed fast-int8 | {q:.1} | | | |");
+            let diff = r
+                .quantized
+                .as_ref()
+                .map_or(String::new(), |x| format!("{:.1e}", x.max_abs_diff_vs_f32));
+            let _ = writeln!(w, "| sembed fast-int8 | {q:.1} | | | {diff} |");
         }
         for peer in &p.results {
             let _ = writeln!(
@@ -143,8 +147,8 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(w, "## Int8 ({})\n", q.engine);
         let _ = writeln!(
             w,
-            "{:.1} texts/s ({:.2}× f32), weights {:.1} MiB of heap; cosine to the f32 vectors: min {:.4}, mean {:.4}.",
-            q.headline.texts_per_s, q.speedup_vs_f32, mib(q.weights_heap_bytes), q.cosine_min, q.cosine_mean
+            "{:.1} texts/s ({:.2}× f32), weights {:.1} MiB of heap; cosine to the f32 vectors: min {:.4}, mean {:.4}; largest value difference {:.1e}.",
+            q.headline.texts_per_s, q.speedup_vs_f32, mib(q.weights_heap_bytes), q.cosine_min, q.cosine_mean, q.max_abs_diff_vs_f32
         );
         if let Some(e) = &q.retrieval {
             let _ = writeln!(
