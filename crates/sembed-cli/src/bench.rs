@@ -62,8 +62,8 @@ pub struct BenchArgs {
     /// the large-model estimate; built-in copies of their sizes otherwise.
     #[arg(long)]
     real_configs: Option<PathBuf>,
-    /// Two tiny model folders to fuse for the fusion shape check (default: the test fixtures
-    /// qwen2-bidir-tiny and jina-v3-tiny when present).
+    /// Two model folders to fuse for the fusion shape check (default: the test fixtures
+    /// qwen2-bidir-tiny and jina-v3-tiny widened to the real Qodo and Jina widths, when present).
     #[arg(long, num_args = 2)]
     fusion_check: Vec<PathBuf>,
     #[arg(long)]
@@ -349,7 +349,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Vec::new()
     } else {
         eprintln!("sembed bench: batch × length grid");
-        shape_grid(model.as_ref(), &texts, &[1, 8, 32], &lengths(max_length))?
+        shape_grid(
+            model.as_ref(),
+            &texts,
+            &[1, 8, 32],
+            &lengths(max_length),
+            args.smoke,
+        )?
     };
 
     let single_dir = single_model_dir(&args.models)?;
@@ -590,6 +596,7 @@ fn shape_grid(
     texts: &[String],
     batches: &[usize],
     lengths: &[usize],
+    smoke: bool,
 ) -> Result<Vec<Shape>> {
     let mut out = Vec::new();
     for &b in batches {
@@ -616,7 +623,13 @@ fn shape_grid(
                 continue;
             }
             model.embed(&batch, &opts)?;
-            let reps = if b * len <= 2048 { 5 } else { 2 };
+            let reps = if smoke {
+                1
+            } else if b * len <= 2048 {
+                5
+            } else {
+                2
+            };
             let mut best = f64::INFINITY;
             for _ in 0..reps {
                 let t = Instant::now();
@@ -764,43 +777,74 @@ fn training(dir: &Path, texts: &[String], smoke: bool) -> Result<Training> {
 }
 
 fn fusion_check(args: &BenchArgs) -> Result<Option<FusionCheck>> {
-    let dirs: Vec<PathBuf> = if args.fusion_check.is_empty() {
+    let cpu = sembed::device::cpu();
+    let (model, refs, parts): (Box<dyn Embed>, Vec<String>, Vec<usize>) = if args
+        .fusion_check
+        .is_empty()
+    {
+        // The tiny fixtures (their tokenizers and layouts) widened to the real models' widths,
+        // two layers deep, random weights: the real 1536 + 1024 = 2560-d fused shape at a cost a
+        // laptop can run.
         let f = Path::new("tests/fixtures");
-        let d = vec![f.join("qwen2-bidir-tiny"), f.join("jina-v3-tiny")];
-        if !d.iter().all(|p| p.is_dir()) {
+        let tiny = [f.join("qwen2-bidir-tiny"), f.join("jina-v3-tiny")];
+        if !tiny.iter().all(|p| p.is_dir()) {
             return Ok(None);
         }
-        d
+        eprintln!("sembed bench: fusion shape check (real widths, 2 layers, random weights)");
+        let mut embedders: Vec<(Box<dyn Embed>, f64)> = Vec::new();
+        let mut refs = Vec::new();
+        let mut parts = Vec::new();
+        for (i, (dir, shape)) in tiny.iter().zip([QODO, JINA]).enumerate() {
+            let shape = match &args.real_configs {
+                Some(d) => {
+                    read_shape(&shape, &d.join(real_config_dir(&shape)).join("config.json"))?
+                }
+                None => shape,
+            };
+            let widened = widen(dir, &shape)?;
+            let weights = sembed::weights::Weights::random(i as u64 + 1, sembed::DType::F32, &cpu);
+            let e = sembed::Embedder::from_weights(&widened, &weights)
+                .with_context(|| format!("building {} at full width", shape.name))?
+                .with_name(format!("{}-shape", shape.name));
+            let _ = std::fs::remove_dir_all(&widened);
+            refs.push(format!("{} widths, 2 layers, random weights", shape.name));
+            parts.push(e.dimension());
+            embedders.push((Box::new(e), 1.0));
+        }
+        let fusion = sembed::Fusion::new("fused-shape", embedders)?;
+        (Box::new(fusion), refs, parts)
     } else {
-        args.fusion_check.clone()
+        eprintln!("sembed bench: fusion shape check");
+        let refs: Vec<String> = args
+            .fusion_check
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        let named: Vec<String> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("part{i}={r}"))
+            .collect();
+        let model = sembed::fusion_config::load(&named, sembed::DType::F32, &cpu, Engine::Auto)?;
+        let parts = refs
+            .iter()
+            .map(|r| {
+                Ok(sembed::fusion_config::load(
+                    std::slice::from_ref(r),
+                    sembed::DType::F32,
+                    &cpu,
+                    Engine::Auto,
+                )?
+                .dimension())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        (model, refs, parts)
     };
-    eprintln!("sembed bench: fusion shape check");
-    let refs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    let named: Vec<String> = refs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| format!("part{i}={r}"))
-        .collect();
-    let model = sembed::fusion_config::load(
-        &named,
-        sembed::DType::F32,
-        &sembed::device::cpu(),
-        Engine::Auto,
-    )?;
-    let parts = refs
-        .iter()
-        .map(|r| {
-            Ok(sembed::fusion_config::load(
-                std::slice::from_ref(r),
-                sembed::DType::F32,
-                &sembed::device::cpu(),
-                Engine::Auto,
-            )?
-            .dimension())
-        })
-        .collect::<Result<Vec<_>>>()?;
     let texts = code_texts(&[PathBuf::from("crates/sembed/src/fast")])?;
-    let texts: Vec<String> = texts.into_iter().take(64).collect();
+    let texts: Vec<String> = texts
+        .into_iter()
+        .take(if args.smoke { 8 } else { 32 })
+        .collect();
     let v = model.embed(&texts, &EmbedOptions::default())?;
     let dim = model.dimension();
     let mut max_norm_error = 0f64;
@@ -811,8 +855,9 @@ fn fusion_check(args: &BenchArgs) -> Result<Option<FusionCheck>> {
         let n: f64 = row.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
         max_norm_error = max_norm_error.max((n - 1.0).abs());
     }
-    let max = model.max_length().min(if args.smoke { 64 } else { 512 });
-    let shapes = shape_grid(model.as_ref(), &texts, &[1, 8], &lengths(max))?;
+    let max = model.max_length().min(if args.smoke { 32 } else { 512 });
+    let batches: &[usize] = if args.smoke { &[1, 2] } else { &[1, 4] };
+    let shapes = shape_grid(model.as_ref(), &texts, batches, &lengths(max), args.smoke)?;
     Ok(Some(FusionCheck {
         models: refs,
         dimension: dim,
@@ -820,6 +865,65 @@ fn fusion_check(args: &BenchArgs) -> Result<Option<FusionCheck>> {
         max_norm_error,
         shapes,
     }))
+}
+
+fn real_config_dir(shape: &RealShape) -> &'static str {
+    if shape.gated {
+        "qodo-embed-1-1.5b"
+    } else {
+        "jina-embeddings-v3"
+    }
+}
+
+/// A copy of a tiny model folder (config, tokenizer, sentence-transformers files; no weights) with
+/// the widths of `shape`, two layers, and a 512-token limit.
+fn widen(dir: &Path, shape: &RealShape) -> Result<PathBuf> {
+    let out = std::env::temp_dir().join(format!(
+        "sembed-bench-{}-{}",
+        std::process::id(),
+        shape.name
+    ));
+    copy_folder(dir, &out)?;
+    let path = out.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let c = cfg
+        .as_object_mut()
+        .context("config.json is not an object")?;
+    c.insert("hidden_size".into(), shape.hidden.into());
+    c.insert("intermediate_size".into(), shape.inter.into());
+    c.insert("num_attention_heads".into(), shape.heads.into());
+    c.insert("num_hidden_layers".into(), 2.into());
+    if shape.gated {
+        c.insert("num_key_value_heads".into(), shape.kv_heads.into());
+    } else {
+        c.insert(
+            "matryoshka_dimensions".into(),
+            serde_json::json!([32, 64, 128, 256, 512, 768, 1024]),
+        );
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg)?)?;
+    std::fs::write(
+        out.join("sentence_bert_config.json"),
+        r#"{"max_seq_length": 512, "do_lower_case": false}"#,
+    )?;
+    Ok(out)
+}
+
+fn copy_folder(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "model.safetensors" {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            copy_folder(&entry.path(), &to.join(&name))?;
+        } else {
+            std::fs::copy(entry.path(), to.join(&name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Published sizes: Qodo-Embed-1-1.5B (Qwen2) and jina-embeddings-v3 (XLM-RoBERTa), from their
@@ -909,14 +1013,7 @@ fn estimates(real_configs: Option<&Path>, smoke: bool) -> Result<Estimates> {
     let mut models = Vec::new();
     for base in [QODO, JINA] {
         let shape = match real_configs {
-            Some(dir) => {
-                let sub = if base.gated {
-                    "qodo-embed-1-1.5b"
-                } else {
-                    "jina-embeddings-v3"
-                };
-                read_shape(&base, &dir.join(sub).join("config.json"))?
-            }
+            Some(dir) => read_shape(&base, &dir.join(real_config_dir(&base)).join("config.json"))?,
             None => base,
         };
         let gflops = gemm_rate(

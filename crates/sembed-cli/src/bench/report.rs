@@ -225,7 +225,7 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(w);
     }
     if let Some(f) = &r.fusion_check {
-        let _ = writeln!(w, "## Fusion shape check (tiny models)\n");
+        let _ = writeln!(w, "## Fusion shape check\n");
         let _ = writeln!(
             w,
             "{} → {} dimensions (parts {:?}), largest |norm − 1| {:.1e}.\n",
