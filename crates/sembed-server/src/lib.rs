@@ -714,6 +714,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<Value> {
                 "dimension": m.model.dimension(),
                 "max_input_length": m.model.max_length(),
                 "tasks": m.model.task_names(),
+                "engine": m.model.engine(),
             })
         })
         .collect();

@@ -262,6 +262,8 @@ async fn routes_answer_like_the_offline_embedder() {
         .unwrap();
     assert_eq!(info["models"].as_array().unwrap().len(), 3);
     assert_eq!(info["models"][2]["dimension"], 80);
+    assert_eq!(info["models"][0]["engine"], "fast-f32");
+    assert_eq!(info["models"][2]["engine"], "candle+candle");
     let metrics = client()
         .get(format!("{}/metrics", s.url))
         .send()
