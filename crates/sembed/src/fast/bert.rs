@@ -252,39 +252,31 @@ impl FastBert {
                 let mut off = 0;
                 for r in rows {
                     let n = r.len();
-                    let s = &mut scores[..n * n];
-                    for hd in 0..heads {
-                        let q = &qkv[off * 3 * h + hd * d..];
-                        let k = &qkv[off * 3 * h + h + hd * d..];
-                        let v = &qkv[off * 3 * h + 2 * h + hd * d..];
-                        let stride = 3 * h as isize;
-                        // scores = Q Kᵀ, then softmax(scores / √d) row by row.
-                        matmul(
-                            n,
-                            n,
-                            d,
-                            q,
-                            (stride, 1),
-                            k,
-                            (1, stride),
-                            s,
-                            (n as isize, 1),
-                            par,
-                        );
-                        kernels::softmax_rows(s, n, scale);
-                        let c = &mut ctx[off * h + hd * d..];
-                        matmul(
-                            n,
-                            d,
-                            n,
-                            s,
-                            (n as isize, 1),
-                            v,
-                            (stride, 1),
-                            c,
-                            (h as isize, 1),
-                            par,
-                        );
+                    let qkv_rows = &qkv[off * 3 * h..(off + n) * 3 * h];
+                    if matches!(par, Parallelism::None) {
+                        for hd in 0..heads {
+                            let c = &mut ctx[off * h + hd * d..];
+                            attend(qkv_rows, n, h, hd * d, d, scale, scores, c, h);
+                        }
+                    } else {
+                        // One sequence on several threads: heads in parallel (its attention GEMMs
+                        // are too small to split), each into its own block, then interleaved.
+                        use rayon::prelude::*;
+                        let blocks: Vec<Vec<f32>> = (0..heads)
+                            .into_par_iter()
+                            .map(|hd| {
+                                let mut s = vec![0f32; n * n];
+                                let mut out = vec![0f32; n * d];
+                                attend(qkv_rows, n, h, hd * d, d, scale, &mut s, &mut out, d);
+                                out
+                            })
+                            .collect();
+                        for (hd, b) in blocks.iter().enumerate() {
+                            for (i, row) in b.chunks_exact(d).enumerate() {
+                                let at = (off + i) * h + hd * d;
+                                ctx[at..at + d].copy_from_slice(row);
+                            }
+                        }
                     }
                     off += n;
                 }
@@ -304,6 +296,51 @@ impl FastBert {
         }
         SCRATCH.with(|s| *s.borrow_mut() = scratch);
     }
+}
+
+/// One attention head of one sequence of `n` tokens: `softmax(Q Kᵀ · scale) V` with Q, K, V the
+/// columns `col..col + d` of the three `h`-wide blocks of `qkv` (`[n, 3h]`); the result goes to
+/// `out` rows of stride `out_stride`. `scores` is scratch of at least `n²`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    qkv: &[f32],
+    n: usize,
+    h: usize,
+    col: usize,
+    d: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let stride = 3 * h as isize;
+    let s = &mut scores[..n * n];
+    let (q, k, v) = (&qkv[col..], &qkv[h + col..], &qkv[2 * h + col..]);
+    matmul(
+        n,
+        n,
+        d,
+        q,
+        (stride, 1),
+        k,
+        (1, stride),
+        s,
+        (n as isize, 1),
+        Parallelism::None,
+    );
+    kernels::softmax_rows(s, n, scale);
+    matmul(
+        n,
+        d,
+        n,
+        s,
+        (n as isize, 1),
+        v,
+        (stride, 1),
+        out,
+        (out_stride as isize, 1),
+        Parallelism::None,
+    );
 }
 
 /// Free the scratch every thread keeps between calls (memory measurements start from nothing).
