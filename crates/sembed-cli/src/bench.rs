@@ -778,22 +778,18 @@ fn training(dir: &Path, texts: &[String], smoke: bool) -> Result<Training> {
 
 fn fusion_check(args: &BenchArgs) -> Result<Option<FusionCheck>> {
     let cpu = sembed::device::cpu();
-    let (model, refs, parts): (Box<dyn Embed>, Vec<String>, Vec<usize>) = if args
-        .fusion_check
-        .is_empty()
-    {
-        // The tiny fixtures (their tokenizers and layouts) widened to the real models' widths,
-        // two layers deep, random weights: the real 1536 + 1024 = 2560-d fused shape at a cost a
-        // laptop can run.
+    // Each part once: (label, embedder).
+    let mut loaded: Vec<(String, sembed::Embedder)> = Vec::new();
+    if args.fusion_check.is_empty() {
+        // The tiny fixtures (their tokenizers and layouts) widened to the real models' widths, two
+        // layers deep, random weights: the real 1536 + 1024 = 2560-d fused shape at a cost a laptop
+        // can run.
         let f = Path::new("tests/fixtures");
         let tiny = [f.join("qwen2-bidir-tiny"), f.join("jina-v3-tiny")];
         if !tiny.iter().all(|p| p.is_dir()) {
             return Ok(None);
         }
         eprintln!("sembed bench: fusion shape check (real widths, 2 layers, random weights)");
-        let mut embedders: Vec<(Box<dyn Embed>, f64)> = Vec::new();
-        let mut refs = Vec::new();
-        let mut parts = Vec::new();
         for (i, (dir, shape)) in tiny.iter().zip([QODO, JINA]).enumerate() {
             let shape = match &args.real_configs {
                 Some(d) => {
@@ -807,39 +803,26 @@ fn fusion_check(args: &BenchArgs) -> Result<Option<FusionCheck>> {
                 .with_context(|| format!("building {} at full width", shape.name))?
                 .with_name(format!("{}-shape", shape.name));
             let _ = std::fs::remove_dir_all(&widened);
-            refs.push(format!("{} widths, 2 layers, random weights", shape.name));
-            parts.push(e.dimension());
-            embedders.push((Box::new(e), 1.0));
+            loaded.push((
+                format!("{} widths, 2 layers, random weights", shape.name),
+                e,
+            ));
         }
-        let fusion = sembed::Fusion::new("fused-shape", embedders)?;
-        (Box::new(fusion), refs, parts)
     } else {
         eprintln!("sembed bench: fusion shape check");
-        let refs: Vec<String> = args
-            .fusion_check
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect();
-        let named: Vec<String> = refs
-            .iter()
-            .enumerate()
-            .map(|(i, r)| format!("part{i}={r}"))
-            .collect();
-        let model = sembed::fusion_config::load(&named, sembed::DType::F32, &cpu, Engine::Auto)?;
-        let parts = refs
-            .iter()
-            .map(|r| {
-                Ok(sembed::fusion_config::load(
-                    std::slice::from_ref(r),
-                    sembed::DType::F32,
-                    &cpu,
-                    Engine::Auto,
-                )?
-                .dimension())
-            })
-            .collect::<Result<Vec<_>>>()?;
-        (model, refs, parts)
-    };
+        for dir in &args.fusion_check {
+            let e = sembed::Embedder::load_with(dir, sembed::DType::F32, &cpu, Engine::Auto)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            loaded.push((dir.display().to_string(), e));
+        }
+    }
+    let refs: Vec<String> = loaded.iter().map(|(r, _)| r.clone()).collect();
+    let parts: Vec<usize> = loaded.iter().map(|(_, e)| e.dimension()).collect();
+    let embedders: Vec<(Box<dyn Embed>, f64)> = loaded
+        .into_iter()
+        .map(|(_, e)| (Box::new(e) as Box<dyn Embed>, 1.0))
+        .collect();
+    let model = sembed::Fusion::new("fused-shape", embedders)?;
     let texts = code_texts(&[PathBuf::from("crates/sembed/src/fast")])?;
     let texts: Vec<String> = texts
         .into_iter()
@@ -857,7 +840,7 @@ fn fusion_check(args: &BenchArgs) -> Result<Option<FusionCheck>> {
     }
     let max = model.max_length().min(if args.smoke { 32 } else { 512 });
     let batches: &[usize] = if args.smoke { &[1, 2] } else { &[1, 4] };
-    let shapes = shape_grid(model.as_ref(), &texts, batches, &lengths(max), args.smoke)?;
+    let shapes = shape_grid(&model, &texts, batches, &lengths(max), args.smoke)?;
     Ok(Some(FusionCheck {
         models: refs,
         dimension: dim,

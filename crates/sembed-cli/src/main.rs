@@ -9,6 +9,7 @@ static GLOBAL: alloc::Counting = alloc::Counting;
 mod alloc;
 mod bench;
 mod input;
+mod mimalloc_options;
 mod output;
 
 use anyhow::{bail, Context, Result};
@@ -331,19 +332,8 @@ struct EvalArgs {
     engine: EngineArgs,
 }
 
-/// Keep freed memory in the process instead of handing it back to the kernel after 10 ms: the same
-/// activation sizes come back on every batch. mimalloc options by ordinal (`mi_option_e`, identical in
-/// its v2 and v3 headers): 4 = arena_eager_commit, 15 = purge_delay.
-fn tune_allocator() {
-    // SAFETY: plain setters of mimalloc's global options, called before any worker thread exists.
-    unsafe {
-        libmimalloc_sys::mi_option_set(15, -1);
-        libmimalloc_sys::mi_option_set(4, 1);
-    }
-}
-
 fn main() {
-    tune_allocator();
+    mimalloc_options::tune();
     // Logs go to stderr; SEMBED_LOG sets the filter (e.g. `info`), SEMBED_LOG_FORMAT=json makes them
     // one JSON object per line for log collectors.
     let filter = tracing_subscriber::EnvFilter::try_from_env("SEMBED_LOG")

@@ -47,16 +47,11 @@ fn code_chunks(limit: usize) -> Vec<String> {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn tune_allocator() {
-    // SAFETY: plain setters of mimalloc's global options (15 = purge_delay, 4 = arena_eager_commit).
-    unsafe {
-        libmimalloc_sys::mi_option_set(15, -1);
-        libmimalloc_sys::mi_option_set(4, 1);
-    }
-}
+#[path = "../../sembed-cli/src/mimalloc_options.rs"]
+mod mimalloc_options;
 
 fn main() {
-    tune_allocator();
+    mimalloc_options::tune();
     let args: Vec<String> = std::env::args().collect();
     let dir = match args.get(1) {
         Some(d) => std::path::PathBuf::from(d),

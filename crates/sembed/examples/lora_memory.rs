@@ -23,16 +23,11 @@ fn gib(b: usize) -> f64 {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn tune_allocator() {
-    // SAFETY: plain setters of mimalloc's global options (15 = purge_delay, 4 = arena_eager_commit).
-    unsafe {
-        libmimalloc_sys::mi_option_set(15, -1);
-        libmimalloc_sys::mi_option_set(4, 1);
-    }
-}
+#[path = "../../sembed-cli/src/mimalloc_options.rs"]
+mod mimalloc_options;
 
 fn main() -> sembed::Result<()> {
-    tune_allocator();
+    mimalloc_options::tune();
     let args: Vec<String> = std::env::args().collect();
     let config = std::path::PathBuf::from(args.get(1).expect("path to config.json"));
     let pairs: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2);

@@ -79,12 +79,6 @@ pub struct Stages {
     pub fusion: std::time::Duration,
 }
 
-impl Stages {
-    pub fn total(&self) -> std::time::Duration {
-        self.tokenize + self.forward + self.pool + self.normalize + self.fusion
-    }
-}
-
 /// Anything that turns texts into vectors: one model or a fusion of several.
 pub trait Embed: Send + Sync {
     fn embed(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
@@ -156,47 +150,31 @@ impl Embedder {
 
     /// Load a model folder in the given compute dtype, on the given engine.
     pub fn load_with(dir: &Path, dtype: DType, device: &Device, engine: Engine) -> Result<Self> {
-        let is_adapter =
-            dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file();
-        let fast_ok = !is_adapter
-            && device.is_cpu()
-            && dtype == DType::F32
-            && matches!(
-                ModelFolder::read(dir).map(|f| f.arch),
-                Ok(Architecture::Bert(_))
-            );
-        let precision = match engine {
-            Engine::Candle => None,
-            Engine::Auto => fast_ok.then_some(Precision::F32),
-            Engine::Fast(p) => {
-                if !fast_ok {
-                    return Err(Error::Unsupported(format!(
-                        "{}: the fast engine (and int8) runs BERT-family models on the CPU with \
-                         f32 compute only",
-                        dir.display()
-                    )));
-                }
-                Some(p)
+        if dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file() {
+            if let Engine::Fast(_) = engine {
+                return Err(fast_unsupported(dir));
             }
-        };
-        if let Some(precision) = precision {
-            let folder = ModelFolder::read(dir)?;
-            let Architecture::Bert(cfg) = &folder.arch else {
-                unreachable!("checked above")
-            };
-            let weights = Weights::new(WeightStore::from_dir(dir)?, DType::F32, device);
-            let fast = Arc::new(FastBert::load(cfg, &weights, precision)?);
-            return Self::from_weights_with(dir, &weights, Some(fast));
-        }
-        if is_adapter {
             // A PEFT LoRA adapter folder: the base model it names, with the adapters attached.
             let (attach, base) = crate::lora::LoraAttach::from_peft(dir, false)?;
             let weights = Weights::new(WeightStore::from_dir(&base)?, dtype, device)
                 .with_lora(std::sync::Arc::new(attach));
             return Ok(Self::from_weights(&base, &weights)?.with_name(dir.display().to_string()));
         }
+        let folder = ModelFolder::read(dir)?;
+        let fast_ok =
+            device.is_cpu() && dtype == DType::F32 && matches!(folder.arch, Architecture::Bert(_));
+        let precision = match engine {
+            Engine::Candle => None,
+            Engine::Auto => fast_ok.then_some(Precision::F32),
+            Engine::Fast(_) if !fast_ok => return Err(fast_unsupported(dir)),
+            Engine::Fast(p) => Some(p),
+        };
         let weights = Weights::new(WeightStore::from_dir(dir)?, dtype, device);
-        Self::from_weights(dir, &weights)
+        let fast = match (precision, &folder.arch) {
+            (Some(p), Architecture::Bert(cfg)) => Some(Arc::new(FastBert::load(cfg, &weights, p)?)),
+            _ => None,
+        };
+        Self::from_parts(dir, folder, &weights, fast)
     }
 
     /// Load with every weight a trainable variable: the embedder and its variables by checkpoint name.
@@ -212,16 +190,17 @@ impl Embedder {
 
     /// Build from the folder's config and tokenizer with weights from `weights`.
     pub fn from_weights(dir: &Path, weights: &Weights) -> Result<Self> {
-        Self::from_weights_with(dir, weights, None)
+        Self::from_parts(dir, ModelFolder::read(dir)?, weights, None)
     }
 
-    fn from_weights_with(
+    /// An embedder from a folder already read: the fast engine when given, else the candle model
+    /// the architecture describes, built from `weights`.
+    fn from_parts(
         dir: &Path,
+        folder: ModelFolder,
         weights: &Weights,
         fast: Option<Arc<FastBert>>,
     ) -> Result<Self> {
-        let device = weights.device();
-        let folder = ModelFolder::read(dir)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let model: Box<dyn Encoder> = match &fast {
             Some(f) => Box::new(FastEncoder(f.clone())),
@@ -237,7 +216,7 @@ impl Embedder {
             model,
             fast,
             tokenizer,
-            device: device.clone(),
+            device: weights.device().clone(),
         })
     }
 
@@ -593,6 +572,13 @@ impl Embed for Embedder {
     fn name(&self) -> &str {
         &self.name
     }
+}
+
+fn fast_unsupported(dir: &Path) -> Error {
+    Error::Unsupported(format!(
+        "{}: the fast engine (and int8) runs BERT-family models on the CPU with f32 compute only",
+        dir.display()
+    ))
 }
 
 /// The fast engine behind the `Encoder` interface (for `last_hidden_state` and friends).

@@ -146,18 +146,6 @@ impl FastBert {
         self.precision
     }
 
-    /// Bytes held by the weights as this path stores them.
-    pub fn weight_bytes(&self) -> usize {
-        let v = |x: &Vec<f32>| x.len() * 4;
-        let mut b =
-            v(&self.word) + v(&self.position) + v(&self.token_type0) + 2 * v(&self.emb_ln.0);
-        for l in &self.layers {
-            b += l.qkv.bytes() + l.out.bytes() + l.up.bytes() + l.down.bytes();
-            b += v(&l.qkv_b) + v(&l.out_b) + v(&l.up_b) + v(&l.down_b) + 4 * v(&l.ln1.0);
-        }
-        b
-    }
-
     /// Last hidden states of the real tokens of `rows`, packed row after row: `[Σ len, hidden]`.
     pub fn forward(&self, rows: &[&[u32]]) -> Result<Vec<f32>> {
         for r in rows {

@@ -30,21 +30,6 @@ impl Linear {
         }
     }
 
-    pub fn out_features(&self) -> usize {
-        match self {
-            Linear::F32 { n, .. } => *n,
-            Linear::Int8(q) => q.n,
-        }
-    }
-
-    /// Bytes of weight storage.
-    pub fn bytes(&self) -> usize {
-        match self {
-            Linear::F32 { w, .. } => w.len() * 4,
-            Linear::Int8(q) => q.bytes(),
-        }
-    }
-
     /// `y[m, n] = x[m, k] · W` (y is overwritten).
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32], par: Parallelism) {
         match self {

@@ -68,10 +68,6 @@ impl QuantLinear {
         }
     }
 
-    pub fn bytes(&self) -> usize {
-        self.packed.len() + (self.scale.len() + self.colsum.len()) * 4
-    }
-
     /// `y[m, n] = x[m, k] · W` (approximately; y is overwritten).
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32], par: Parallelism) {
         debug_assert_eq!(x.len(), m * self.k);
