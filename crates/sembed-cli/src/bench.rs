@@ -636,7 +636,7 @@ fn shape_grid(
                 model.embed(&batch, &opts)?;
                 best = best.min(secs(t.elapsed()));
             }
-            sembed::fast::bert::release_scratch();
+            sembed::fast::release_scratch();
             let base = alloc::live();
             alloc::reset_peak();
             model.embed(&batch, &opts)?;

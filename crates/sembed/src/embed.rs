@@ -2,9 +2,10 @@
 //! length-sorted batching (order restored), pooling, Matryoshka truncation and normalisation.
 //! [`Fusion`] joins several embedders into one vector (the Qodo ⊕ Jina pipeline).
 
+use crate::backend::{choose, Backend, CandleBackend, FastBackend, TokenBatch};
 use crate::config::{Architecture, ModelFolder, Pooling};
 use crate::error::{Error, Result};
-use crate::fast::{bert::FastBert, Engine, Precision};
+use crate::fast::{Engine, Precision};
 use crate::models::{bert::Bert, jina::Jina, qwen::Qwen, Batch, Encoder};
 use crate::pool::{normalize_rows, pool};
 use crate::tokenize::TextTokenizer;
@@ -90,17 +91,44 @@ pub trait Embed: Send + Sync {
         texts: &[String],
         opts: &EmbedOptions,
         stages: &mut Stages,
+    ) -> Result<Vec<Vec<f32>>> {
+        let t = std::time::Instant::now();
+        let encoded = self.encode(texts, opts)?;
+        stages.tokenize += t.elapsed();
+        self.embed_encoded(&encoded, opts, stages)
+    }
+    /// Validate `opts` for these texts and tokenise them (prompts and task adapters resolved), without
+    /// running the model. Errors are the ones `embed` would give.
+    fn encode(&self, texts: &[String], opts: &EmbedOptions) -> Result<Encoded>;
+    /// Embed texts [`Embed::encode`] tokenised; `opts` gives the post-processing (Matryoshka
+    /// dimensions, normalisation) and the batch size.
+    fn embed_encoded(
+        &self,
+        encoded: &Encoded,
+        opts: &EmbedOptions,
+        stages: &mut Stages,
     ) -> Result<Vec<Vec<f32>>>;
     /// Output dimension with default options.
     fn dimension(&self) -> usize;
-    /// The engine(s) running the model(s): `candle`, `fast-f32`, `fast-int8`; `+`-joined for a fusion.
+    /// The engine(s) running the model(s): `candle`, `fast-f32`, `fast-bf16`, `fast-int8`…;
+    /// `+`-joined for a fusion.
     fn engine(&self) -> String;
+    /// Why each engine was chosen, one line per model.
+    fn engine_reasons(&self) -> Vec<String>;
+    /// Give back the scratch memory the engines keep between calls.
+    fn release_memory(&self) {}
+    /// Models behind this (the parts of its [`Encoded`]).
+    fn models(&self) -> usize {
+        1
+    }
     fn name(&self) -> &str;
     /// Whether `task` means something here (a Jina adapter or a prompt name).
     fn knows_task(&self, task: &str) -> bool;
     /// Validate `opts` for these texts and count each text's tokens (for a fusion: its largest part),
     /// without running the model. Errors are the ones `embed` would give.
-    fn count_tokens(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<usize>>;
+    fn count_tokens(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<usize>> {
+        Ok(self.encode(texts, opts)?.token_counts())
+    }
     /// The longest input accepted, in tokens.
     fn max_length(&self) -> usize;
     /// Task and prompt names this accepts.
@@ -124,14 +152,71 @@ pub struct Token {
     pub special: bool,
 }
 
+/// Token ids of texts, ready for a model: one part per model (one for an [`Embedder`], one per
+/// member of a [`Fusion`]), each with the task adapter of every sequence. Produced once by
+/// [`Embed::encode`] (which also validates the options) and consumed by [`Embed::embed_encoded`],
+/// so a server counts tokens and embeds from a single tokenisation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Encoded {
+    pub parts: Vec<EncodedPart>,
+}
+
+/// The token ids of every text for one model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EncodedPart {
+    pub ids: Vec<Vec<u32>>,
+    pub tasks: Vec<Option<usize>>,
+}
+
+impl Encoded {
+    /// Number of texts.
+    pub fn len(&self) -> usize {
+        self.parts.first().map_or(0, |p| p.ids.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tokens of each text (for a fusion: its largest part).
+    pub fn token_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.len()];
+        for p in &self.parts {
+            for (c, ids) in counts.iter_mut().zip(&p.ids) {
+                *c = (*c).max(ids.len());
+            }
+        }
+        counts
+    }
+
+    /// Append another encoding of the same model(s) (the server joins requests into one batch).
+    pub fn append(&mut self, other: Encoded) -> Result<()> {
+        if self.parts.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        if other.parts.len() != self.parts.len() {
+            return Err(Error::InvalidInput(
+                "encodings of different models cannot be joined".into(),
+            ));
+        }
+        for (a, b) in self.parts.iter_mut().zip(other.parts) {
+            a.ids.extend(b.ids);
+            a.tasks.extend(b.tasks);
+        }
+        Ok(())
+    }
+}
+
 /// One model, ready to embed.
 pub struct Embedder {
     name: String,
     folder: ModelFolder,
-    model: Box<dyn Encoder>,
-    /// Set when the fast CPU path runs this model (then `model` is the same engine behind the
-    /// `Encoder` interface).
-    fast: Option<Arc<FastBert>>,
+    backend: Box<dyn Backend>,
+    /// The candle model, when candle runs this embedder: the differentiable path training uses.
+    encoder: Option<Arc<dyn Encoder>>,
+    /// Why the engine running this model was chosen.
+    engine_reason: String,
     tokenizer: TextTokenizer,
     device: Device,
 }
@@ -143,38 +228,45 @@ struct Resolved {
 }
 
 impl Embedder {
-    /// Load a model folder in the given compute dtype (the fast CPU path where it applies).
+    /// Load a model folder in the given compute dtype (the fastest engine that runs it).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         Self::load_with(dir, dtype, device, Engine::Auto)
     }
 
-    /// Load a model folder in the given compute dtype, on the given engine.
+    /// Load a model folder in the given compute dtype, on the given engine. On the fast engine the
+    /// dtype is the weights' precision (bf16 / f16 weights, f32 arithmetic); on candle it is the
+    /// compute dtype.
     pub fn load_with(dir: &Path, dtype: DType, device: &Device, engine: Engine) -> Result<Self> {
         if dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file() {
-            if let Engine::Fast(_) = engine {
-                return Err(fast_unsupported(dir));
-            }
             // A PEFT LoRA adapter folder: the base model it names, with the adapters attached.
             let (attach, base) = crate::lora::LoraAttach::from_peft(dir, false)?;
+            let arch = ModelFolder::read(&base)?.arch;
+            let choice = choose(&arch, dtype, device, engine, true)?;
             let weights = Weights::new(WeightStore::from_dir(&base)?, dtype, device)
                 .with_lora(std::sync::Arc::new(attach));
-            return Ok(Self::from_weights(&base, &weights)?.with_name(dir.display().to_string()));
+            let mut e = Self::from_weights(&base, &weights)?.with_name(dir.display().to_string());
+            e.engine_reason = choice.reason;
+            return Ok(e);
         }
         let folder = ModelFolder::read(dir)?;
-        let fast_ok =
-            device.is_cpu() && dtype == DType::F32 && matches!(folder.arch, Architecture::Bert(_));
-        let precision = match engine {
-            Engine::Candle => None,
-            Engine::Auto => fast_ok.then_some(Precision::F32),
-            Engine::Fast(_) if !fast_ok => return Err(fast_unsupported(dir)),
-            Engine::Fast(p) => Some(p),
-        };
-        let weights = Weights::new(WeightStore::from_dir(dir)?, dtype, device);
-        let fast = match (precision, &folder.arch) {
-            (Some(p), Architecture::Bert(cfg)) => Some(Arc::new(FastBert::load(cfg, &weights, p)?)),
-            _ => None,
-        };
-        Self::from_parts(dir, folder, &weights, fast)
+        let choice = choose(&folder.arch, dtype, device, engine, false)?;
+        match choice.fast {
+            Some(p) => {
+                // The fast engine reads every tensor in f32 and converts it to its own precision.
+                let weights = Weights::new(WeightStore::from_dir(dir)?, DType::F32, device);
+                let model = crate::fast::load::load(&folder.arch, &weights, p)?;
+                let backend = FastBackend::new(model, folder.sentence.pooling);
+                let mut e = Self::from_backend(dir, folder, Box::new(backend), None)?;
+                e.engine_reason = choice.reason;
+                Ok(e)
+            }
+            None => {
+                let weights = Weights::new(WeightStore::from_dir(dir)?, dtype, device);
+                let mut e = Self::from_parts(dir, folder, &weights)?;
+                e.engine_reason = choice.reason;
+                Ok(e)
+            }
+        }
     }
 
     /// Load with every weight a trainable variable: the embedder and its variables by checkpoint name.
@@ -188,24 +280,43 @@ impl Embedder {
         Ok((e, weights.variables()))
     }
 
-    /// Build from the folder's config and tokenizer with weights from `weights`.
+    /// Build the candle model from the folder's config and tokenizer with weights from `weights`.
     pub fn from_weights(dir: &Path, weights: &Weights) -> Result<Self> {
-        Self::from_parts(dir, ModelFolder::read(dir)?, weights, None)
+        Self::from_parts(dir, ModelFolder::read(dir)?, weights)
     }
 
-    /// An embedder from a folder already read: the fast engine when given, else the candle model
-    /// the architecture describes, built from `weights`.
-    fn from_parts(
+    /// The fast engine with weights from `weights` (random weights in benches and tests).
+    pub fn fast_from_weights(dir: &Path, weights: &Weights, precision: Precision) -> Result<Self> {
+        let folder = ModelFolder::read(dir)?;
+        let model = crate::fast::load::load(&folder.arch, weights, precision)?;
+        let backend = FastBackend::new(model, folder.sentence.pooling);
+        let mut e = Self::from_backend(dir, folder, Box::new(backend), None)?;
+        e.engine_reason = format!("fast-{precision}: built from given weights");
+        Ok(e)
+    }
+
+    /// A candle embedder from a folder already read.
+    fn from_parts(dir: &Path, folder: ModelFolder, weights: &Weights) -> Result<Self> {
+        let encoder: Arc<dyn Encoder> = Arc::from(build_model(&folder.arch, weights)?);
+        let backend = CandleBackend::new(
+            encoder.clone(),
+            folder.sentence.pooling,
+            folder.tokenizer.padding_side_left,
+            weights.device().clone(),
+        );
+        let mut e = Self::from_backend(dir, folder, Box::new(backend), Some(encoder))?;
+        e.device = weights.device().clone();
+        e.engine_reason = "candle: built from given weights".into();
+        Ok(e)
+    }
+
+    fn from_backend(
         dir: &Path,
         folder: ModelFolder,
-        weights: &Weights,
-        fast: Option<Arc<FastBert>>,
+        backend: Box<dyn Backend>,
+        encoder: Option<Arc<dyn Encoder>>,
     ) -> Result<Self> {
         let tokenizer = TextTokenizer::from_dir(dir)?;
-        let model: Box<dyn Encoder> = match &fast {
-            Some(f) => Box::new(FastEncoder(f.clone())),
-            None => build_model(&folder.arch, weights)?,
-        };
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -213,24 +324,27 @@ impl Embedder {
         Ok(Embedder {
             name,
             folder,
-            model,
-            fast,
+            backend,
+            encoder,
+            engine_reason: String::new(),
             tokenizer,
-            device: weights.device().clone(),
+            device: Device::Cpu,
         })
     }
 
-    /// Which engine and precision run this model (`candle` or `fast-f32` / `fast-int8`).
+    /// Which engine and precision run this model (`candle`, `fast-f32`, `fast-bf16`, `fast-int8`…).
     pub fn engine_name(&self) -> String {
-        match &self.fast {
-            Some(f) => format!("fast-{}", f.precision()),
-            None => "candle".into(),
-        }
+        self.backend.name()
     }
 
-    /// The fast engine, when it runs this model.
-    pub fn fast(&self) -> Option<&FastBert> {
-        self.fast.as_deref()
+    /// Why that engine runs it.
+    pub fn engine_reason(&self) -> &str {
+        &self.engine_reason
+    }
+
+    /// The engine behind this embedder.
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
     }
 
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
@@ -239,7 +353,8 @@ impl Embedder {
     }
 
     /// Sentence embeddings of `texts` as one differentiable tensor `[n, d]` (one batch, no sorting):
-    /// pooled, Matryoshka-truncated and normalised as `opts` say. The training forward pass.
+    /// pooled, Matryoshka-truncated and normalised as `opts` say. The training forward pass; it
+    /// needs the candle engine.
     pub fn embed_tensor(&self, texts: &[String], opts: &EmbedOptions) -> Result<Tensor> {
         if texts.is_empty() {
             return Err(Error::InvalidInput("no texts to embed".into()));
@@ -269,8 +384,10 @@ impl Embedder {
     pub fn last_hidden_state(&self, text: &str, opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
         let r = self.resolve(opts)?;
         let ids = self.tokenize_resolved(&[text.to_string()], opts, &r)?;
-        let (hidden, _, _) = self.forward_hidden(&[&ids[0]], r.adapter)?;
-        Ok(hidden.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        let batch = TokenBatch::new(&[&ids[0]], &[r.adapter])?.with_outputs(vec![], vec![0]);
+        let out = self.backend.embed(&batch)?;
+        let h = self.backend.hidden_size();
+        Ok(out.raw[0].chunks_exact(h).map(<[f32]>::to_vec).collect())
     }
 
     pub fn folder(&self) -> &ModelFolder {
@@ -400,7 +517,7 @@ impl Embedder {
         let Some(d) = opts.dimensions else {
             return Ok(());
         };
-        let full = self.model.hidden_size();
+        let full = self.backend.hidden_size();
         match &self.folder.arch {
             Architecture::Jina(c) if !c.matryoshka_dimensions.is_empty() => {
                 if d == 0 || d > full {
@@ -418,33 +535,46 @@ impl Embedder {
         }
     }
 
-    /// Embed already-tokenised rows (one forward pass per batch of similar lengths).
+    /// Embed already-tokenised rows (one forward pass per batch of similar lengths), each with its
+    /// task adapter.
     pub fn embed_ids(
         &self,
         ids: &[Vec<u32>],
-        adapter: Option<usize>,
+        tasks: &[Option<usize>],
         opts: &EmbedOptions,
     ) -> Result<Vec<Vec<f32>>> {
-        self.embed_ids_staged(ids, adapter, opts, &mut Stages::default())
+        self.embed_ids_staged(ids, tasks, opts, &mut Stages::default())
     }
 
     /// [`Embedder::embed_ids`], adding the time of each stage to `stages`.
     pub fn embed_ids_staged(
         &self,
         ids: &[Vec<u32>],
-        adapter: Option<usize>,
+        tasks: &[Option<usize>],
         opts: &EmbedOptions,
         stages: &mut Stages,
     ) -> Result<Vec<Vec<f32>>> {
         self.check_dimensions(opts)?;
+        if ids.len() != tasks.len() {
+            return Err(Error::InvalidInput(format!(
+                "{} token rows with {} tasks",
+                ids.len(),
+                tasks.len()
+            )));
+        }
         let batch_size = opts.batch_size.max(1);
         let mut order: Vec<usize> = (0..ids.len()).collect();
-        // Longest first: batches hold similar lengths, so little padding; output order is restored.
+        // Longest first: batches hold similar lengths (even share-out between threads, little
+        // padding on candle); output order is restored.
         order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
         let mut out = vec![Vec::new(); ids.len()];
         for chunk in order.chunks(batch_size) {
-            let rows: Vec<&Vec<u32>> = chunk.iter().map(|&i| &ids[i]).collect();
-            let vectors = self.forward_rows(&rows, adapter, stages)?;
+            let t = std::time::Instant::now();
+            let rows: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
+            let row_tasks: Vec<Option<usize>> = chunk.iter().map(|&i| tasks[i]).collect();
+            let batch = TokenBatch::new(&rows, &row_tasks)?;
+            let vectors = self.backend.embed(&batch)?.pooled;
+            stages.forward += t.elapsed();
             for (&i, v) in chunk.iter().zip(vectors) {
                 out[i] = v;
             }
@@ -462,46 +592,20 @@ impl Embedder {
         Ok(out)
     }
 
-    /// Pooled (unnormalised, untruncated) vectors of one padded batch.
-    fn forward_rows(
-        &self,
-        rows: &[&Vec<u32>],
-        adapter: Option<usize>,
-        stages: &mut Stages,
-    ) -> Result<Vec<Vec<f32>>> {
-        let t = std::time::Instant::now();
-        if let Some(fast) = &self.fast {
-            let rows: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-            let hidden = fast.forward(&rows)?;
-            let lens: Vec<usize> = rows.iter().map(|r| r.len()).collect();
-            let t2 = std::time::Instant::now();
-            stages.forward += t2 - t;
-            let pooled = crate::pool::pool_packed(
-                &hidden,
-                &lens,
-                fast.hidden_size(),
-                self.folder.sentence.pooling,
-            );
-            stages.pool += t2.elapsed();
-            return Ok(pooled);
-        }
-        let (hidden, mask, mask_rows) =
-            crate::nn::inference(|| self.forward_hidden(rows, adapter))?;
-        let t2 = std::time::Instant::now();
-        stages.forward += t2 - t;
-        let pooled = pool(&hidden, &mask, &mask_rows, self.folder.sentence.pooling)?;
-        let pooled = pooled.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        stages.pool += t2.elapsed();
-        Ok(pooled)
-    }
-
-    /// Lay `rows` out as one batch and run the model: (padded hidden states `[B, S, H]`, mask
-    /// tensor, mask rows).
+    /// Lay `rows` out as one padded batch and run the candle model: (padded hidden states
+    /// `[B, S, H]`, mask tensor, mask rows).
     fn forward_hidden(
         &self,
         rows: &[&Vec<u32>],
         adapter: Option<usize>,
     ) -> Result<(Tensor, Tensor, Vec<Vec<u32>>)> {
+        let model = self.encoder.as_ref().ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{}: differentiable embeddings need the candle engine (it runs on {})",
+                self.name,
+                self.engine_name()
+            ))
+        })?;
         let rows: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
         let batch = Batch::new(
             &rows,
@@ -509,42 +613,57 @@ impl Embedder {
             adapter,
             &self.device,
         )?;
-        let hidden = batch.packing.pad(&self.model.forward(&batch)?)?;
+        let hidden = batch.packing.pad(&model.forward(&batch)?)?;
         Ok((hidden, batch.attention_mask, batch.mask_rows))
     }
 }
 
 impl Embed for Embedder {
-    fn embed_staged(
-        &self,
-        texts: &[String],
-        opts: &EmbedOptions,
-        stages: &mut Stages,
-    ) -> Result<Vec<Vec<f32>>> {
+    fn encode(&self, texts: &[String], opts: &EmbedOptions) -> Result<Encoded> {
         if texts.is_empty() {
             return Err(Error::InvalidInput("no texts to embed".into()));
         }
         self.check_dimensions(opts)?;
-        let t = std::time::Instant::now();
         let r = self.resolve(opts)?;
         let ids = self.tokenize_resolved(texts, opts, &r)?;
-        stages.tokenize += t.elapsed();
+        Ok(Encoded {
+            parts: vec![EncodedPart {
+                tasks: vec![r.adapter; ids.len()],
+                ids,
+            }],
+        })
+    }
+    fn embed_encoded(
+        &self,
+        encoded: &Encoded,
+        opts: &EmbedOptions,
+        stages: &mut Stages,
+    ) -> Result<Vec<Vec<f32>>> {
+        let [part] = encoded.parts.as_slice() else {
+            return Err(Error::InvalidInput(format!(
+                "{}: an encoding of {} models given to one model",
+                self.name,
+                encoded.parts.len()
+            )));
+        };
         // Output is normalised unless the caller asks otherwise (as TEI), whether or not the folder
         // lists a Normalize module; `normalize: false` returns the raw pooled vectors.
-        self.embed_ids_staged(&ids, r.adapter, opts, stages)
+        self.embed_ids_staged(&part.ids, &part.tasks, opts, stages)
     }
     fn dimension(&self) -> usize {
-        self.model.hidden_size()
+        self.backend.hidden_size()
     }
     fn engine(&self) -> String {
         self.engine_name()
     }
+    fn engine_reasons(&self) -> Vec<String> {
+        vec![format!("{}: {}", self.name, self.engine_reason)]
+    }
+    fn release_memory(&self) {
+        self.backend.release_memory();
+    }
     fn knows_task(&self, task: &str) -> bool {
         self.tasks().iter().any(|t| t == task) || self.folder.sentence.prompts.contains_key(task)
-    }
-    fn count_tokens(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<usize>> {
-        self.check_dimensions(opts)?;
-        Ok(self.tokenize(texts, opts)?.iter().map(Vec::len).collect())
     }
     fn max_length(&self) -> usize {
         self.model_max_length()
@@ -571,39 +690,6 @@ impl Embed for Embedder {
     }
     fn name(&self) -> &str {
         &self.name
-    }
-}
-
-fn fast_unsupported(dir: &Path) -> Error {
-    Error::Unsupported(format!(
-        "{}: the fast engine (and int8) runs BERT-family models on the CPU with f32 compute only",
-        dir.display()
-    ))
-}
-
-/// The fast engine behind the `Encoder` interface (for `last_hidden_state` and friends).
-struct FastEncoder(Arc<FastBert>);
-
-impl Encoder for FastEncoder {
-    fn forward(&self, batch: &Batch) -> Result<Tensor> {
-        let ids = batch.packed_ids.to_vec1::<u32>()?;
-        let mut rows = Vec::with_capacity(batch.mask_rows.len());
-        let mut start = 0;
-        for m in &batch.mask_rows {
-            let n = m.iter().filter(|&&v| v != 0).count();
-            rows.push(&ids[start..start + n]);
-            start += n;
-        }
-        let h = self.0.hidden_size();
-        let hidden = self.0.forward(&rows)?;
-        Ok(Tensor::from_vec(
-            hidden,
-            (start, h),
-            batch.packed_ids.device(),
-        )?)
-    }
-    fn hidden_size(&self) -> usize {
-        self.0.hidden_size()
     }
 }
 
@@ -676,18 +762,41 @@ impl Fusion {
 }
 
 impl Embed for Fusion {
-    fn embed_staged(
+    fn encode(&self, texts: &[String], opts: &EmbedOptions) -> Result<Encoded> {
+        self.check(opts)?;
+        let mut out = Encoded::default();
+        for (part, _) in &self.parts {
+            let e = part.encode(texts, &self.part_options(part.as_ref(), opts))?;
+            out.parts.extend(e.parts);
+        }
+        Ok(out)
+    }
+    fn embed_encoded(
         &self,
-        texts: &[String],
+        encoded: &Encoded,
         opts: &EmbedOptions,
         stages: &mut Stages,
     ) -> Result<Vec<Vec<f32>>> {
         self.check(opts)?;
         let total: f64 = self.parts.iter().map(|(_, w)| w).sum();
-        let mut out = vec![Vec::with_capacity(self.dimension()); texts.len()];
+        let mut out = vec![Vec::with_capacity(self.dimension()); encoded.len()];
+        let mut rest = encoded.parts.as_slice();
         for (part, weight) in &self.parts {
+            // Each member's share of the encoding: one part per model it holds.
+            let n = part.models();
+            if rest.len() < n {
+                return Err(Error::InvalidInput(format!(
+                    "{}: the encoding holds fewer parts than the fusion has models",
+                    self.name
+                )));
+            }
+            let (mine, tail) = rest.split_at(n);
+            rest = tail;
+            let mine = Encoded {
+                parts: mine.to_vec(),
+            };
             let vectors =
-                part.embed_staged(texts, &self.part_options(part.as_ref(), opts), stages)?;
+                part.embed_encoded(&mine, &self.part_options(part.as_ref(), opts), stages)?;
             let t = std::time::Instant::now();
             let scale = (weight / total).sqrt() as f32;
             for (o, v) in out.iter_mut().zip(vectors) {
@@ -697,6 +806,17 @@ impl Embed for Fusion {
         }
         // Parts are always normalised, so the fused vector has unit norm whatever `normalize` says.
         Ok(out)
+    }
+    fn models(&self) -> usize {
+        self.parts.iter().map(|(p, _)| p.models()).sum()
+    }
+    fn engine_reasons(&self) -> Vec<String> {
+        self.parts.iter().flat_map(|(p, _)| p.engine_reasons()).collect()
+    }
+    fn release_memory(&self) {
+        for (p, _) in &self.parts {
+            p.release_memory();
+        }
     }
     fn dimension(&self) -> usize {
         self.parts.iter().map(|(p, _)| p.dimension()).sum()
@@ -710,17 +830,6 @@ impl Embed for Fusion {
     }
     fn knows_task(&self, task: &str) -> bool {
         self.parts.iter().any(|(p, _)| p.knows_task(task))
-    }
-    fn count_tokens(&self, texts: &[String], opts: &EmbedOptions) -> Result<Vec<usize>> {
-        self.check(opts)?;
-        let mut counts = vec![0; texts.len()];
-        for (part, _) in &self.parts {
-            let part_counts = part.count_tokens(texts, &self.part_options(part.as_ref(), opts))?;
-            for (c, p) in counts.iter_mut().zip(part_counts) {
-                *c = (*c).max(p);
-            }
-        }
-        Ok(counts)
     }
     fn max_length(&self) -> usize {
         self.parts

@@ -49,6 +49,11 @@ impl PartSpec {
                 Precision::Int8 => Engine::Fast(Precision::Int8),
                 Precision::F32 if default == Engine::Fast(Precision::Int8) => Engine::Auto,
                 Precision::F32 => default,
+                p @ (Precision::Bf16 | Precision::F16) => {
+                    return Err(Error::InvalidInput(format!(
+                        "quantize = \"{p}\": expected `int8` or `none` (16-bit weights follow --dtype)"
+                    )))
+                }
             },
         })
     }

@@ -4,6 +4,7 @@
 //! the blocks in [`nn`]) → pooled vectors ([`pool`]) → [`embed::Embedder`] / [`embed::Fusion`] → caller.
 //! [`hub`] turns a model reference into a local folder.
 
+pub mod backend;
 pub mod config;
 pub mod embed;
 pub mod error;
@@ -18,7 +19,8 @@ pub mod tokenize;
 pub mod train;
 pub mod weights;
 
-pub use embed::{Embed, EmbedOptions, Embedder, Fusion, InputRole, Stages};
+pub use backend::{Backend, TokenBatch};
+pub use embed::{Embed, EmbedOptions, Embedder, Encoded, Fusion, InputRole, Stages};
 pub use error::{Error, Result};
 
 pub use candle_core::DType;

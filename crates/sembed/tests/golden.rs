@@ -147,6 +147,13 @@ fn check_batched_on(model: &str, engine: Engine) {
     }
 }
 
+const MODELS: [&str; 4] = [
+    "bert-tiny",
+    "qwen2-bidir-tiny",
+    "qwen3-causal-tiny",
+    "jina-v3-tiny",
+];
+
 #[test]
 fn bert_tiny_cases() {
     assert_eq!(load("bert-tiny").engine_name(), "fast-f32");
@@ -156,21 +163,47 @@ fn bert_tiny_cases() {
 fn bert_tiny_batched() {
     check_batched("bert-tiny");
 }
-/// The candle implementation of BERT (the training path) stays golden too.
 #[test]
-fn bert_tiny_cases_and_batches_on_the_candle_engine() {
-    assert_eq!(load_on("bert-tiny", Engine::Candle).engine_name(), "candle");
-    check_cases_on("bert-tiny", Engine::Candle);
-    check_batched_on("bert-tiny", Engine::Candle);
+fn qwen2_bidir_cases() {
+    assert_eq!(load("qwen2-bidir-tiny").engine_name(), "fast-f32");
+    check_cases("qwen2-bidir-tiny");
+}
+#[test]
+fn qwen2_bidir_batched_left_and_right() {
+    check_batched("qwen2-bidir-tiny");
+}
+#[test]
+fn qwen3_causal_cases() {
+    assert_eq!(load("qwen3-causal-tiny").engine_name(), "fast-f32");
+    check_cases("qwen3-causal-tiny");
+}
+#[test]
+fn qwen3_causal_batched_left_and_right() {
+    check_batched("qwen3-causal-tiny");
+}
+#[test]
+fn jina_v3_cases() {
+    assert_eq!(load("jina-v3-tiny").engine_name(), "fast-f32");
+    check_cases("jina-v3-tiny");
+}
+#[test]
+fn jina_v3_batched() {
+    check_batched("jina-v3-tiny");
 }
 
-/// Int8 stays close to the upstream vectors (its error is quantisation, not a bug: a wrong kernel
-/// gives cosines far below this).
+/// The candle models (the reference and the training path) stay golden too, every architecture.
 #[test]
-fn bert_tiny_int8_is_close_to_golden() {
-    let e = load_on("bert-tiny", Engine::Fast(Precision::Int8));
-    assert_eq!(e.engine_name(), "fast-int8");
-    let golden = cases("bert-tiny");
+fn every_model_on_the_candle_engine() {
+    for model in MODELS {
+        assert_eq!(load_on(model, Engine::Candle).engine_name(), "candle");
+        check_cases_on(model, Engine::Candle);
+        check_batched_on(model, Engine::Candle);
+    }
+}
+
+/// Worst cosine between a model's vectors and the golden ones over every single-text case.
+fn worst_cosine_to_golden(e: &Embedder, model: &str) -> f64 {
+    let golden = cases(model);
     let mut worst = 1f64;
     for case in golden["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap().to_string();
@@ -186,58 +219,138 @@ fn bert_tiny_int8_is_close_to_golden() {
             .sum();
         worst = worst.min(cos);
     }
-    println!("bert-tiny int8: worst cosine to golden {worst:.5}");
-    assert!(worst > 0.99, "int8 worst cosine {worst}");
+    worst
 }
 
+/// Int8 and 16-bit weights stay close to the upstream vectors on every architecture (their error is
+/// rounding, not a bug: a wrong kernel or layout gives cosines far below these bounds).
 #[test]
-fn fast_engine_refuses_what_it_cannot_run() {
-    for model in ["qwen2-bidir-tiny", "jina-v3-tiny"] {
-        for p in [Precision::F32, Precision::Int8] {
-            let err = Embedder::load_with(
-                &fixtures().join(model),
-                DType::F32,
-                &sembed::device::cpu(),
-                Engine::Fast(p),
-            )
-            .err()
-            .expect("refused");
-            assert!(err.to_string().contains("fast engine"), "{err}");
+fn reduced_precision_is_close_to_golden_on_every_model() {
+    for model in MODELS {
+        let dir = fixtures().join(model);
+        let cpu = sembed::device::cpu();
+        for (dtype, engine, name, bound) in [
+            (DType::F32, Engine::Fast(Precision::Int8), "fast-int8", 0.99),
+            (DType::BF16, Engine::Auto, "fast-bf16", 0.999),
+            (DType::F16, Engine::Auto, "fast-f16", 0.99999),
+        ] {
+            let e = Embedder::load_with(&dir, dtype, &cpu, engine).unwrap();
+            assert_eq!(e.engine_name(), name);
+            let worst = worst_cosine_to_golden(&e, model);
+            println!("{model} {name}: worst cosine to golden {worst:.6}");
+            assert!(worst > bound, "{model} {name}: worst cosine {worst}");
         }
-        assert_eq!(load(model).engine_name(), "candle");
     }
-    // f16 compute is not the fast path's: auto falls back to candle.
-    let e = Embedder::load(
-        &fixtures().join("bert-tiny"),
-        DType::F16,
-        &sembed::device::cpu(),
-    )
-    .unwrap();
-    assert_eq!(e.engine_name(), "candle");
 }
+
+/// `auto` takes the fast engine where it can and falls back to candle, saying why, where it cannot;
+/// `fast` insists and refuses with the reason.
 #[test]
-fn qwen2_bidir_cases() {
-    check_cases("qwen2-bidir-tiny");
+fn auto_falls_back_to_candle_for_what_the_fast_engine_cannot_run() {
+    let cpu = sembed::device::cpu();
+    for model in MODELS {
+        let e = load(model);
+        assert!(e.engine_reason().starts_with("fast-f32: "), "{}", e.engine_reason());
+        // f64 is a training dtype the fast engine does not hold.
+        let e = Embedder::load(&fixtures().join(model), DType::F64, &cpu).unwrap();
+        assert_eq!(e.engine_name(), "candle");
+        assert!(e.engine_reason().contains("F64"), "{}", e.engine_reason());
+        let err = Embedder::load_with(
+            &fixtures().join(model),
+            DType::F64,
+            &cpu,
+            Engine::Fast(Precision::F32),
+        )
+        .err()
+        .expect("refused");
+        assert!(err.to_string().contains("fast engine cannot run"), "{err}");
+    }
 }
+
+/// A BERT with SiLU (no golden file: upstream checkpoints use GELU) runs on the fast engine and equals
+/// the candle reference.
 #[test]
-fn qwen2_bidir_batched_left_and_right() {
-    check_batched("qwen2-bidir-tiny");
+fn bert_with_silu_runs_on_both_engines_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("bert-tiny");
+    copy_dir(&src, dir.path());
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["hidden_act"] = "silu".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let cpu = sembed::device::cpu();
+    let fast = Embedder::load_with(dir.path(), DType::F32, &cpu, Engine::Auto).unwrap();
+    let candle = Embedder::load_with(dir.path(), DType::F32, &cpu, Engine::Candle).unwrap();
+    assert_eq!(fast.engine_name(), "fast-f32");
+    let texts: Vec<String> = ["fn main() {}", "a longer sentence about silu activations", "x"]
+        .map(String::from)
+        .to_vec();
+    let a = fast.embed(&texts, &EmbedOptions::default()).unwrap();
+    let b = candle.embed(&texts, &EmbedOptions::default()).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        let d = max_abs(x, y);
+        assert!(d <= 1e-5, "silu BERT: engines differ by {d}");
+    }
+    // And the activation changed the function (the test would pass vacuously otherwise).
+    let gelu = load("bert-tiny").embed(&texts, &EmbedOptions::default()).unwrap();
+    assert!(max_abs(&a[1], &gelu[1]) > 1e-3);
 }
-#[test]
-fn qwen3_causal_cases() {
-    check_cases("qwen3-causal-tiny");
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dst = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dst);
+        } else {
+            std::fs::copy(entry.path(), dst).unwrap();
+        }
+    }
 }
+
+/// One batch that mixes Jina tasks equals each text embedded with its own task, and the golden
+/// vectors of those tasks.
 #[test]
-fn qwen3_causal_batched_left_and_right() {
-    check_batched("qwen3-causal-tiny");
-}
-#[test]
-fn jina_v3_cases() {
-    check_cases("jina-v3-tiny");
-}
-#[test]
-fn jina_v3_batched() {
-    check_batched("jina-v3-tiny");
+fn jina_batch_mixing_tasks_matches_golden() {
+    for engine in [Engine::Auto, Engine::Candle] {
+        let e = load_on("jina-v3-tiny", engine);
+        let golden = cases("jina-v3-tiny");
+        let mut ids = Vec::new();
+        let mut tasks = Vec::new();
+        let mut want = Vec::new();
+        for case in golden["cases"].as_array().unwrap() {
+            if case["truncate_dim"].as_u64().is_some() {
+                continue;
+            }
+            let opts = opts_for(case);
+            let text = case["text"].as_str().unwrap().to_string();
+            let row = e.tokenize(std::slice::from_ref(&text), &opts).unwrap().remove(0);
+            let task = opts
+                .task
+                .as_ref()
+                .map(|t| e.tasks().iter().position(|x| x == t).unwrap());
+            ids.push(row);
+            tasks.push(task);
+            want.push(floats(&case["embedding_normalized"]));
+        }
+        let distinct: std::collections::BTreeSet<_> = tasks.iter().collect();
+        assert!(distinct.len() >= 4, "only {} tasks in the cases", distinct.len());
+        let got = e
+            .embed_ids(
+                &ids,
+                &tasks,
+                &EmbedOptions {
+                    batch_size: 64,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            let d = max_abs(g, w);
+            assert!(d <= 1e-5, "{engine:?}: mixed-task batch differs by {d}");
+        }
+    }
 }
 
 /// A padded batch equals each text alone (our own implementation, every model, both sides).

@@ -1,4 +1,5 @@
-//! Row kernels of the fast CPU path: exp, GELU, softmax, LayerNorm with fused bias and residual.
+//! Row kernels of the fast CPU path: exp, GELU, SiLU/SwiGLU, softmax (causal too), LayerNorm with
+//! fused bias and residual, RMSNorm, rotary embeddings.
 //!
 //! Written by hand (not candle ops) because the point is fusion: one pass over a row does bias +
 //! residual + normalisation, or bias + activation, with no intermediate tensor and no allocation.
@@ -87,6 +88,8 @@ pub enum Act {
     GeluErf,
     GeluTanh,
     Relu,
+    /// SiLU without a gate (`x · sigmoid(x)`); the gated SwiGLU MLP uses [`silu_mul_compact`].
+    Silu,
 }
 
 multiversion! {
@@ -113,6 +116,12 @@ multiversion! {
                 Act::Relu => {
                     for (v, b) in row.iter_mut().zip(bias) {
                         *v = (*v + b).max(0.0);
+                    }
+                }
+                Act::Silu => {
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        let y = *v + b;
+                        *v = y / (1.0 + exp(-y));
                     }
                 }
             }
@@ -208,6 +217,132 @@ multiversion! {
     pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
         for xr in x.chunks_exact_mut(gamma.len()) {
             normalize_row(xr, gamma, beta, eps);
+        }
+    }
+}
+
+multiversion! {
+    /// `dst = RMSNorm(src) * gamma`, row by row (rows `gamma.len()` long): `x / sqrt(mean(x²) + eps)`.
+    pub fn rms_norm(src: &[f32], dst: &mut [f32], gamma: &[f32], eps: f32) {
+        let n = gamma.len();
+        for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+            let mut acc = [0f32; LANES];
+            let mut chunks = s.chunks_exact(LANES);
+            for c in &mut chunks {
+                for i in 0..LANES {
+                    acc[i] += c[i] * c[i];
+                }
+            }
+            let mut ss: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+            for a in acc {
+                ss += a;
+            }
+            let inv = 1.0 / (ss / n as f32 + eps).sqrt();
+            for ((o, v), g) in d.iter_mut().zip(s).zip(gamma) {
+                *o = v * inv * g;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// RMSNorm in place over every `gamma.len()`-long piece of `x` (Qwen3's per-head q/k norm).
+    pub fn rms_norm_inplace(x: &mut [f32], gamma: &[f32], eps: f32) {
+        let n = gamma.len();
+        for d in x.chunks_exact_mut(n) {
+            let mut acc = [0f32; LANES];
+            let mut chunks = d.chunks_exact(LANES);
+            for c in &mut chunks {
+                for i in 0..LANES {
+                    acc[i] += c[i] * c[i];
+                }
+            }
+            let mut ss: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+            for a in acc {
+                ss += a;
+            }
+            let inv = 1.0 / (ss / n as f32 + eps).sqrt();
+            for (o, g) in d.iter_mut().zip(gamma) {
+                *o = *o * inv * g;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `x[r][c] += y[r][c] (+ bias[c])`: the pre-norm residual step.
+    pub fn add_residual(x: &mut [f32], y: &[f32], bias: Option<&[f32]>) {
+        match bias {
+            Some(b) => {
+                for (xr, yr) in x.chunks_exact_mut(b.len()).zip(y.chunks_exact(b.len())) {
+                    for ((v, a), c) in xr.iter_mut().zip(yr).zip(b) {
+                        *v += a + c;
+                    }
+                }
+            }
+            None => {
+                for (v, a) in x.iter_mut().zip(y) {
+                    *v += a;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// SwiGLU on rows laid out `[gate (i) | up (i)]` (`rows` of them, `2i` long): `silu(gate) · up`,
+    /// written compactly to the first `rows · i` values of `x` (row `r` lands at `r·i`, which never
+    /// overtakes a row not yet read).
+    pub fn silu_mul_compact(x: &mut [f32], rows: usize, i: usize) {
+        for r in 0..rows {
+            let (head, src) = x.split_at_mut(2 * r * i);
+            let (g, u) = src[..2 * i].split_at_mut(i);
+            if r == 0 {
+                for (gv, uv) in g.iter_mut().zip(u.iter()) {
+                    *gv = *gv / (1.0 + exp(-*gv)) * uv;
+                }
+            } else {
+                let dst = &mut head[r * i..(r + 1) * i];
+                for ((d, gv), uv) in dst.iter_mut().zip(g.iter()).zip(u.iter()) {
+                    *d = gv / (1.0 + exp(-gv)) * uv;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Rotary embedding (GPT-NeoX / `rotate_half` layout) in place on `heads` consecutive heads of
+    /// `cos.len() * 2` values each: `x·cos + rotate_half(x)·sin` with the half-width tables of one
+    /// position.
+    pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let half = cos.len();
+        for head in x.chunks_exact_mut(2 * half) {
+            let (a, b) = head.split_at_mut(half);
+            for (((x1, x2), c), s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+                let (u, v) = (*x1, *x2);
+                *x1 = u * c - v * s;
+                *x2 = v * c + u * s;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Causal row-wise softmax of `x * scale` in place over an `n × n` score matrix: row `i` keeps
+    /// columns `0..=i`, the rest become 0.
+    pub fn softmax_rows_causal(x: &mut [f32], n: usize, scale: f32) {
+        for (i, row) in x.chunks_exact_mut(n).enumerate() {
+            let (live, dead) = row.split_at_mut(i + 1);
+            let m = max(live) * scale;
+            for v in live.iter_mut() {
+                *v = exp(*v * scale - m);
+            }
+            let inv = 1.0 / sum(live);
+            for v in live.iter_mut() {
+                *v *= inv;
+            }
+            dead.fill(0.0);
         }
     }
 }

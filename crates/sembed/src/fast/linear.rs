@@ -1,8 +1,13 @@
-//! Projections of the fast path: `y = x · W` with `W` stored `[in, out]` (transposed once at load),
-//! in f32 through the `gemm` crate, or in int8 (see [`super::quant`]).
+//! Projections of the fast path: `y = x · W`, in f32 through the `gemm` crate with `W` stored
+//! `[in, out]` (transposed once at load; the PyTorch copy is dropped), with 16-bit weights (bf16 or
+//! f16, kept in the checkpoint's `[out, in]` layout and widened to f32 a block of output features at
+//! a time, so the weights are held once, in 16 bits, and the arithmetic accumulates in f32), or in
+//! int8 (see [`super::quant`]).
 
 use super::quant::QuantLinear;
 use gemm::Parallelism;
+use half::{bf16, f16};
+use std::cell::RefCell;
 
 pub enum Linear {
     F32 {
@@ -11,7 +16,74 @@ pub enum Linear {
         k: usize,
         n: usize,
     },
+    Half(HalfWeights),
     Int8(QuantLinear),
+}
+
+/// 16-bit weights `[n, k]` (PyTorch layout).
+pub enum HalfWeights {
+    Bf16 { w: Vec<bf16>, k: usize, n: usize },
+    F16 { w: Vec<f16>, k: usize, n: usize },
+}
+
+/// Widened weights per block: about 1 MiB of f32, so a block stays in L2 while the GEMM uses it.
+const HALF_BLOCK_VALUES: usize = 1 << 18;
+
+thread_local! {
+    /// Per-thread buffer for widened 16-bit weight blocks.
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Drop this thread's widened-weight buffer.
+pub fn release_thread_scratch() {
+    WIDE.with(|w| drop(std::mem::take(&mut *w.borrow_mut())));
+}
+
+impl HalfWeights {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            HalfWeights::Bf16 { k, n, .. } | HalfWeights::F16 { k, n, .. } => (*k, *n),
+        }
+    }
+
+    /// Widen output features `o0..o1` (rows of the `[n, k]` weight) into `dst`.
+    fn widen(&self, o0: usize, o1: usize, dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            HalfWeights::Bf16 { w, k, .. } => w[o0 * k..o1 * k].convert_to_f32_slice(dst),
+            HalfWeights::F16 { w, k, .. } => w[o0 * k..o1 * k].convert_to_f32_slice(dst),
+        }
+    }
+
+    fn forward(&self, x: &[f32], m: usize, y: &mut [f32], par: Parallelism) {
+        let (k, n) = self.dims();
+        let nb = (HALF_BLOCK_VALUES / k.max(1)).clamp(16, n.max(16)) / 16 * 16;
+        let mut buf = WIDE.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        if buf.len() < nb * k {
+            buf.resize(nb * k, 0.0);
+        }
+        let mut o0 = 0;
+        while o0 < n {
+            let o1 = (o0 + nb).min(n);
+            let wb = &mut buf[..(o1 - o0) * k];
+            self.widen(o0, o1, wb);
+            // y[:, o0..o1] = x · wbᵀ (wb is [o1 - o0, k]: read it column-major as [k, o1 - o0]).
+            matmul(
+                m,
+                o1 - o0,
+                k,
+                x,
+                (k as isize, 1),
+                wb,
+                (1, k as isize),
+                &mut y[o0..],
+                (n as isize, 1),
+                par,
+            );
+            o0 = o1;
+        }
+        WIDE.with(|b| *b.borrow_mut() = buf);
+    }
 }
 
 impl Linear {
@@ -49,7 +121,18 @@ impl Linear {
                     par,
                 );
             }
+            Linear::Half(h) => h.forward(x, m, y, par),
             Linear::Int8(q) => q.forward(x, m, y, par),
+        }
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Linear::F32 { w, .. } => w.len() * 4,
+            Linear::Half(HalfWeights::Bf16 { w, .. }) => w.len() * 2,
+            Linear::Half(HalfWeights::F16 { w, .. }) => w.len() * 2,
+            Linear::Int8(q) => q.weight_bytes(),
         }
     }
 }
@@ -67,6 +150,25 @@ pub fn matmul(
     (rrs, rcs): (isize, isize),
     dst: &mut [f32],
     (drs, dcs): (isize, isize),
+    par: Parallelism,
+) {
+    matmul_acc(m, n, k, lhs, (lrs, lcs), rhs, (rrs, rcs), dst, (drs, dcs), false, par)
+}
+
+/// [`matmul`], adding to `dst` instead of overwriting it when `accumulate` is set.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn matmul_acc(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    (lrs, lcs): (isize, isize),
+    rhs: &[f32],
+    (rrs, rcs): (isize, isize),
+    dst: &mut [f32],
+    (drs, dcs): (isize, isize),
+    accumulate: bool,
     par: Parallelism,
 ) {
     if m == 0 || n == 0 {
@@ -88,14 +190,14 @@ pub fn matmul(
             dst.as_mut_ptr(),
             dcs,
             drs,
-            false,
+            accumulate,
             lhs.as_ptr(),
             lcs,
             lrs,
             rhs.as_ptr(),
             rcs,
             rrs,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,

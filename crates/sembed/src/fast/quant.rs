@@ -18,6 +18,11 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Drop this thread's quantised-activation buffers.
+pub fn release_thread_scratch() {
+    QSCRATCH.with(|s| drop(std::mem::take(&mut *s.borrow_mut())));
+}
+
 /// Columns per packed panel (4 AVX-512 registers of 16 i32 lanes).
 const NB: usize = 64;
 /// Rows per micro-kernel call.
@@ -66,6 +71,11 @@ impl QuantLinear {
             scale,
             colsum,
         }
+    }
+
+    /// Bytes of the packed weights and their per-column scales and sums.
+    pub fn weight_bytes(&self) -> usize {
+        self.packed.len() + 4 * (self.scale.len() + self.colsum.len())
     }
 
     /// `y[m, n] = x[m, k] · W` (approximately; y is overwritten).
