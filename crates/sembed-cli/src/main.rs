@@ -57,9 +57,11 @@ enum Command {
     /// Measure: stages, throughput by batch size and length, latency, memory, int8, training and
     /// gradient cost, and the peers on the same texts; writes JSON, Markdown and SVG.
     Bench(Box<bench::BenchArgs>),
-    /// Print the header of a safetensors file: names, dtypes, shapes, parameter count, bytes.
+    /// Print the header of a safetensors file (names, dtypes, shapes, parameter count, bytes), or
+    /// describe a model folder: architecture, widths, pooling, tasks, and which engine runs it (and
+    /// why) for each weight precision.
     Inspect {
-        /// A .safetensors file.
+        /// A .safetensors file or a model folder.
         file: PathBuf,
     },
 }
@@ -702,6 +704,9 @@ fn embed_with_progress(
 }
 
 fn inspect(file: &std::path::Path) -> Result<()> {
+    if file.is_dir() {
+        return inspect_folder(file);
+    }
     let st = sembed::weights::SafetensorsFile::open(file)?;
     let header = st.header();
     let mut params: u64 = 0;
@@ -733,5 +738,66 @@ fn inspect(file: &std::path::Path) -> Result<()> {
     }
     println!("data bytes: {bytes}");
     println!("header bytes: {}", header.data_start - 8);
+    Ok(())
+}
+
+/// A model folder: what it is and which engine runs it for each precision (nothing is loaded).
+fn inspect_folder(dir: &std::path::Path) -> Result<()> {
+    use sembed::config::{Architecture, ModelFolder};
+    use sembed::fast::{Engine, Precision};
+    let folder = ModelFolder::read(dir)?;
+    let (layers, heads, kv, inter) = match &folder.arch {
+        Architecture::Bert(c) => (
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_attention_heads,
+            c.intermediate_size,
+        ),
+        Architecture::Qwen(c) => (
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.intermediate_size,
+        ),
+        Architecture::Jina(c) => (
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_attention_heads,
+            c.intermediate_size,
+        ),
+    };
+    println!("model folder   {}", dir.display());
+    println!("architecture   {}", folder.arch.name());
+    println!(
+        "widths         hidden {}, {layers} layers, {heads} heads ({kv} key/value), intermediate {inter}",
+        folder.arch.hidden_size()
+    );
+    println!("pooling        {:?}", folder.sentence.pooling);
+    println!("max length     {}", folder.max_seq_length());
+    if let Architecture::Jina(c) = &folder.arch {
+        println!("tasks          {}", c.lora_adaptations.join(", "));
+    }
+    if !folder.sentence.prompts.is_empty() {
+        let names: Vec<&str> = folder.sentence.prompts.keys().map(String::as_str).collect();
+        println!("prompts        {}", names.join(", "));
+    }
+    println!(
+        "engines (CPU; kernels: {})",
+        sembed::fast::kernels::describe_cpu()
+    );
+    let cpu = sembed::device::cpu();
+    let peft = dir.join("adapter_config.json").is_file();
+    for (label, dtype, engine) in [
+        ("f32", sembed::DType::F32, Engine::Auto),
+        ("bf16", sembed::DType::BF16, Engine::Auto),
+        ("f16", sembed::DType::F16, Engine::Auto),
+        ("int8", sembed::DType::F32, Engine::Fast(Precision::Int8)),
+    ] {
+        let line = match sembed::backend::choose(&folder.arch, dtype, &cpu, engine, peft) {
+            Ok(c) => c.reason,
+            Err(e) => e.to_string(),
+        };
+        println!("  {label:5}  {line}");
+    }
     Ok(())
 }

@@ -1,48 +1,40 @@
 //! Dynamic batching: requests are queued (bounded, in texts), and a dedicated thread per model takes
-//! the oldest request plus every queued request with the same grouping options that fits the token
-//! budget, runs one `embed` call for all of them, and answers each. A request whose client has gone
-//! (its reply channel closed) is dropped before it costs a forward pass.
+//! the oldest request plus every queued request that fits the token budget, runs one forward pass
+//! for all of them, and answers each. Requests arrive tokenised (the route counted their tokens from
+//! the same ids, so each request is tokenised once) and each sequence carries its own task adapter,
+//! so requests with different roles, tasks or truncation share a batch. A request whose client has
+//! gone (its reply channel closed) is dropped before it costs a forward pass. After a burst, once the
+//! queue has been idle for a while, the engines give back their scratch memory.
 
 use crate::metrics::Metrics;
-use sembed::embed::{Embed, EmbedOptions, InputRole};
+use sembed::embed::{Embed, EmbedOptions, Encoded};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 use tokio::sync::oneshot;
 
-/// Options that must be equal for requests to share a forward pass.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupKey {
-    pub role: Option<InputRole>,
-    pub task: Option<String>,
-    pub truncate: bool,
-    pub truncate_left: Option<bool>,
-}
-
-impl GroupKey {
-    fn options(&self) -> EmbedOptions {
-        EmbedOptions {
-            role: self.role,
-            task: self.task.clone(),
-            truncate: self.truncate,
-            truncate_left: self.truncate_left,
-            // Post-processing (Matryoshka truncation, normalisation) is per request, below.
-            normalize: false,
-            dimensions: None,
-            max_length: None,
-            // Length-sorted sub-batches inside the group: one padded mega-batch would waste compute.
-            batch_size: 32,
-        }
+/// Options of the forward pass: post-processing (Matryoshka truncation, normalisation) is per
+/// request, below.
+fn forward_options() -> EmbedOptions {
+    EmbedOptions {
+        normalize: false,
+        dimensions: None,
+        // Length-sorted sub-batches: one mega-batch would unbalance the threads.
+        batch_size: 32,
+        ..Default::default()
     }
 }
+
+/// How long the queue stays empty before the engines give back their scratch memory.
+pub const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub type Reply = Result<Vec<Vec<f32>>, String>;
 
 pub struct Job {
-    pub texts: Vec<String>,
+    /// The request's token ids, as counted.
+    pub encoded: Encoded,
     pub tokens: usize,
-    pub key: GroupKey,
     pub dimensions: Option<usize>,
     pub normalize: bool,
     pub reply: oneshot::Sender<Reply>,
@@ -99,10 +91,10 @@ impl Batcher {
     /// Queue a job, or refuse at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), Overloaded> {
         let mut s = self.state.lock().expect("queue lock");
-        if s.queued_texts + job.texts.len() > self.max_queue_texts && !s.jobs.is_empty() {
+        if s.queued_texts + job.encoded.len() > self.max_queue_texts && !s.jobs.is_empty() {
             return Err(Overloaded);
         }
-        s.queued_texts += job.texts.len();
+        s.queued_texts += job.encoded.len();
         s.jobs.push_back(job);
         self.metrics
             .queue_size
@@ -125,7 +117,9 @@ impl Batcher {
         self.ready.notify_all();
     }
 
-    fn next_batch(&self) -> Option<Vec<Job>> {
+    /// The next batch, waiting for one; `held` says the engines hold scratch from earlier work,
+    /// which `release` gives back once the queue has been idle for [`IDLE_RELEASE`].
+    fn next_batch(&self, held: &mut bool, release: &dyn Fn()) -> Option<Vec<Job>> {
         let mut s = self.state.lock().expect("queue lock");
         loop {
             if s.shutdown && s.jobs.is_empty() {
@@ -134,7 +128,21 @@ impl Batcher {
             if !s.jobs.is_empty() && !self.paused.load(Ordering::SeqCst) {
                 break;
             }
-            s = self.ready.wait(s).expect("queue lock");
+            if *held {
+                let (guard, wait) = self
+                    .ready
+                    .wait_timeout(s, IDLE_RELEASE)
+                    .expect("queue lock");
+                s = guard;
+                if wait.timed_out() && s.jobs.is_empty() {
+                    drop(s);
+                    release();
+                    *held = false;
+                    s = self.state.lock().expect("queue lock");
+                }
+            } else {
+                s = self.ready.wait(s).expect("queue lock");
+            }
         }
         let mut batch: Vec<Job> = Vec::new();
         let mut tokens = 0;
@@ -143,18 +151,17 @@ impl Batcher {
             let job = &s.jobs[i];
             if job.reply.is_closed() {
                 let job = s.jobs.remove(i).expect("index in range");
-                s.queued_texts -= job.texts.len();
+                s.queued_texts -= job.encoded.len();
                 self.metrics
                     .requests
                     .with_label_values(&["cancelled"])
                     .inc();
                 continue;
             }
-            let fits = batch.is_empty()
-                || (job.key == batch[0].key && tokens + job.tokens <= self.max_batch_tokens);
+            let fits = batch.is_empty() || tokens + job.tokens <= self.max_batch_tokens;
             if fits {
                 let job = s.jobs.remove(i).expect("index in range");
-                s.queued_texts -= job.texts.len();
+                s.queued_texts -= job.encoded.len();
                 tokens += job.tokens;
                 batch.push(job);
             } else {
@@ -169,10 +176,16 @@ impl Batcher {
     }
 
     fn run(&self, model: Arc<dyn Embed>) {
-        while let Some(batch) = self.next_batch() {
+        let mut held = false;
+        let release = || {
+            model.release_memory();
+            tracing::debug!(model = %self.model_name, "idle: scratch memory given back");
+        };
+        while let Some(batch) = self.next_batch(&mut held, &release) {
             if batch.is_empty() {
                 continue;
             }
+            held = true;
             let started = Instant::now();
             for job in &batch {
                 self.metrics
@@ -180,11 +193,19 @@ impl Batcher {
                     .with_label_values(&["queue"])
                     .observe(started.duration_since(job.enqueued).as_secs_f64());
             }
-            let texts: Vec<String> = batch.iter().flat_map(|j| j.texts.iter().cloned()).collect();
+            let mut encoded = Encoded::default();
+            let mut joined = Ok(());
+            for job in &batch {
+                if joined.is_ok() {
+                    joined = encoded.append(job.encoded.clone());
+                }
+            }
             let tokens: usize = batch.iter().map(|j| j.tokens).sum();
-            self.metrics.batch_size.observe(texts.len() as f64);
+            self.metrics.batch_size.observe(encoded.len() as f64);
             self.metrics.batch_tokens.observe(tokens as f64);
-            let result = model.embed(&texts, &batch[0].key.options());
+            let result = joined.and_then(|()| {
+                model.embed_encoded(&encoded, &forward_options(), &mut Default::default())
+            });
             self.metrics
                 .stage_seconds
                 .with_label_values(&["inference"])
@@ -194,7 +215,7 @@ impl Batcher {
                     let mut vectors = vectors.into_iter();
                     for job in batch {
                         let mut mine: Vec<Vec<f32>> =
-                            vectors.by_ref().take(job.texts.len()).collect();
+                            vectors.by_ref().take(job.encoded.len()).collect();
                         if let Some(d) = job.dimensions {
                             mine.iter_mut().for_each(|v| v.truncate(d));
                         }

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use batcher::{Batcher, GroupKey, Job};
+use batcher::{Batcher, Job};
 use metrics::Metrics;
 use sembed::embed::{Embed, EmbedOptions, InputRole};
 use serde_json::{json, Value};
@@ -424,28 +424,26 @@ async fn run_embed(
 ) -> Result<Embedded, ApiError> {
     let started = Instant::now();
     let model = entry.model.clone();
-    let (texts, counts) = {
+    // Tokenised once, here: the ids counted for usage and the token budget are the ids embedded.
+    let encoded = {
         let opts = opts.clone();
-        tokio::task::spawn_blocking(move || {
-            let counts = model.count_tokens(&texts, &opts);
-            (texts, counts)
-        })
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                flavor,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.to_string(),
-            )
-        })?
+        tokio::task::spawn_blocking(move || model.encode(&texts, &opts))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    flavor,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    e.to_string(),
+                )
+            })?
     };
     state
         .metrics
         .stage_seconds
         .with_label_values(&["tokenize"])
         .observe(started.elapsed().as_secs_f64());
-    let counts = counts.map_err(|e| match e {
+    let encoded = encoded.map_err(|e| match e {
         sembed::Error::InvalidInput(m) | sembed::Error::Unsupported(m) => {
             ApiError::validation(flavor, m)
         }
@@ -456,17 +454,11 @@ async fn run_embed(
             other.to_string(),
         ),
     })?;
-    let tokens: usize = counts.iter().sum();
+    let tokens: usize = encoded.token_counts().iter().sum();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job = Job {
-        texts,
+        encoded,
         tokens,
-        key: GroupKey {
-            role: opts.role,
-            task: opts.task.clone(),
-            truncate: opts.truncate,
-            truncate_left: opts.truncate_left,
-        },
         dimensions: opts.dimensions,
         normalize: opts.normalize,
         reply: tx,
@@ -715,6 +707,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<Value> {
                 "max_input_length": m.model.max_length(),
                 "tasks": m.model.task_names(),
                 "engine": m.model.engine(),
+                "engine_reasons": m.model.engine_reasons(),
             })
         })
         .collect();

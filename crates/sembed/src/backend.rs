@@ -192,7 +192,12 @@ pub struct CandleBackend {
 }
 
 impl CandleBackend {
-    pub fn new(model: Arc<dyn Encoder>, pooling: Pooling, padding_left: bool, device: Device) -> Self {
+    pub fn new(
+        model: Arc<dyn Encoder>,
+        pooling: Pooling,
+        padding_left: bool,
+        device: Device,
+    ) -> Self {
         CandleBackend {
             model,
             pooling,
@@ -219,7 +224,9 @@ impl Backend for CandleBackend {
         tasks.sort();
         tasks.dedup();
         for task in tasks {
-            let members: Vec<usize> = (0..batch.len()).filter(|&i| batch.tasks[i] == task).collect();
+            let members: Vec<usize> = (0..batch.len())
+                .filter(|&i| batch.tasks[i] == task)
+                .collect();
             let rows: Vec<&[u32]> = members.iter().map(|&i| batch.seq(i)).collect();
             let b = Batch::new(&rows, self.padding_left, task, &self.device)?;
             let packed = crate::nn::inference(|| self.model.forward(&b))?
@@ -266,9 +273,8 @@ pub fn choose(
         fast::load::supports(arch)?;
         match engine {
             Engine::Fast(Precision::Int8) => Ok(Precision::Int8),
-            _ => Precision::for_dtype(dtype).ok_or_else(|| {
-                format!("it holds f32, bf16 or f16 weights, not {dtype:?}")
-            }),
+            _ => Precision::for_dtype(dtype)
+                .ok_or_else(|| format!("it holds f32, bf16 or f16 weights, not {dtype:?}")),
         }
     };
     match engine {

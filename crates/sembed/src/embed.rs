@@ -811,7 +811,10 @@ impl Embed for Fusion {
         self.parts.iter().map(|(p, _)| p.models()).sum()
     }
     fn engine_reasons(&self) -> Vec<String> {
-        self.parts.iter().flat_map(|(p, _)| p.engine_reasons()).collect()
+        self.parts
+            .iter()
+            .flat_map(|(p, _)| p.engine_reasons())
+            .collect()
     }
     fn release_memory(&self) {
         for (p, _) in &self.parts {

@@ -180,7 +180,7 @@ mod tests {
         let arg = [path.display().to_string()];
         let cpu = crate::device::cpu();
         let m = load(&arg, DType::F32, &cpu, Engine::Auto).unwrap();
-        assert_eq!(m.engine(), "fast-int8+fast-f32+candle");
+        assert_eq!(m.engine(), "fast-int8+fast-f32+fast-f32");
         // The command's int8 applies where a part says nothing; "none" keeps a part unquantised.
         let err = load(
             &arg,
@@ -190,7 +190,7 @@ mod tests {
         );
         assert!(err.is_ok(), "{:?}", err.err());
         let m = err.unwrap();
-        assert_eq!(m.engine(), "fast-int8+fast-int8+candle");
+        assert_eq!(m.engine(), "fast-int8+fast-int8+fast-f32");
         std::fs::write(
             &path,
             format!(

@@ -250,7 +250,11 @@ fn auto_falls_back_to_candle_for_what_the_fast_engine_cannot_run() {
     let cpu = sembed::device::cpu();
     for model in MODELS {
         let e = load(model);
-        assert!(e.engine_reason().starts_with("fast-f32: "), "{}", e.engine_reason());
+        assert!(
+            e.engine_reason().starts_with("fast-f32: "),
+            "{}",
+            e.engine_reason()
+        );
         // f64 is a training dtype the fast engine does not hold.
         let e = Embedder::load(&fixtures().join(model), DType::F64, &cpu).unwrap();
         assert_eq!(e.engine_name(), "candle");
@@ -275,16 +279,21 @@ fn bert_with_silu_runs_on_both_engines_alike() {
     let src = fixtures().join("bert-tiny");
     copy_dir(&src, dir.path());
     let cfg_path = dir.path().join("config.json");
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["hidden_act"] = "silu".into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let cpu = sembed::device::cpu();
     let fast = Embedder::load_with(dir.path(), DType::F32, &cpu, Engine::Auto).unwrap();
     let candle = Embedder::load_with(dir.path(), DType::F32, &cpu, Engine::Candle).unwrap();
     assert_eq!(fast.engine_name(), "fast-f32");
-    let texts: Vec<String> = ["fn main() {}", "a longer sentence about silu activations", "x"]
-        .map(String::from)
-        .to_vec();
+    let texts: Vec<String> = [
+        "fn main() {}",
+        "a longer sentence about silu activations",
+        "x",
+    ]
+    .map(String::from)
+    .to_vec();
     let a = fast.embed(&texts, &EmbedOptions::default()).unwrap();
     let b = candle.embed(&texts, &EmbedOptions::default()).unwrap();
     for (x, y) in a.iter().zip(&b) {
@@ -292,7 +301,9 @@ fn bert_with_silu_runs_on_both_engines_alike() {
         assert!(d <= 1e-5, "silu BERT: engines differ by {d}");
     }
     // And the activation changed the function (the test would pass vacuously otherwise).
-    let gelu = load("bert-tiny").embed(&texts, &EmbedOptions::default()).unwrap();
+    let gelu = load("bert-tiny")
+        .embed(&texts, &EmbedOptions::default())
+        .unwrap();
     assert!(max_abs(&a[1], &gelu[1]) > 1e-3);
 }
 
@@ -325,7 +336,10 @@ fn jina_batch_mixing_tasks_matches_golden() {
             }
             let opts = opts_for(case);
             let text = case["text"].as_str().unwrap().to_string();
-            let row = e.tokenize(std::slice::from_ref(&text), &opts).unwrap().remove(0);
+            let row = e
+                .tokenize(std::slice::from_ref(&text), &opts)
+                .unwrap()
+                .remove(0);
             let task = opts
                 .task
                 .as_ref()
@@ -335,7 +349,11 @@ fn jina_batch_mixing_tasks_matches_golden() {
             want.push(floats(&case["embedding_normalized"]));
         }
         let distinct: std::collections::BTreeSet<_> = tasks.iter().collect();
-        assert!(distinct.len() >= 4, "only {} tasks in the cases", distinct.len());
+        assert!(
+            distinct.len() >= 4,
+            "only {} tasks in the cases",
+            distinct.len()
+        );
         let got = e
             .embed_ids(
                 &ids,

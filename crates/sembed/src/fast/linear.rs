@@ -152,7 +152,19 @@ pub fn matmul(
     (drs, dcs): (isize, isize),
     par: Parallelism,
 ) {
-    matmul_acc(m, n, k, lhs, (lrs, lcs), rhs, (rrs, rcs), dst, (drs, dcs), false, par)
+    matmul_acc(
+        m,
+        n,
+        k,
+        lhs,
+        (lrs, lcs),
+        rhs,
+        (rrs, rcs),
+        dst,
+        (drs, dcs),
+        false,
+        par,
+    )
 }
 
 /// [`matmul`], adding to `dst` instead of overwriting it when `accumulate` is set.

@@ -27,7 +27,12 @@ pub fn supports(arch: &Architecture) -> std::result::Result<(), String> {
             c.num_attention_heads,
             c.num_attention_heads,
         ),
-        Architecture::Qwen(c) => (None, c.hidden_size, c.num_attention_heads, c.num_key_value_heads),
+        Architecture::Qwen(c) => (
+            None,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+        ),
     };
     if let Some(a) = act {
         activation(a)?;
@@ -39,11 +44,17 @@ pub fn supports(arch: &Architecture) -> std::result::Result<(), String> {
     }
     if let Architecture::Qwen(c) = arch {
         if c.head_dim % 2 != 0 {
-            return Err(format!("odd head dimension {} with rotary positions", c.head_dim));
+            return Err(format!(
+                "odd head dimension {} with rotary positions",
+                c.head_dim
+            ));
         }
-    } else if hidden % heads != 0 || (matches!(arch, Architecture::Jina(_)) && (hidden / heads) % 2 != 0)
+    } else if hidden % heads != 0
+        || (matches!(arch, Architecture::Jina(_)) && (hidden / heads) % 2 != 0)
     {
-        return Err(format!("hidden size {hidden} does not split into {heads} heads"));
+        return Err(format!(
+            "hidden size {hidden} does not split into {heads} heads"
+        ));
     }
     Ok(())
 }
@@ -163,7 +174,11 @@ impl Loader {
                 norm2: self.layer_norm(&l.pp("output.LayerNorm"), h)?,
             });
         }
-        let token_type = host(&e, &[cfg.type_vocab_size, h], "token_type_embeddings.weight")?;
+        let token_type = host(
+            &e,
+            &[cfg.type_vocab_size, h],
+            "token_type_embeddings.weight",
+        )?;
         Ok(Transformer {
             spec: Spec {
                 arch: "bert",

@@ -189,14 +189,18 @@ impl Transformer {
         let mut total = e.word.bytes()
             + 4 * e.position.as_ref().map_or(0, Vec::len)
             + 4 * e.type0.as_ref().map_or(0, Vec::len)
-            + 4 * e.word_lora.as_ref().map_or(0, |(a, b, _)| a.len() + b.len())
+            + 4 * e
+                .word_lora
+                .as_ref()
+                .map_or(0, |(a, b, _)| a.len() + b.len())
             + 4 * e.type0_lora.as_ref().map_or(0, Vec::len)
             + e.norm.as_ref().map_or(0, norm)
             + self.final_norm.as_ref().map_or(0, norm);
         for l in &self.layers {
             total += proj(&l.qkv) + proj(&l.o) + proj(&l.up) + proj(&l.down);
             total += norm(&l.norm1) + norm(&l.norm2);
-            total += 4 * (l.q_norm.as_ref().map_or(0, Vec::len) + l.k_norm.as_ref().map_or(0, Vec::len));
+            total +=
+                4 * (l.q_norm.as_ref().map_or(0, Vec::len) + l.k_norm.as_ref().map_or(0, Vec::len));
         }
         total
     }
@@ -276,7 +280,10 @@ impl Transformer {
         let mut first = 0;
         for &end in &groups {
             let group = &seqs[first..end];
-            let (t0, t1) = (group[0].start, group[group.len() - 1].start + group[group.len() - 1].len);
+            let (t0, t1) = (
+                group[0].start,
+                group[group.len() - 1].start + group[group.len() - 1].len,
+            );
             let (head, tail) = rest.split_at_mut((t1 - t0) * h);
             work.push((group, t0, t1, head));
             rest = tail;
@@ -366,7 +373,11 @@ impl Transformer {
         let chunk = t.min(MLP_CHUNK);
         let half = hd / 2;
         let pmax = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(0);
-        let rope_len = if sp.rope_theta.is_some() { 2 * pmax * half } else { 0 };
+        let rope_len = if sp.rope_theta.is_some() {
+            2 * pmax * half
+        } else {
+            0
+        };
         let hs_len = if sp.pre_norm { t * h } else { 0 };
         let wide_len = (t * h).max(chunk * up_w);
         let need = hs_len + t * qw + t * ctx_w + wide_len + smax * smax + rope_len;
@@ -410,7 +421,10 @@ impl Transformer {
                     }
                     if sp.rope_theta.is_some() {
                         let p = positions[r] as usize;
-                        let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+                        let (c, s) = (
+                            &cos[p * half..(p + 1) * half],
+                            &sin[p * half..(p + 1) * half],
+                        );
                         kernels::rope(q, c, s);
                         kernels::rope(k, c, s);
                     }
@@ -451,7 +465,8 @@ impl Transformer {
                         kernels::bias_act(up, bias, sp.act);
                     }
                     let down = &mut ctx[c0 * h..c1 * h];
-                    l.down.forward(&wide[..rows * sp.inter], c0, rows, seqs, down, par);
+                    l.down
+                        .forward(&wide[..rows * sp.inter], c0, rows, seqs, down, par);
                     if sp.pre_norm {
                         kernels::add_residual(
                             &mut x[c0 * h..c1 * h],
@@ -497,7 +512,18 @@ impl Transformer {
         if matches!(par, Parallelism::None) {
             for hq in 0..nq {
                 let out = &mut ctx[s.start * ctx_w + hq * hd..];
-                attend(rows, n, qw, head(hq), hd, scale, sp.causal, scores, out, ctx_w);
+                attend(
+                    rows,
+                    n,
+                    qw,
+                    head(hq),
+                    hd,
+                    scale,
+                    sp.causal,
+                    scores,
+                    out,
+                    ctx_w,
+                );
             }
         } else {
             // One sequence on several threads: heads in parallel (its attention GEMMs are too small
@@ -508,7 +534,18 @@ impl Transformer {
                 .map(|hq| {
                     let mut sc = vec![0f32; n * n];
                     let mut out = vec![0f32; n * hd];
-                    attend(rows, n, qw, head(hq), hd, scale, sp.causal, &mut sc, &mut out, hd);
+                    attend(
+                        rows,
+                        n,
+                        qw,
+                        head(hq),
+                        hd,
+                        scale,
+                        sp.causal,
+                        &mut sc,
+                        &mut out,
+                        hd,
+                    );
                     out
                 })
                 .collect();
@@ -535,7 +572,8 @@ impl Proj {
         par: Parallelism,
     ) {
         let (k, n) = (self.inp, self.out);
-        self.lin.forward(&x[..rows * k], rows, &mut y[..rows * n], par);
+        self.lin
+            .forward(&x[..rows * k], rows, &mut y[..rows * n], par);
         let Some(l) = &self.lora else { return };
         let r = l.rank;
         let mut tmp = vec![0f32; rows.clamp(1, MLP_CHUNK) * r];
@@ -552,7 +590,18 @@ impl Proj {
                 let at = &l.a[task * r * k..(task + 1) * r * k];
                 let bt = &l.b[task * n * r..(task + 1) * n * r];
                 // tmp[m, r] = xs · Aᵀ   (A is [r, k]: read as [k, r] with strides (1, k))
-                matmul(m, r, k, xs, (k as isize, 1), at, (1, k as isize), &mut tmp[..m * r], (r as isize, 1), Parallelism::None);
+                matmul(
+                    m,
+                    r,
+                    k,
+                    xs,
+                    (k as isize, 1),
+                    at,
+                    (1, k as isize),
+                    &mut tmp[..m * r],
+                    (r as isize, 1),
+                    Parallelism::None,
+                );
                 // y[m, n] += tmp · Bᵀ   (B is [n, r]: read as [r, n] with strides (1, r))
                 matmul_acc(
                     m,
@@ -759,8 +808,14 @@ mod tests {
         for p in [0usize, 1, 17, 299] {
             for i in [0usize, 5, 31] {
                 let a = p as f64 / 10000f64.powf(2.0 * i as f64 / hd as f64);
-                assert!((cos[p * 32 + i] as f64 - a.cos()).abs() < 2e-4, "cos {p} {i}");
-                assert!((sin[p * 32 + i] as f64 - a.sin()).abs() < 2e-4, "sin {p} {i}");
+                assert!(
+                    (cos[p * 32 + i] as f64 - a.cos()).abs() < 2e-4,
+                    "cos {p} {i}"
+                );
+                assert!(
+                    (sin[p * 32 + i] as f64 - a.sin()).abs() < 2e-4,
+                    "sin {p} {i}"
+                );
             }
         }
     }
