@@ -263,7 +263,13 @@ async fn routes_answer_like_the_offline_embedder() {
     assert_eq!(info["models"].as_array().unwrap().len(), 3);
     assert_eq!(info["models"][2]["dimension"], 80);
     assert_eq!(info["models"][0]["engine"], "fast-f32");
-    assert_eq!(info["models"][2]["engine"], "candle+candle");
+    assert_eq!(info["models"][2]["engine"], "fast-f32+fast-f32");
+    let reasons = info["models"][2]["engine_reasons"].as_array().unwrap();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0]
+        .as_str()
+        .unwrap()
+        .contains("fast-f32: the fastest engine"));
     let metrics = client()
         .get(format!("{}/metrics", s.url))
         .send()
