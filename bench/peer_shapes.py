@@ -21,7 +21,7 @@ tests/fixtures it checks tensor names and shapes, token ids, and the embeddings 
 padded batch of tests/fixtures/cases (within 2e-5), and that Qwen2 with `is_causal: false` runs
 bidirectional attention.
 
-Needs bench/requirements-shapes.txt.
+Needs bench/requirements.txt.
 """
 
 import argparse

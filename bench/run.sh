@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${SEMBED_BENCH_PYTHON:-}
 if [ -z "$PY" ]; then
   [ -x .venv-bench/bin/python ] || python3 -m venv .venv-bench
-  .venv-bench/bin/pip install -q -r tools/reference/requirements.txt
+  .venv-bench/bin/pip install -q -r bench/requirements.txt
   PY=.venv-bench/bin/python
 fi
 cargo build --release -p sembed-cli

@@ -5,6 +5,7 @@
 //! Nothing here is a pass/fail test: numbers on shared machines drift, so every comparison is a ratio
 //! between runs made here, now, on the same texts.
 
+mod mission;
 mod report;
 
 use crate::alloc;
@@ -54,7 +55,7 @@ pub struct BenchArgs {
     /// At most this many mined pairs are evaluated.
     #[arg(long, default_value_t = 1000)]
     eval_pairs: usize,
-    /// A Python with tools/reference/requirements.txt installed: runs bench/peer_inference.py
+    /// A Python with bench/requirements.txt installed: runs bench/peer_inference.py
     /// (sentence-transformers and ONNX Runtime) on the same texts.
     #[arg(long)]
     peers: Option<PathBuf>,
@@ -66,6 +67,15 @@ pub struct BenchArgs {
     /// qwen2-bidir-tiny and jina-v3-tiny widened to the real Qodo and Jina widths, when present).
     #[arg(long, num_args = 2)]
     fusion_check: Vec<PathBuf>,
+    /// Layers of the mission-shape models (Qwen3-Embedding-0.6B, Qodo-Embed-1-1.5B and
+    /// jina-embeddings-v3 widths, random weights) compared with PyTorch under --peers.
+    #[arg(long, default_value_t = 2)]
+    mission_layers: usize,
+    /// Code texts embedded by the mission-shape models.
+    #[arg(long, default_value_t = 64)]
+    mission_texts: usize,
+    #[arg(long)]
+    no_mission: bool,
     #[arg(long)]
     no_training: bool,
     #[arg(long)]
@@ -104,6 +114,7 @@ pub struct Report {
     pub fusion_check: Option<FusionCheck>,
     pub estimates: Option<Estimates>,
     pub peers: Option<Peers>,
+    pub mission: Option<mission::Mission>,
     pub smoke: bool,
 }
 
@@ -432,6 +443,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         _ => None,
     };
 
+    // The mission's shapes against PyTorch (with --peers); in smoke runs, the tiny fixtures alone.
+    let mission = if args.no_mission || (args.peers.is_none() && !args.smoke) {
+        None
+    } else {
+        eprintln!("sembed bench: the mission's models at real widths");
+        let n = if args.smoke { 4 } else { args.mission_texts };
+        let shape_texts: Vec<String> = texts.iter().take(n).cloned().collect();
+        Some(mission::run(
+            args.peers.as_deref(),
+            &mission::real_configs_dir(args.real_configs.as_deref()),
+            &shape_texts,
+            args.mission_layers,
+            args.repeat,
+            &args.out,
+        )?)
+    };
+
     let report = Report {
         machine: machine(),
         model: model.name().to_string(),
@@ -453,6 +481,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         fusion_check,
         estimates,
         peers,
+        mission,
         smoke: args.smoke,
     };
     report::write(&report, &args.out)?;
@@ -1092,8 +1121,16 @@ fn peers(
             output.status
         );
     }
-    let results: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .context("reading the peers' JSON from bench/peer_inference.py")?;
+    // The JSON is the last line: exporters may print progress to stdout before it.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let results: serde_json::Value = serde_json::from_str(
+        stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or(""),
+    )
+    .context("reading the peers' JSON from bench/peer_inference.py")?;
     // sembed again after the peers: the machine may have drifted; the best of both runs counts, as
     // the best of the peers' repeats does.
     let (again, _) = throughput(model, texts, opts, tokens, args.repeat)?;

@@ -63,6 +63,60 @@ pub fn markdown(r: &Report) -> String {
         r.load_s,
         mib(r.weights.heap_bytes),
     );
+    if let Some(m) = &r.mission {
+        let _ = writeln!(
+            w,
+            "## The mission's models at real widths (random weights, {} layers, {} code texts, max length 256, batch 32)\n",
+            m.shapes.first().map_or(0, |s| s.layers),
+            m.shapes.first().map_or(0, |s| s.texts),
+        );
+        let _ = writeln!(
+            w,
+            "| shape | sembed f32 texts/s | PyTorch f32 texts/s | sembed / PyTorch | sembed bf16 texts/s | GFLOP/s (f32) | of GEMM peak | fast vs candle | bf16 vs f32 | PyTorch vs sembed | weights f32 / bf16 |"
+        );
+        let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for s in &m.shapes {
+            let (tps, ratio, diff) = match &s.torch {
+                Some(t) => (
+                    format!("{:.2}", t.texts_per_s),
+                    format!("**{:.2}×**", t.ratio_f32),
+                    format!("{:.1e}", t.max_abs_diff_vs_sembed),
+                ),
+                None => (String::new(), String::new(), String::new()),
+            };
+            let _ = writeln!(
+                w,
+                "| {} | {:.2} | {tps} | {ratio} | {:.2} | {:.0} | {:.0}% | {:.1e} | {:.1e} | {diff} | {:.0} / {:.0} MiB |",
+                s.name,
+                s.sembed_f32_texts_per_s,
+                s.sembed_bf16_texts_per_s,
+                s.gflops_f32,
+                100.0 * s.gflops_f32 / s.gemm_peak_gflops,
+                s.max_abs_diff_vs_candle,
+                s.max_abs_diff_bf16_vs_f32,
+                mib(s.weight_bytes_f32),
+                mib(s.weight_bytes_bf16),
+            );
+        }
+        if let Some(f) = &m.fusion {
+            let torch = |v: Option<f64>| v.map_or("—".to_string(), |x| format!("{x:.2}"));
+            let _ = writeln!(
+                w,
+                "\nQodo ⊕ Jina fusion ({}-d): f32 {:.2} texts/s, bf16 {:.2} texts/s, weights {:.0} / {:.0} MiB; \
+                 PyTorch (both models one after the other) {} texts/s. Extrapolated per layer to the full \
+                 28 + 24 layers: sembed f32 {:.3}, bf16 {:.3}, PyTorch f32 {} texts/s.\n",
+                f.dimension,
+                f.f32_texts_per_s,
+                f.bf16_texts_per_s,
+                mib(f.weight_bytes_f32),
+                mib(f.weight_bytes_bf16),
+                torch(f.torch_texts_per_s),
+                f.full_depth_f32_texts_per_s,
+                f.full_depth_bf16_texts_per_s,
+                torch(f.torch_full_depth_texts_per_s.map(|x| (x * 1000.0).round() / 1000.0)),
+            );
+        }
+    }
     if let Some(p) = &r.peers {
         let _ = writeln!(
             w,

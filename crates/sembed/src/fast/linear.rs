@@ -218,3 +218,40 @@ pub fn matmul_acc(
         )
     }
 }
+
+/// GFLOP/s of this engine's f32 GEMM on `[m, k] · [k, n]` with every thread (best of 3): the peak the
+/// bench compares whole models against.
+pub fn peak_gflops(m: usize, k: usize, n: usize) -> f64 {
+    let x = vec![0.5f32; m * k];
+    let w = vec![0.25f32; k * n];
+    let mut y = vec![0f32; m * n];
+    let threads = rayon::current_num_threads().max(1);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        // Each thread its own rows with single-threaded GEMMs, as the engine runs a batch.
+        let rows = m.div_ceil(threads);
+        rayon::scope(|s| {
+            for (xc, yc) in x.chunks(rows * k).zip(y.chunks_mut(rows * n)) {
+                let w = &w;
+                s.spawn(move |_| {
+                    let r = xc.len() / k;
+                    matmul(
+                        r,
+                        n,
+                        k,
+                        xc,
+                        (k as isize, 1),
+                        w,
+                        (n as isize, 1),
+                        yc,
+                        (n as isize, 1),
+                        Parallelism::None,
+                    )
+                });
+            }
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (m * k * n) as f64 / best / 1e9
+}

@@ -149,8 +149,16 @@ pub struct Seq {
     pub task: Option<usize>,
 }
 
-/// Tokens per MLP chunk (the `[chunk, intermediate]` buffer stays a few MiB).
+/// Values in the MLP's `[chunk, intermediate]` buffer (64 MiB of f32): bounds its memory, and keeps
+/// chunks tall enough that each GEMM amortises the packing of its weights.
+const MLP_CHUNK_VALUES: usize = 1 << 24;
+/// Rows per LoRA side-path step.
 const MLP_CHUNK: usize = 256;
+
+/// Tokens per MLP chunk for an intermediate width (64..=1024 rows).
+fn mlp_chunk(up_w: usize) -> usize {
+    (MLP_CHUNK_VALUES / up_w.max(1)).clamp(64, 1024) / 64 * 64
+}
 
 thread_local! {
     /// Per-thread scratch, grown as needed and kept between calls (fresh pages cost more than the
@@ -370,7 +378,8 @@ impl Transformer {
         let up_w = if sp.gated { 2 * sp.inter } else { sp.inter };
         let t = ids.len();
         let smax = seqs.iter().map(|s| s.len).max().unwrap_or(0);
-        let chunk = t.min(MLP_CHUNK);
+        let step = mlp_chunk(up_w);
+        let chunk = t.min(step);
         let half = hd / 2;
         let pmax = positions.iter().map(|&p| p as usize + 1).max().unwrap_or(0);
         let rope_len = if sp.rope_theta.is_some() {
@@ -440,8 +449,8 @@ impl Transformer {
                     residual_norm(&l.norm1, x, y, l.o.bias.as_deref(), sp.eps);
                 }
                 // The MLP in chunks of tokens: the wide intermediate stays cache-sized.
-                for c0 in (0..t).step_by(MLP_CHUNK) {
-                    let c1 = (c0 + MLP_CHUNK).min(t);
+                for c0 in (0..t).step_by(step) {
+                    let c1 = (c0 + step).min(t);
                     let rows = c1 - c0;
                     let up = &mut wide[..rows * up_w];
                     if sp.pre_norm {
