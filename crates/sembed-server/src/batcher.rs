@@ -181,7 +181,7 @@ impl Batcher {
             model.release_memory();
             tracing::debug!(model = %self.model_name, "idle: scratch memory given back");
         };
-        while let Some(batch) = self.next_batch(&mut held, &release) {
+        while let Some(mut batch) = self.next_batch(&mut held, &release) {
             if batch.is_empty() {
                 continue;
             }
@@ -193,11 +193,13 @@ impl Batcher {
                     .with_label_values(&["queue"])
                     .observe(started.duration_since(job.enqueued).as_secs_f64());
             }
+            // Each job's size is kept for splitting the answer; its ids move into the batch.
+            let sizes: Vec<usize> = batch.iter().map(|j| j.encoded.len()).collect();
             let mut encoded = Encoded::default();
             let mut joined = Ok(());
-            for job in &batch {
+            for job in &mut batch {
                 if joined.is_ok() {
-                    joined = encoded.append(job.encoded.clone());
+                    joined = encoded.append(std::mem::take(&mut job.encoded));
                 }
             }
             let tokens: usize = batch.iter().map(|j| j.tokens).sum();
@@ -213,9 +215,8 @@ impl Batcher {
             match result {
                 Ok(vectors) => {
                     let mut vectors = vectors.into_iter();
-                    for job in batch {
-                        let mut mine: Vec<Vec<f32>> =
-                            vectors.by_ref().take(job.encoded.len()).collect();
+                    for (job, size) in batch.into_iter().zip(sizes) {
+                        let mut mine: Vec<Vec<f32>> = vectors.by_ref().take(size).collect();
                         if let Some(d) = job.dimensions {
                             mine.iter_mut().for_each(|v| v.truncate(d));
                         }

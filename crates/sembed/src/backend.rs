@@ -156,9 +156,6 @@ impl FastBackend {
     pub fn new(model: Transformer, pooling: Pooling) -> Self {
         FastBackend { model, pooling }
     }
-    pub fn model(&self) -> &Transformer {
-        &self.model
-    }
 }
 
 impl Backend for FastBackend {

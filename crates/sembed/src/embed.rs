@@ -5,7 +5,7 @@
 use crate::backend::{choose, Backend, CandleBackend, FastBackend, TokenBatch};
 use crate::config::{Architecture, ModelFolder, Pooling};
 use crate::error::{Error, Result};
-use crate::fast::{Engine, Precision};
+use crate::fast::Engine;
 use crate::models::{bert::Bert, jina::Jina, qwen::Qwen, Batch, Encoder};
 use crate::pool::{normalize_rows, pool};
 use crate::tokenize::TextTokenizer;
@@ -240,11 +240,12 @@ impl Embedder {
         if dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file() {
             // A PEFT LoRA adapter folder: the base model it names, with the adapters attached.
             let (attach, base) = crate::lora::LoraAttach::from_peft(dir, false)?;
-            let arch = ModelFolder::read(&base)?.arch;
-            let choice = choose(&arch, dtype, device, engine, true)?;
+            let folder = ModelFolder::read(&base)?;
+            let choice = choose(&folder.arch, dtype, device, engine, true)?;
             let weights = Weights::new(WeightStore::from_dir(&base)?, dtype, device)
                 .with_lora(std::sync::Arc::new(attach));
-            let mut e = Self::from_weights(&base, &weights)?.with_name(dir.display().to_string());
+            let mut e =
+                Self::from_parts(&base, folder, &weights)?.with_name(dir.display().to_string());
             e.engine_reason = choice.reason;
             return Ok(e);
         }
@@ -283,16 +284,6 @@ impl Embedder {
     /// Build the candle model from the folder's config and tokenizer with weights from `weights`.
     pub fn from_weights(dir: &Path, weights: &Weights) -> Result<Self> {
         Self::from_parts(dir, ModelFolder::read(dir)?, weights)
-    }
-
-    /// The fast engine with weights from `weights` (random weights in benches and tests).
-    pub fn fast_from_weights(dir: &Path, weights: &Weights, precision: Precision) -> Result<Self> {
-        let folder = ModelFolder::read(dir)?;
-        let model = crate::fast::load::load(&folder.arch, weights, precision)?;
-        let backend = FastBackend::new(model, folder.sentence.pooling);
-        let mut e = Self::from_backend(dir, folder, Box::new(backend), None)?;
-        e.engine_reason = format!("fast-{precision}: built from given weights");
-        Ok(e)
     }
 
     /// A candle embedder from a folder already read.

@@ -249,23 +249,29 @@ multiversion! {
     }
 }
 
+/// `1 / sqrt(mean(x²) + eps)` of one row.
+#[inline(always)]
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i] * c[i];
+        }
+    }
+    let mut ss: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for a in acc {
+        ss += a;
+    }
+    1.0 / (ss / row.len() as f32 + eps).sqrt()
+}
+
 multiversion! {
     /// `dst = RMSNorm(src) * gamma`, row by row (rows `gamma.len()` long): `x / sqrt(mean(x²) + eps)`.
     pub fn rms_norm(src: &[f32], dst: &mut [f32], gamma: &[f32], eps: f32) {
         let n = gamma.len();
         for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
-            let mut acc = [0f32; LANES];
-            let mut chunks = s.chunks_exact(LANES);
-            for c in &mut chunks {
-                for i in 0..LANES {
-                    acc[i] += c[i] * c[i];
-                }
-            }
-            let mut ss: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-            for a in acc {
-                ss += a;
-            }
-            let inv = 1.0 / (ss / n as f32 + eps).sqrt();
+            let inv = inv_rms(s, eps);
             for ((o, v), g) in d.iter_mut().zip(s).zip(gamma) {
                 *o = v * inv * g;
             }
@@ -278,18 +284,7 @@ multiversion! {
     pub fn rms_norm_inplace(x: &mut [f32], gamma: &[f32], eps: f32) {
         let n = gamma.len();
         for d in x.chunks_exact_mut(n) {
-            let mut acc = [0f32; LANES];
-            let mut chunks = d.chunks_exact(LANES);
-            for c in &mut chunks {
-                for i in 0..LANES {
-                    acc[i] += c[i] * c[i];
-                }
-            }
-            let mut ss: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-            for a in acc {
-                ss += a;
-            }
-            let inv = 1.0 / (ss / n as f32 + eps).sqrt();
+            let inv = inv_rms(d, eps);
             for (o, g) in d.iter_mut().zip(gamma) {
                 *o = *o * inv * g;
             }
