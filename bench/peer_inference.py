@@ -1,6 +1,7 @@
-"""The peers of `sembed bench` on the same texts: sentence-transformers (PyTorch, CPU, f32), ONNX Runtime
-on the model exported with torch.onnx (f32), and ONNX Runtime with its dynamic int8 quantisation
-(quantize_dynamic, the int8 a user would reach for). Prints one JSON object: texts/s of each (best of
+"""The peers of `sembed bench` on the same texts: sentence-transformers (PyTorch, CPU, f32), a plain
+PyTorch loop, ONNX Runtime on the model exported with torch.onnx (f32) and with its dynamic int8
+quantisation (quantize_dynamic, the int8 a user would reach for), OpenVINO (f32, same ONNX file) and
+CTranslate2 (f32 and int8, converted from the Hugging Face folder). Prints one JSON object: texts/s of each (best of
 REPEAT runs over all texts, after a warm-up batch) and the max |difference| between its vectors and
 sembed's f32 vectors (read from SEMBED_VECTORS, a JSON list of lists).
 
@@ -100,15 +101,12 @@ def main():
         models["onnxruntime (dynamic int8)"] = qpath
     except Exception as e:  # quantisation tooling missing: report it, keep the f32 peer
         out["onnxruntime (dynamic int8)"] = {"skipped": repr(e)}
-    # Same length-sorted batching as sentence-transformers (order from above).
-    for name, p in models.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = os.cpu_count()
-        sess = ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
-
+    # Every runtime below gets the same length-sorted batches as the PyTorch loop (order from above)
+    # and the same mean pooling; `infer(enc)` returns the last hidden state for one tokenised batch.
+    def measure(name, infer, version):
         def run(chunk):
             enc = tok(chunk, padding=True, truncation=True, max_length=max_len, return_tensors="np")
-            h = sess.run(None, {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+            h = infer(enc)
             m = enc["attention_mask"][..., None].astype(np.float32)
             v = (h * m).sum(1) / m.sum(1)
             return v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -125,8 +123,53 @@ def main():
         out[name] = {
             "texts_per_s": len(texts) / dt,
             "max_abs_diff_vs_sembed": float(np.abs(vecs - ours).max()),
-            "version": f"onnxruntime {ort.__version__}",
+            "version": version,
         }
+
+    def feeds(enc):
+        return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+
+    for name, p in models.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = os.cpu_count()
+        sess = ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
+        measure(name, lambda enc, sess=sess: sess.run(None, feeds(enc))[0], f"onnxruntime {ort.__version__}")
+
+    # OpenVINO on the same ONNX file. Its CPU plugin runs bf16 by default where the CPU has AVX-512
+    # BF16 or AMX; the hint keeps it at f32, the precision compared here.
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        compiled = core.compile_model(
+            path, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": os.cpu_count()}
+        )
+        req = compiled.create_infer_request()
+        measure(
+            "OpenVINO (f32)",
+            lambda enc: req.infer(feeds(enc))[compiled.output(0)],
+            f"openvino {ov.__version__.split('-')[0]}",
+        )
+    except Exception as e:  # not installed, or the model does not convert: say so, keep the others
+        out["OpenVINO (f32)"] = {"skipped": repr(e)}
+
+    # CTranslate2: its converter reads the Hugging Face folder (BERT-family encoders); the Encoder
+    # takes unpadded token ids per sequence and pads internally.
+    try:
+        import ctranslate2
+
+        for ct2_name, quant in (("CTranslate2 (f32)", "float32"), ("CTranslate2 (int8)", "int8")):
+            ct2_dir = os.path.join(work, f"ct2-{quant}")
+            ctranslate2.converters.TransformersConverter(model_dir).convert(ct2_dir, quantization=quant)
+            enc2 = ctranslate2.Encoder(ct2_dir, device="cpu", intra_threads=os.cpu_count(), compute_type=quant)
+
+            def ct2_infer(enc, enc2=enc2):
+                ids = [row[: int(n)].tolist() for row, n in zip(enc["input_ids"], enc["attention_mask"].sum(1))]
+                return np.array(enc2.forward_batch(ids).last_hidden_state)
+
+            measure(ct2_name, ct2_infer, f"ctranslate2 {ctranslate2.__version__}")
+    except Exception as e:
+        out["CTranslate2"] = {"skipped": repr(e)}
     print(json.dumps(out))
 
 

@@ -56,7 +56,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000)]
     eval_pairs: usize,
     /// A Python with bench/requirements.txt installed: runs bench/peer_inference.py
-    /// (sentence-transformers and ONNX Runtime) on the same texts.
+    /// (sentence-transformers, a plain PyTorch loop, ONNX Runtime, OpenVINO, CTranslate2) on the same
+    /// texts, and bench/peer_shapes.py (PyTorch at the mission's widths).
     #[arg(long)]
     peers: Option<PathBuf>,
     /// The published model configs (config.json of Qodo-Embed-1-1.5B and jina-embeddings-v3) for

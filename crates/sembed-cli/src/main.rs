@@ -173,11 +173,12 @@ struct ServeArgs {
 /// Which engine runs the models, and in what precision.
 #[derive(clap::Args, Clone, Copy)]
 struct EngineArgs {
-    /// `auto`: the fast CPU engine for BERT-family models in f32, candle otherwise; `candle`: always
-    /// the reference implementation; `fast`: the fast engine or an error.
+    /// `auto`: the fast CPU engine (BERT, Qwen2, Qwen3, Jina v3 in f32/bf16/f16), candle where it
+    /// cannot run the model (f64 weights, a PEFT adapter folder, a GPU); `candle`: always the
+    /// reference implementation; `fast`: the fast engine or an error saying why not.
     #[arg(long, value_enum, default_value = "auto")]
     engine: EngineArg,
-    /// `int8`: int8 weights and per-token int8 activations on the fast engine (BERT family, CPU).
+    /// `int8`: int8 weights and per-token int8 activations on the fast engine (every architecture, CPU).
     #[arg(long, value_enum, default_value = "none")]
     quantize: QuantizeArg,
 }
