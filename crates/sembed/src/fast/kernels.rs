@@ -28,12 +28,11 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
-/// Whether this CPU runs AVX2 and FMA (checked once).
+/// Whether the row kernels run their AVX2+FMA copies: the CPU has them and `SEMBED_CPU_KERNELS` does
+/// not force `portable` ([`super::cpu`]).
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx2() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    super::cpu::active() != super::cpu::Kernels::Portable
 }
 
 /// The CPU's vector features the fast engine uses, as `sembed inspect` and the bench name them.
@@ -44,10 +43,13 @@ pub fn describe_cpu() -> String {
         if is_x86_feature_detected!("avx512f") {
             f.push("avx512f");
         }
+        if is_x86_feature_detected!("avx512bw") {
+            f.push("avx512bw");
+        }
         if is_x86_feature_detected!("avx512vnni") {
             f.push("avx512vnni");
         }
-        if has_avx2() {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             f.push("avx2+fma");
         }
         if is_x86_feature_detected!("f16c") {

@@ -72,6 +72,7 @@ fn activation(name: &str) -> std::result::Result<Act, String> {
 /// Load the model `arch` describes from `w` (read in f32; converted here to `precision`).
 pub fn load(arch: &Architecture, w: &Weights, precision: Precision) -> Result<Transformer> {
     supports(arch).map_err(|r| Error::Unsupported(format!("fast engine: {r}")))?;
+    super::cpu::check()?;
     let l = Loader { precision };
     match arch {
         Architecture::Bert(c) => l.bert(c, w),

@@ -5,17 +5,71 @@
 //!
 //! `y[m, n] = sx_m · sw_n · (Σ_k qx[m, k] · qw[k, n] − zx_m · Σ_k qw[k, n])`
 //!
-//! The integer dot products run on AVX-512 VNNI (`vpdpbusd`: 64 u8×i8 products per instruction)
-//! when the CPU has it; elsewhere a portable loop gives the same integers, slowly. No crate offers
-//! an int8 GEMM with this layout that we could depend on without pulling in a whole inference
-//! runtime, hence the hand-written kernel.
+//! Two formats, chosen by the kernel set in force ([`super::cpu::active`]) when a model loads:
+//! - **8-bit** (AVX-512 VNNI and portable): activation codes `q ∈ [0, 254]`, weights `[−127, 127]`.
+//! - **7-bit** (AVX2): activation codes `q ∈ [0, 127]`, weights `[−63, 63]`. AVX2 has no u8×i8 dot
+//!   product into i32; `vpmaddubsw` multiplies u8 by i8 and adds pairs into i16 *with saturation*.
+//!   With 7-bit codes a pair is at most `2 · 127 · 63 = 16002`, so two pairs still fit in i16
+//!   (32004 < 32767): the kernel adds two `vpmaddubsw` results (8 products) with `vpaddw`, then
+//!   widens with one `vpmaddwd` by ones. Exact, and 3 multiply-port instructions per 64 products
+//!   instead of 4 (the multiply ports bound AVX2 int8 throughput). The cost is one bit on each
+//!   side; `sembed bench` reports its closeness to f32 per kernel set.
+//!
+//! Every kernel computes the same integers for the same quantised inputs, and one epilogue turns
+//! them into floats, so all kernels agree bit for bit on a given [`QuantLinear`] (tested).
+//!
+//! No crate offers an int8 GEMM with this layout that we could depend on without pulling in a whole
+//! inference runtime, hence the hand-written kernels.
 
+use super::cpu::Kernels;
 use gemm::Parallelism;
 
 thread_local! {
-    /// Per-thread quantised activations and their (scale, zero point), reused between calls.
+    /// Per-thread quantised activations (codes, then the AVX2 kernel's `|q − 127|` and `q − 127`)
+    /// and their (scale, zero point), reused between calls.
     static QSCRATCH: std::cell::RefCell<(Vec<u8>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The quantisation ranges of one format (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Format {
+    /// Largest activation code (codes are `0..=act_max`).
+    pub act_max: u8,
+    /// Largest weight magnitude (weights are `−w_max..=w_max`).
+    pub w_max: i8,
+}
+
+impl Format {
+    pub const BITS8: Format = Format {
+        act_max: 254,
+        w_max: 127,
+    };
+    pub const BITS7: Format = Format {
+        act_max: 127,
+        w_max: 63,
+    };
+
+    /// The format a kernel set runs.
+    pub fn for_kernels(k: Kernels) -> Format {
+        match k {
+            Kernels::Avx2 => Format::BITS7,
+            Kernels::Avx512 | Kernels::Portable => Format::BITS8,
+        }
+    }
+
+    /// Whether `k` computes exactly on this format (AVX2 only on 7-bit codes).
+    fn runs_on(self, k: Kernels) -> bool {
+        k != Kernels::Avx2 || self == Format::BITS7
+    }
+
+    pub fn name(self) -> &'static str {
+        if self == Format::BITS7 {
+            "7-bit"
+        } else {
+            "8-bit"
+        }
+    }
 }
 
 /// Drop this thread's quantised-activation buffers.
@@ -25,8 +79,10 @@ pub fn release_thread_scratch() {
 
 /// Columns per packed panel (4 AVX-512 registers of 16 i32 lanes).
 const NB: usize = 64;
-/// Rows per micro-kernel call.
+/// Rows per micro-kernel call (VNNI).
 const MR: usize = 6;
+/// Rows per micro-kernel call (AVX2: 4 rows × 16 columns keep 8 accumulators in 16 registers).
+const MR2: usize = 4;
 
 pub struct QuantLinear {
     pub k: usize,
@@ -38,11 +94,22 @@ pub struct QuantLinear {
     /// Per output column: scale and `Σ_k qw[k, n]`, both padded to a multiple of NB.
     scale: Vec<f32>,
     colsum: Vec<f32>,
+    format: Format,
 }
 
 impl QuantLinear {
-    /// Quantise a PyTorch-layout weight `[out, in]`.
+    /// Quantise a PyTorch-layout weight `[out, in]` in the format of the kernel set in force.
     pub fn from_torch(w: &[f32], out: usize, inp: usize) -> Self {
+        Self::with_format(w, out, inp, Format::for_kernels(super::cpu::active()))
+    }
+
+    /// The format the weights were quantised in.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    pub fn with_format(w: &[f32], out: usize, inp: usize, format: Format) -> Self {
+        let wmax = format.w_max as f32;
         let (k, n) = (inp, out);
         let kp = k.div_ceil(4) * 4;
         let np = n.div_ceil(NB) * NB;
@@ -52,12 +119,12 @@ impl QuantLinear {
         for o in 0..n {
             let row = &w[o * inp..(o + 1) * inp];
             let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+            let s = if amax > 0.0 { amax / wmax } else { 1.0 };
             scale[o] = s;
             let (blk, c) = (o / NB, o % NB);
             let mut sum = 0i32;
             for (i, v) in row.iter().enumerate() {
-                let q = (v / s).round().clamp(-127.0, 127.0) as i8;
+                let q = (v / s).round().clamp(-wmax, wmax) as i8;
                 sum += q as i32;
                 packed[blk * kp * NB + (i / 4) * NB * 4 + c * 4 + i % 4] = q;
             }
@@ -70,6 +137,7 @@ impl QuantLinear {
             packed,
             scale,
             colsum,
+            format,
         }
     }
 
@@ -99,6 +167,17 @@ impl QuantLinear {
     }
 
     fn forward_rows(&self, x: &[f32], y: &mut [f32]) {
+        self.forward_rows_with(super::cpu::active(), x, y)
+    }
+
+    /// [`Self::forward`] on one thread with the given kernels (which the CPU must support).
+    fn forward_rows_with(&self, kernels: Kernels, x: &[f32], y: &mut [f32]) {
+        assert!(kernels.supported(), "{kernels} kernels on a CPU without them");
+        assert!(
+            self.format.runs_on(kernels),
+            "{kernels} kernels on {} weights",
+            self.format.name()
+        );
         let m = x.len() / self.k;
         let (mut qx_buf, mut sz) = QSCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
         // Only ever grown: every byte used is written by `quantize_rows` first.
@@ -110,19 +189,15 @@ impl QuantLinear {
         }
         let qx = &mut qx_buf[..m * self.kp];
         let (sx, zx) = sz[..2 * m].split_at_mut(m);
-        quantize_rows(x, self.k, self.kp, qx, sx, zx);
-        #[cfg(target_arch = "x86_64")]
-        let done = if has_vnni() {
-            // SAFETY: the CPU has the features the kernel is compiled for; buffers are sized above.
-            unsafe { self.gemm_vnni(qx, sx, zx, m, y) };
-            true
-        } else {
-            false
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let done = false;
-        if !done {
-            self.gemm_portable(qx, sx, zx, m, y);
+        quantize_rows(kernels, x, self.k, self.kp, self.format.act_max as f32, qx, sx, zx);
+        match kernels {
+            // SAFETY (both): the CPU has the features the kernel is compiled for and the weights
+            // are in a format it computes exactly (asserted above); buffers are sized above.
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512 => unsafe { self.gemm_vnni(qx, sx, zx, m, y) },
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2 => unsafe { self.gemm_avx2(qx, sx, zx, m, y) },
+            _ => self.gemm_portable(qx, sx, zx, m, y),
         }
         QSCRATCH.with(|s| *s.borrow_mut() = (qx_buf, sz));
     }
@@ -230,36 +305,255 @@ impl QuantLinear {
             }
         }
     }
-}
 
-#[cfg(target_arch = "x86_64")]
-fn has_vnni() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-    })
-}
-
-/// Whether int8 projections run on the fast integer kernel on this CPU.
-pub fn int8_accelerated() -> bool {
     #[cfg(target_arch = "x86_64")]
-    {
-        has_vnni()
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gemm_avx2(&self, qx: &[u8], sx: &[f32], zx: &[f32], m: usize, y: &mut [f32]) {
+        // As the VNNI kernel, with 16-column strips of each 64-column panel.
+        const ROW_BLOCK: usize = 96;
+        for r0 in (0..m).step_by(ROW_BLOCK) {
+            let r1 = (r0 + ROW_BLOCK).min(m);
+            for blk in 0..self.n.div_ceil(NB) {
+                for strip in 0..NB / 16 {
+                    if blk * NB + strip * 16 >= self.n {
+                        break;
+                    }
+                    let mut r = r0;
+                    while r < r1 {
+                        let rows = (r1 - r).min(MR2);
+                        // SAFETY: rows r..r+rows exist in qx/y; the panel blk exists.
+                        unsafe {
+                            match rows {
+                                4 => self.micro_avx2::<4>(qx, sx, zx, r, blk, strip, y),
+                                3 => self.micro_avx2::<3>(qx, sx, zx, r, blk, strip, y),
+                                2 => self.micro_avx2::<2>(qx, sx, zx, r, blk, strip, y),
+                                _ => self.micro_avx2::<1>(qx, sx, zx, r, blk, strip, y),
+                            }
+                        }
+                        r += rows;
+                    }
+                }
+            }
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// `R` rows × 16 columns (strip `strip` of panel `blk`) on 7-bit codes: per pair of k-quads,
+    /// two `vpmaddubsw` added in i16 (≤ 32004, exact), one `vpmaddwd` by ones into i32; then the
+    /// float epilogue of the VNNI kernel, op for op.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro_avx2<const R: usize>(
+        &self,
+        qx: &[u8],
+        sx: &[f32],
+        zx: &[f32],
+        r0: usize,
+        blk: usize,
+        strip: usize,
+        y: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let kp = self.kp;
+        let k4s = kp / 4;
+        let panel = self.packed.as_ptr().add(blk * kp * NB + strip * 64);
+        let xs = qx.as_ptr().add(r0 * kp);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        let bcast = |r: usize, k4: usize| {
+            _mm256_set1_epi32(std::ptr::read_unaligned(xs.add(r * kp + k4 * 4) as *const i32))
+        };
+        let mut k4 = 0;
+        while k4 + 2 <= k4s {
+            let wa = panel.add(k4 * NB * 4);
+            let wb = wa.add(NB * 4);
+            let (wa0, wa1) = (
+                _mm256_loadu_si256(wa as *const __m256i),
+                _mm256_loadu_si256(wa.add(32) as *const __m256i),
+            );
+            let (wb0, wb1) = (
+                _mm256_loadu_si256(wb as *const __m256i),
+                _mm256_loadu_si256(wb.add(32) as *const __m256i),
+            );
+            for (r, a) in acc.iter_mut().enumerate() {
+                let (xa, xb) = (bcast(r, k4), bcast(r, k4 + 1));
+                let p0 = _mm256_add_epi16(_mm256_maddubs_epi16(xa, wa0), _mm256_maddubs_epi16(xb, wb0));
+                let p1 = _mm256_add_epi16(_mm256_maddubs_epi16(xa, wa1), _mm256_maddubs_epi16(xb, wb1));
+                a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(p0, ones));
+                a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(p1, ones));
+            }
+            k4 += 2;
+        }
+        if k4 < k4s {
+            let wa = panel.add(k4 * NB * 4);
+            let wa0 = _mm256_loadu_si256(wa as *const __m256i);
+            let wa1 = _mm256_loadu_si256(wa.add(32) as *const __m256i);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xa = bcast(r, k4);
+                a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(_mm256_maddubs_epi16(xa, wa0), ones));
+                a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(_mm256_maddubs_epi16(xa, wa1), ones));
+            }
+        }
+        let c0 = blk * NB + strip * 16;
+        let cols = (self.n - c0).min(16);
+        for (r, a) in acc.iter().enumerate() {
+            let row = r0 + r;
+            let s = _mm256_set1_ps(sx[row]);
+            let z = _mm256_set1_ps(zx[row]);
+            let dst = y.as_mut_ptr().add(row * self.n + c0);
+            for (v, av) in a.iter().enumerate() {
+                let lanes = cols.saturating_sub(v * 8).min(8);
+                if lanes == 0 {
+                    break;
+                }
+                let c = c0 + v * 8;
+                let ws = _mm256_mul_ps(s, _mm256_loadu_ps(self.scale.as_ptr().add(c)));
+                let cs = _mm256_loadu_ps(self.colsum.as_ptr().add(c));
+                let out = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(*av), _mm256_mul_ps(z, cs)), ws);
+                if lanes == 8 {
+                    _mm256_storeu_ps(dst.add(v * 8), out);
+                } else {
+                    let mut tmp = [0f32; 8];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), out);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.add(v * 8), lanes);
+                }
+            }
+        }
+    }
+}
+
+/// Whether int8 projections run on a vector integer kernel (AVX-512 VNNI or AVX2) here.
+pub fn int8_accelerated() -> bool {
+    super::cpu::active() != Kernels::Portable
+}
+
+/// Per row: u8 codes with scale and zero point such that `x ≈ s · (q − z)`, `q ∈ [0, qmax]`; the
+/// range always contains 0 so that exact zeros stay exact. Columns `k..kp` get the zero point.
+/// The AVX2 copy (any kernel set but `portable`) gives the same codes bit for bit (tested).
+fn quantize_rows(
+    kernels: Kernels,
+    x: &[f32],
+    k: usize,
+    kp: usize,
+    qmax: f32,
+    qx: &mut [u8],
+    sx: &mut [f32],
+    zx: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernels != Kernels::Portable && Kernels::Avx2.supported() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { quantize_rows_avx2(x, k, kp, qmax, qx, sx, zx) };
+    }
+    let _ = kernels;
+    quantize_rows_portable(x, k, kp, qmax, qx, sx, zx)
+}
+
+/// The scale and zero point of a row whose range (with 0) is `[lo, hi]`.
+#[inline(always)]
+fn row_scale(lo: f32, hi: f32, qmax: f32) -> (f32, f32) {
+    let s = if hi > lo { (hi - lo) / qmax } else { 1.0 };
+    (s, (-lo / s).round_ties_even().clamp(0.0, qmax))
+}
+
+/// One code: `round_ties_even(v / s + z)` clamped to `[0, qmax]`, NaN → 0, by selects.
+#[inline(always)]
+fn code(v: f32, inv: f32, z: f32, qmax: f32) -> u8 {
+    let y = (v * inv + z).round_ties_even();
+    let y = if y >= 0.0 {
+        if y <= qmax {
+            y
+        } else {
+            qmax
+        }
+    } else {
+        0.0
+    };
+    // SAFETY: y is finite and within [0, qmax] ⊂ [0, 255].
+    unsafe { y.to_int_unchecked::<i32>() as u8 }
+}
+
+/// `quantize_rows` with AVX2 intrinsics: LLVM turns the portable loops' lane arrays into shuffles
+/// rather than `vminps`/`vmaxps`, and scalarises the narrowing to u8. Same arithmetic, op for op
+/// (mul then add, no FMA; ties-to-even rounding; NaN → 0), so the same codes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_rows_avx2(
+    x: &[f32],
+    k: usize,
+    kp: usize,
+    qmax: f32,
+    qx: &mut [u8],
+    sx: &mut [f32],
+    zx: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (r, row) in x.chunks_exact(k).enumerate() {
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            let v = _mm256_loadu_ps(c.as_ptr());
+            // (v < lo) ? v : lo, and likewise for hi: a NaN never replaces the running value.
+            lo = _mm256_min_ps(v, lo);
+            hi = _mm256_max_ps(v, hi);
+        }
+        let (mut l8, mut h8) = ([0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(l8.as_mut_ptr(), lo);
+        _mm256_storeu_ps(h8.as_mut_ptr(), hi);
+        let (mut lo, mut hi) = (
+            l8.iter().fold(0f32, |a, &b| a.min(b)),
+            h8.iter().fold(0f32, |a, &b| a.max(b)),
+        );
+        for &v in chunks.remainder() {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+        let (s, z) = row_scale(lo, hi, qmax);
+        let inv = 1.0 / s;
+        let q = &mut qx[r * kp..(r + 1) * kp];
+        let (vinv, vz, vmax, zero) = (
+            _mm256_set1_ps(inv),
+            _mm256_set1_ps(z),
+            _mm256_set1_ps(qmax),
+            _mm256_setzero_ps(),
+        );
+        let conv = |p: *const f32| {
+            let y = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(p), vinv), vz);
+            let y = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
+            // max(y, 0) returns 0 for NaN (the second operand), then min with qmax.
+            _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(y, zero), vmax))
+        };
+        let mut i = 0;
+        while i + 32 <= k {
+            let p = row.as_ptr().add(i);
+            let ab = _mm256_packus_epi32(conv(p), conv(p.add(8)));
+            let cd = _mm256_packus_epi32(conv(p.add(16)), conv(p.add(24)));
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
+            _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, bytes);
+            i += 32;
+        }
+        for (d, &v) in q[i..k].iter_mut().zip(&row[i..]) {
+            *d = code(v, inv, z, qmax);
+        }
+        q[k..].fill(z as u8);
+        sx[r] = s;
+        zx[r] = z;
     }
 }
 
 super::kernels::multiversion! {
-    /// Per row: u8 codes with scale and zero point such that `x ≈ s · (q − z)`; the range always
-    /// contains 0 so that exact zeros stay exact. Columns `k..kp` get the zero point. (Written with
-    /// lane arrays and ties-to-even rounding so that it vectorises: `f32::round` does not.)
-    fn quantize_rows(x: &[f32], k: usize, kp: usize, qx: &mut [u8], sx: &mut [f32], zx: &mut [f32]) {
+    /// The portable `quantize_rows`, written with lane arrays so that it vectorises somewhat.
+    fn quantize_rows_portable(
+        x: &[f32],
+        k: usize,
+        kp: usize,
+        qmax: f32,
+        qx: &mut [u8],
+        sx: &mut [f32],
+        zx: &mut [f32],
+    ) {
         const L: usize = 16;
         for (r, row) in x.chunks_exact(k).enumerate() {
             let (mut lo, mut hi) = ([0f32; L], [0f32; L]);
@@ -278,28 +572,13 @@ super::kernels::multiversion! {
                 lo = lo.min(v);
                 hi = hi.max(v);
             }
-            let s = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
-            let z = (-lo / s).round_ties_even().clamp(0.0, 255.0);
+            let (s, z) = row_scale(lo, hi, qmax);
             let inv = 1.0 / s;
             let q = &mut qx[r * kp..(r + 1) * kp];
             for (d, &v) in q.iter_mut().zip(row) {
-                let y = (v * inv + z).round_ties_even();
-                // Clamp to [0, 255] by selects (NaN → 0), which vectorise where `clamp` does not.
-                let y = if y >= 0.0 {
-                    if y <= 255.0 {
-                        y
-                    } else {
-                        255.0
-                    }
-                } else {
-                    0.0
-                };
-                // SAFETY: y is finite and within [0, 255].
-                *d = unsafe { y.to_int_unchecked::<i32>() } as u8;
+                *d = code(v, inv, z, qmax);
             }
-            for d in &mut q[k..] {
-                *d = z as u8;
-            }
+            q[k..].fill(z as u8);
             sx[r] = s;
             zx[r] = z;
         }
@@ -322,30 +601,98 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn int8_matmul_is_close_to_f32_and_kernels_agree() {
-        // Odd sizes: k not a multiple of 4, n not a multiple of 64, m not a multiple of 6.
-        let (m, k, n) = (23, 70, 130);
-        let x = data(m * k, 1);
-        let w = data(n * k, 2);
-        let q = QuantLinear::from_torch(&w, n, k);
-        let mut y = vec![0f32; m * n];
-        q.forward(&x, m, &mut y, Parallelism::None);
-        let mut y2 = vec![0f32; m * n];
-        q.forward(&x, m, &mut y2, Parallelism::Rayon(2));
-        let mut qx = vec![0u8; m * q.kp];
-        let (mut sx, mut zx) = (vec![0f32; m], vec![0f32; m]);
-        quantize_rows(&x, k, q.kp, &mut qx, &mut sx, &mut zx);
-        let mut yp = vec![0f32; m * n];
-        q.gemm_portable(&qx, &sx, &zx, m, &mut yp);
+    /// Every kernel this CPU runs that computes on `format`, on the same inputs, gives bit-identical
+    /// outputs (same integers, same epilogue), close to the f32 product; threads do not change the
+    /// result.
+    fn check_kernels(format: Format, (m, k, n): (usize, usize, usize), x: &[f32], w: &[f32], tol: f32) {
+        let q = QuantLinear::with_format(w, n, k, format);
+        let mut reference = vec![0f32; m * n];
+        q.forward_rows_with(Kernels::Portable, x, &mut reference);
+        let mut ran = vec![];
+        for kernels in Kernels::ALL
+            .into_iter()
+            .filter(|k| k.supported() && format.runs_on(*k))
+        {
+            let mut y = vec![f32::NAN; m * n];
+            q.forward_rows_with(kernels, x, &mut y);
+            for (i, (a, b)) in y.iter().zip(&reference).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{kernels} differs from portable at {i}: {a} vs {b}");
+            }
+            ran.push(kernels.name());
+        }
+        if format == Format::for_kernels(crate::fast::cpu::active()) {
+            let mut y2 = vec![0f32; m * n];
+            q.forward(x, m, &mut y2, Parallelism::Rayon(2));
+            assert_eq!(y2, reference, "threaded result differs");
+        }
         for r in 0..m {
             for o in 0..n {
                 let exact: f32 = (0..k).map(|i| x[r * k + i] * w[o * k + i]).sum();
-                let got = y[r * n + o];
-                // Quantisation error bound: ~k · (|x| step/2 · |w| + |x| · |w| step/2).
-                assert!((got - exact).abs() < 0.15, "{r},{o}: {got} vs {exact}");
-                assert!((got - yp[r * n + o]).abs() < 1e-4, "kernels disagree");
-                assert_eq!(got, y2[r * n + o], "threaded result differs");
+                let got = reference[r * n + o];
+                assert!((got - exact).abs() < tol, "{r},{o}: {got} vs {exact}");
+            }
+        }
+        eprintln!("{} kernels compared ({m}×{k}×{n}): {}", format.name(), ran.join(", "));
+    }
+
+    #[test]
+    fn int8_matmul_is_close_to_f32_and_kernels_agree() {
+        // Odd sizes: k not a multiple of 4 or 8, n not a multiple of 16 or 64, m not a multiple of
+        // 4 or 6. Error bound: ~k · (|x| step/2 · |w| + |x| · |w| step/2), twice as large in 7 bits.
+        let (m, k, n) = (23, 70, 130);
+        let (x, w) = (data(m * k, 1), data(n * k, 2));
+        check_kernels(Format::BITS8, (m, k, n), &x, &w, 0.15);
+        check_kernels(Format::BITS7, (m, k, n), &x, &w, 0.3);
+        // k a multiple of 8 (the AVX2 kernel's pairs of k-quads with no single quad left over).
+        let (m, k, n) = (7, 64, 20);
+        check_kernels(Format::BITS7, (m, k, n), &data(m * k, 3), &data(n * k, 4), 0.3);
+    }
+
+    #[test]
+    fn int8_kernels_agree_where_i16_sums_are_largest() {
+        // Activations at the ends of their range next to each other and weights at ±max (every
+        // row's max |w| is 1): the AVX2 kernel's i16 sums of 4 products reach 4 · 127 · 63 = 32004
+        // and would overflow with 8-bit codes. Wide k, so accumulators grow large too.
+        let (m, k, n) = (9, 1024, 40);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| match i % 8 {
+                0..=5 => 3.0,
+                6 => -1.0,
+                _ => 2.5,
+            })
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| if (i / 8 + i / k) % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        for format in [Format::BITS8, Format::BITS7] {
+            check_kernels(format, (m, k, n), &x, &w, 0.02 * k as f32);
+        }
+    }
+
+    #[test]
+    fn activation_codes_stay_within_their_levels_and_quantizers_agree() {
+        // Rows of 77 (two 32-blocks, an 8-block and a scalar tail), with ties (x.5 after scaling),
+        // a NaN, infinities excluded (the engine never feeds them), and an all-zero row.
+        let (m, k, kp) = (6, 77, 80);
+        let mut x = data(m * k, 7);
+        x[5] = f32::NAN;
+        x[k + 3] = 0.5;
+        x[2 * k..3 * k].fill(0.0);
+        for format in [Format::BITS8, Format::BITS7] {
+            let qmax = format.act_max;
+            let mut runs = vec![];
+            for kernels in Kernels::ALL.into_iter().filter(|k| k.supported()) {
+                let mut qx = vec![0u8; m * kp];
+                let (mut sx, mut zx) = (vec![0f32; m], vec![0f32; m]);
+                quantize_rows(kernels, &x, k, kp, qmax as f32, &mut qx, &mut sx, &mut zx);
+                assert!(qx.iter().all(|&q| q <= qmax));
+                assert!(qx.contains(&qmax) && qx.contains(&0));
+                assert_eq!(qx[5], 0, "NaN → 0");
+                runs.push((kernels, qx, sx, zx));
+            }
+            for (kernels, qx, sx, zx) in &runs[1..] {
+                assert_eq!(qx, &runs[0].1, "{kernels} codes differ from {}", runs[0].0);
+                assert_eq!((sx, zx), (&runs[0].2, &runs[0].3));
             }
         }
     }
