@@ -166,12 +166,17 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Free the scratch every thread keeps between calls.
+/// Free the scratch every thread keeps between calls, and ask the allocator to hand freed memory
+/// back to the kernel. `mi_collect` reaches only the calling thread's heap, hence the call on every
+/// worker; it is a no-op for memory that another global allocator manages. (mimalloc decommits what
+/// was scheduled for purging, so a binary must not disable purging altogether: `purge_delay` ≥ 0.)
 pub fn release_scratch() {
     let free = || {
         SCRATCH.with(|s| drop(std::mem::take(&mut *s.borrow_mut())));
         super::linear::release_thread_scratch();
         super::quant::release_thread_scratch();
+        // SAFETY: a plain call into mimalloc, valid on any thread at any time.
+        unsafe { libmimalloc_sys::mi_collect(true) };
     };
     rayon::broadcast(|_| free());
     free();
