@@ -125,7 +125,10 @@ pub struct Machine {
     pub threads: usize,
     pub os: String,
     pub sembed: String,
-    pub int8_kernel: &'static str,
+    /// The CPU's vector features (`sembed inspect` names them the same way).
+    pub cpu_features: String,
+    /// The kernel set in force (SEMBED_CPU_KERNELS or detected) and its int8 format.
+    pub int8_kernel: String,
 }
 
 #[derive(Serialize)]
@@ -1179,10 +1182,7 @@ fn machine() -> Machine {
         threads: rayon::current_num_threads(),
         os: std::env::consts::OS.to_string(),
         sembed: env!("CARGO_PKG_VERSION").to_string(),
-        int8_kernel: if sembed::fast::quant::int8_accelerated() {
-            "avx512-vnni"
-        } else {
-            "portable"
-        },
+        cpu_features: sembed::fast::kernels::describe_cpu(),
+        int8_kernel: sembed::fast::cpu::int8_description(),
     }
 }

@@ -782,10 +782,19 @@ fn inspect_folder(dir: &std::path::Path) -> Result<()> {
         let names: Vec<&str> = folder.sentence.prompts.keys().map(String::as_str).collect();
         println!("prompts        {}", names.join(", "));
     }
+    let kernels = match sembed::fast::cpu::check() {
+        Ok(k) => format!(
+            "kernels in force: {k}; int8: {}",
+            sembed::fast::cpu::int8_description()
+        ),
+        Err(e) => format!("{e}"),
+    };
     println!(
-        "engines (CPU; kernels: {})",
-        sembed::fast::kernels::describe_cpu()
+        "cpu            {} ({kernels}; {} forces avx512, avx2 or portable)",
+        sembed::fast::kernels::describe_cpu(),
+        sembed::fast::cpu::ENV,
     );
+    println!("engines");
     let cpu = sembed::device::cpu();
     let peft = dir.join("adapter_config.json").is_file();
     for (label, dtype, engine) in [

@@ -141,3 +141,77 @@ fn quantize_needs_the_fast_engine() {
         );
     }
 }
+
+/// `SEMBED_CPU_KERNELS` forces each kernel set this CPU has; int8 vectors on every architecture stay
+/// close to f32 with each of them (7-bit AVX2 codes included); a set the CPU lacks, or a bogus name,
+/// is refused with the variable named.
+#[test]
+fn int8_runs_on_every_kernel_set_this_cpu_has() {
+    let embed = |model: &str, kernels: Option<&str>, extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sembed"));
+        cmd.current_dir(root())
+            .args(["embed", "-m", &format!("tests/fixtures/{model}")])
+            .args(extra)
+            .args([
+                "fn parse(input: &str) -> Result<Ast>",
+                "def main():\n    run()",
+            ]);
+        match kernels {
+            Some(k) => cmd.env("SEMBED_CPU_KERNELS", k),
+            None => cmd.env_remove("SEMBED_CPU_KERNELS"),
+        };
+        cmd.output().unwrap()
+    };
+    let vectors = |out: &std::process::Output| -> Vec<Vec<f64>> {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                v["embedding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let mut ran = 0;
+    for kernels in sembed::fast::cpu::Kernels::ALL {
+        if !kernels.supported() {
+            let out = embed("bert-tiny", Some(kernels.name()), &["--quantize", "int8"]);
+            assert!(!out.status.success());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("SEMBED_CPU_KERNELS") && err.contains("cannot run"),
+                "{err}"
+            );
+            continue;
+        }
+        ran += 1;
+        for model in [
+            "bert-tiny",
+            "qwen2-bidir-tiny",
+            "qwen3-causal-tiny",
+            "jina-v3-tiny",
+        ] {
+            let f32 = vectors(&embed(model, None, &[]));
+            let int8 = vectors(&embed(model, Some(kernels.name()), &["--quantize", "int8"]));
+            assert_eq!(f32.len(), 2);
+            assert_eq!(int8.len(), 2);
+            for (a, b) in f32.iter().zip(&int8) {
+                let cos: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+                assert!(cos > 0.98, "{model} {kernels}: cosine {cos}");
+            }
+        }
+    }
+    assert!(ran >= 1, "the portable set always runs");
+    let out = embed("bert-tiny", Some("sse9"), &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SEMBED_CPU_KERNELS=sse9"));
+}

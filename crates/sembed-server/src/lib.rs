@@ -719,6 +719,11 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<Value> {
         "max_client_batch_size": state.config.max_client_batch_size,
         "max_body_bytes": state.config.max_body_bytes,
         "auto_truncate": state.config.auto_truncate,
+        "cpu": {
+            "features": sembed::fast::kernels::describe_cpu(),
+            "kernels": sembed::fast::cpu::active().name(),
+            "int8_kernel": sembed::fast::cpu::int8_description(),
+        },
     }))
 }
 

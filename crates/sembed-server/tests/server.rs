@@ -270,6 +270,14 @@ async fn routes_answer_like_the_offline_embedder() {
         .as_str()
         .unwrap()
         .contains("fast-f32: the fastest engine"));
+    // The CPU kernels in force, named as SEMBED_CPU_KERNELS names them (detected here: the test
+    // process may have it set, and then that one).
+    let kernels = sembed::fast::cpu::check().unwrap();
+    assert_eq!(info["cpu"]["kernels"], kernels.name());
+    assert!(info["cpu"]["int8_kernel"]
+        .as_str()
+        .unwrap()
+        .starts_with(kernels.name()));
     let metrics = client()
         .get(format!("{}/metrics", s.url))
         .send()

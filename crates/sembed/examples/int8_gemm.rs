@@ -10,13 +10,25 @@ use std::time::Instant;
 
 fn main() {
     let kernels = cpu::check().expect("SEMBED_CPU_KERNELS");
-    println!("cpu {} · kernels {kernels}", sembed::fast::kernels::describe_cpu());
+    println!(
+        "cpu {} · kernels {kernels}",
+        sembed::fast::kernels::describe_cpu()
+    );
     println!("| m × k × n | f32 GFLOP/s | int8 GOP/s | int8 / f32 |");
     println!("|---|---:|---:|---:|");
     // MiniLM's projections (hidden 384, MLP 1536) and a Qwen2-1.5B MLP shape, 3000 tokens.
-    for (m, k, n) in [(3072, 384, 384), (3072, 384, 1536), (3072, 1536, 384), (1024, 1536, 8960)] {
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 997) as f32 / 498.0 - 1.0).collect();
+    for (m, k, n) in [
+        (3072, 384, 384),
+        (3072, 384, 1536),
+        (3072, 1536, 384),
+        (1024, 1536, 8960),
+    ] {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104729) % 997) as f32 / 498.0 - 1.0)
+            .collect();
         let q = QuantLinear::from_torch(&w, n, k);
         let mut y = vec![0f32; m * n];
         let threads = rayon::current_num_threads();

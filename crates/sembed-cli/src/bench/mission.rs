@@ -4,13 +4,15 @@
 //! the same safetensors file, run on the same code texts. For each: sembed f32 and bf16 texts/s,
 //! PyTorch f32 texts/s (transformers; Jina through a port checked against the golden outputs), the
 //! largest differences (fast engine against candle, bf16 against f32, PyTorch against sembed), the
-//! weights' bytes and the fraction of the GEMM peak reached; then the Qodo ⊕ Jina fusion, measured at
-//! this depth and extrapolated per layer to the full 28 + 24 layers.
+//! weights' bytes and the fraction of the GEMM peak reached; int8 texts/s with the cosine of its
+//! vectors to f32; the peak RSS of `sembed embed` in f32, bf16 and int8 (each in a child process);
+//! then the Qodo ⊕ Jina fusion, measured at this depth and extrapolated per layer to the full
+//! 28 + 24 layers.
 
 use super::throughput;
 use anyhow::{bail, Context, Result};
 use sembed::embed::{Embed, EmbedOptions};
-use sembed::fast::Engine;
+use sembed::fast::{Engine, Precision};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -23,8 +25,17 @@ pub struct MissionShape {
     pub tokens: usize,
     pub sembed_f32_texts_per_s: f64,
     pub sembed_bf16_texts_per_s: f64,
+    pub sembed_int8_texts_per_s: f64,
     pub weight_bytes_f32: usize,
     pub weight_bytes_bf16: usize,
+    pub weight_bytes_int8: usize,
+    /// Cosine between the int8 and the f32 vector of each text: smallest and mean.
+    pub int8_cosine_min: f64,
+    pub int8_cosine_mean: f64,
+    /// Peak RSS of `sembed embed` over the same texts, one child process per precision (MiB).
+    pub peak_rss_mb_f32: Option<f64>,
+    pub peak_rss_mb_bf16: Option<f64>,
+    pub peak_rss_mb_int8: Option<f64>,
     /// Fast engine against the candle reference, f32, on the first texts.
     pub max_abs_diff_vs_candle: f64,
     pub max_abs_diff_bf16_vs_f32: f64,
@@ -214,6 +225,31 @@ pub fn run(
         eprintln!("sembed bench: {} bf16", spec.name);
         let e16 = sembed::Embedder::load(&dir, sembed::DType::BF16, &cpu)?;
         let (t16, v16) = throughput(&e16, texts, &opts, tokens, repeat)?;
+        eprintln!(
+            "sembed bench: {} int8 ({} kernels)",
+            spec.name,
+            sembed::fast::cpu::active()
+        );
+        let e8 = sembed::Embedder::load_with(
+            &dir,
+            sembed::DType::F32,
+            &cpu,
+            Engine::Fast(Precision::Int8),
+        )?;
+        let (t8, v8) = throughput(&e8, texts, &opts, tokens, repeat)?;
+        let weight_bytes_int8 = e8.backend().weight_bytes().unwrap_or(0);
+        drop(e8);
+        let (int8_cosine_min, int8_cosine_mean) = cosines(&v8, &v32);
+        let jsonl = out.join("mission-texts.jsonl");
+        let lines: Vec<String> = texts
+            .iter()
+            .map(|t| serde_json::json!({ "text": t }).to_string())
+            .collect();
+        std::fs::write(&jsonl, lines.join("\n") + "\n")?;
+        let rss = |extra: &[&str]| child_peak_rss_mb(&dir, &jsonl, spec.task, extra);
+        let peak_rss_mb_f32 = rss(&[])?;
+        let peak_rss_mb_bf16 = rss(&["--dtype", "bf16"])?;
+        let peak_rss_mb_int8 = rss(&["--quantize", "int8"])?;
         let reference =
             sembed::Embedder::load_with(&dir, sembed::DType::F32, &cpu, Engine::Candle)?;
         let n_ref = texts.len().min(8);
@@ -286,8 +322,15 @@ pub fn run(
             tokens,
             sembed_f32_texts_per_s: f32_tps,
             sembed_bf16_texts_per_s: t16.texts_per_s,
+            sembed_int8_texts_per_s: t8.texts_per_s,
             weight_bytes_f32: e32.backend().weight_bytes().unwrap_or(0),
             weight_bytes_bf16: e16.backend().weight_bytes().unwrap_or(0),
+            weight_bytes_int8,
+            int8_cosine_min,
+            int8_cosine_mean,
+            peak_rss_mb_f32,
+            peak_rss_mb_bf16,
+            peak_rss_mb_int8,
             max_abs_diff_vs_candle: max_abs(&v32[..n_ref], &vr),
             max_abs_diff_bf16_vs_f32: max_abs(&v16, &v32),
             gflops_f32: flops / (texts.len() as f64 / f32_tps) / 1e9,
@@ -310,6 +353,80 @@ pub fn run(
     }
     let fusion = fusion(&mut parts, &shapes, texts, repeat)?;
     Ok(Mission { shapes, fusion })
+}
+
+/// Smallest and mean cosine between corresponding vectors.
+fn cosines(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f64, f64) {
+    let cos: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
+            let norm = |v: &[f32]| v.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+            dot / (norm(x) * norm(y)).max(f64::MIN_POSITIVE)
+        })
+        .collect();
+    (
+        cos.iter().copied().fold(f64::INFINITY, f64::min),
+        cos.iter().sum::<f64>() / cos.len().max(1) as f64,
+    )
+}
+
+/// Peak RSS (MiB) of `sembed embed` over `jsonl` with `extra` flags, in a child process of this
+/// binary: its own high-water mark, whatever this process holds. `None` where wait4 is missing.
+fn child_peak_rss_mb(
+    dir: &Path,
+    jsonl: &Path,
+    task: Option<&str>,
+    extra: &[&str],
+) -> Result<Option<f64>> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("embed")
+        .arg("-m")
+        .arg(dir)
+        .arg("-i")
+        .arg(jsonl)
+        .args([
+            "--max-length",
+            "256",
+            "--batch-size",
+            "32",
+            "-o",
+            "/dev/null",
+        ])
+        .args(extra)
+        .stdout(std::process::Stdio::null());
+    if let Some(t) = task {
+        cmd.args(["--task", t]);
+    }
+    let child = cmd.spawn().context("starting sembed embed")?;
+    #[cfg(unix)]
+    {
+        let pid = child.id() as libc::pid_t;
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value; wait4 writes both out-parameters.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r != pid {
+            bail!(
+                "waiting for sembed embed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+            bail!("sembed embed {} failed (status {status})", extra.join(" "));
+        }
+        // ru_maxrss is in KiB on Linux.
+        Ok(Some(usage.ru_maxrss as f64 / 1024.0))
+    }
+    #[cfg(not(unix))]
+    {
+        let mut child = child;
+        if !child.wait()?.success() {
+            bail!("sembed embed {} failed", extra.join(" "));
+        }
+        Ok(None)
+    }
 }
 
 fn max_abs(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {

@@ -47,8 +47,9 @@ pub fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         w,
-        "{} · {} threads · {} · sembed {} · int8 kernel: {}  \n{} code texts from {} ({} tokens, mean {:.0}, max {}), max length {}, dimension {}; model load {:.2} s, {:.1} MiB of heap.\n",
+        "{} ({}) · {} threads · {} · sembed {} · int8 kernel: {}  \n{} code texts from {} ({} tokens, mean {:.0}, max {}), max length {}, dimension {}; model load {:.2} s, {:.1} MiB of heap.\n",
         r.machine.cpu,
+        r.machine.cpu_features,
         r.machine.threads,
         r.machine.os,
         r.machine.sembed,
@@ -96,6 +97,41 @@ pub fn markdown(r: &Report) -> String {
                 s.max_abs_diff_bf16_vs_f32,
                 mib(s.weight_bytes_f32),
                 mib(s.weight_bytes_bf16),
+            );
+        }
+        let _ = writeln!(
+            w,
+            "\nint8 ({} kernels) and memory. Peak RSS: `sembed embed` over the same texts, one process per precision; PyTorch f32 from its own run.\n",
+            r.machine.int8_kernel
+        );
+        let _ = writeln!(
+            w,
+            "| shape | sembed int8 texts/s | int8 / PyTorch f32 | int8 / sembed f32 | cosine int8 vs f32 (min / mean) | weights f32 / bf16 / int8 | peak RSS f32 / bf16 / int8 | PyTorch f32 peak RSS |"
+        );
+        let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let rss = |v: Option<f64>| v.map_or("—".to_string(), |x| format!("{x:.0}"));
+        for s in &m.shapes {
+            let (ratio, torch_rss) = match &s.torch {
+                Some(t) => (
+                    format!("**{:.2}×**", s.sembed_int8_texts_per_s / t.texts_per_s),
+                    format!("{:.0} MiB", t.peak_rss_mb),
+                ),
+                None => (String::new(), String::new()),
+            };
+            let _ = writeln!(
+                w,
+                "| {} | {:.2} | {ratio} | {:.2}× | {:.4} / {:.4} | {:.0} / {:.0} / {:.0} MiB | {} / {} / {} MiB | {torch_rss} |",
+                s.name,
+                s.sembed_int8_texts_per_s,
+                s.sembed_int8_texts_per_s / s.sembed_f32_texts_per_s,
+                s.int8_cosine_min,
+                s.int8_cosine_mean,
+                mib(s.weight_bytes_f32),
+                mib(s.weight_bytes_bf16),
+                mib(s.weight_bytes_int8),
+                rss(s.peak_rss_mb_f32),
+                rss(s.peak_rss_mb_bf16),
+                rss(s.peak_rss_mb_int8),
             );
         }
         if let Some(f) = &m.fusion {

@@ -112,6 +112,12 @@ pub fn active() -> Kernels {
     *ACTIVE.get_or_init(|| Kernels::from_env().unwrap_or_else(|_| Kernels::detect()))
 }
 
+/// The int8 kernel in force and its code width, e.g. `avx2, 7-bit codes`.
+pub fn int8_description() -> String {
+    let k = active();
+    format!("{k}, {} codes", super::quant::Format::for_kernels(k).name())
+}
+
 /// Refuse an invalid or unsupported `SEMBED_CPU_KERNELS` with a clear error.
 pub fn check() -> Result<Kernels> {
     Kernels::from_env()?;
@@ -125,9 +131,15 @@ mod tests {
     #[test]
     fn parse_names_and_refusals() {
         assert_eq!(Kernels::parse("portable").unwrap(), Kernels::Portable);
-        assert_eq!(Kernels::parse(" AVX2 ").ok(), Kernels::Avx2.supported().then_some(Kernels::Avx2));
+        assert_eq!(
+            Kernels::parse(" AVX2 ").ok(),
+            Kernels::Avx2.supported().then_some(Kernels::Avx2)
+        );
         let e = Kernels::parse("sse9").unwrap_err().to_string();
-        assert!(e.contains("SEMBED_CPU_KERNELS=sse9") && e.contains("avx2"), "{e}");
+        assert!(
+            e.contains("SEMBED_CPU_KERNELS=sse9") && e.contains("avx2"),
+            "{e}"
+        );
         if !Kernels::Avx512.supported() {
             let e = Kernels::parse("avx512").unwrap_err().to_string();
             assert!(e.contains("cannot run the avx512-vnni kernels"), "{e}");

@@ -172,7 +172,10 @@ impl QuantLinear {
 
     /// [`Self::forward`] on one thread with the given kernels (which the CPU must support).
     fn forward_rows_with(&self, kernels: Kernels, x: &[f32], y: &mut [f32]) {
-        assert!(kernels.supported(), "{kernels} kernels on a CPU without them");
+        assert!(
+            kernels.supported(),
+            "{kernels} kernels on a CPU without them"
+        );
         assert!(
             self.format.runs_on(kernels),
             "{kernels} kernels on {} weights",
@@ -189,7 +192,16 @@ impl QuantLinear {
         }
         let qx = &mut qx_buf[..m * self.kp];
         let (sx, zx) = sz[..2 * m].split_at_mut(m);
-        quantize_rows(kernels, x, self.k, self.kp, self.format.act_max as f32, qx, sx, zx);
+        quantize_rows(
+            kernels,
+            x,
+            self.k,
+            self.kp,
+            self.format.act_max as f32,
+            qx,
+            sx,
+            zx,
+        );
         match kernels {
             // SAFETY (both): the CPU has the features the kernel is compiled for and the weights
             // are in a format it computes exactly (asserted above); buffers are sized above.
@@ -362,7 +374,9 @@ impl QuantLinear {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
         let bcast = |r: usize, k4: usize| {
-            _mm256_set1_epi32(std::ptr::read_unaligned(xs.add(r * kp + k4 * 4) as *const i32))
+            _mm256_set1_epi32(std::ptr::read_unaligned(
+                xs.add(r * kp + k4 * 4) as *const i32
+            ))
         };
         let mut k4 = 0;
         while k4 + 2 <= k4s {
@@ -378,8 +392,10 @@ impl QuantLinear {
             );
             for (r, a) in acc.iter_mut().enumerate() {
                 let (xa, xb) = (bcast(r, k4), bcast(r, k4 + 1));
-                let p0 = _mm256_add_epi16(_mm256_maddubs_epi16(xa, wa0), _mm256_maddubs_epi16(xb, wb0));
-                let p1 = _mm256_add_epi16(_mm256_maddubs_epi16(xa, wa1), _mm256_maddubs_epi16(xb, wb1));
+                let p0 =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(xa, wa0), _mm256_maddubs_epi16(xb, wb0));
+                let p1 =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(xa, wa1), _mm256_maddubs_epi16(xb, wb1));
                 a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(p0, ones));
                 a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(p1, ones));
             }
@@ -391,8 +407,10 @@ impl QuantLinear {
             let wa1 = _mm256_loadu_si256(wa.add(32) as *const __m256i);
             for (r, a) in acc.iter_mut().enumerate() {
                 let xa = bcast(r, k4);
-                a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(_mm256_maddubs_epi16(xa, wa0), ones));
-                a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(_mm256_maddubs_epi16(xa, wa1), ones));
+                a[0] =
+                    _mm256_add_epi32(a[0], _mm256_madd_epi16(_mm256_maddubs_epi16(xa, wa0), ones));
+                a[1] =
+                    _mm256_add_epi32(a[1], _mm256_madd_epi16(_mm256_maddubs_epi16(xa, wa1), ones));
             }
         }
         let c0 = blk * NB + strip * 16;
@@ -410,7 +428,10 @@ impl QuantLinear {
                 let c = c0 + v * 8;
                 let ws = _mm256_mul_ps(s, _mm256_loadu_ps(self.scale.as_ptr().add(c)));
                 let cs = _mm256_loadu_ps(self.colsum.as_ptr().add(c));
-                let out = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(*av), _mm256_mul_ps(z, cs)), ws);
+                let out = _mm256_mul_ps(
+                    _mm256_sub_ps(_mm256_cvtepi32_ps(*av), _mm256_mul_ps(z, cs)),
+                    ws,
+                );
                 if lanes == 8 {
                     _mm256_storeu_ps(dst.add(v * 8), out);
                 } else {
@@ -423,14 +444,10 @@ impl QuantLinear {
     }
 }
 
-/// Whether int8 projections run on a vector integer kernel (AVX-512 VNNI or AVX2) here.
-pub fn int8_accelerated() -> bool {
-    super::cpu::active() != Kernels::Portable
-}
-
 /// Per row: u8 codes with scale and zero point such that `x ≈ s · (q − z)`, `q ∈ [0, qmax]`; the
 /// range always contains 0 so that exact zeros stay exact. Columns `k..kp` get the zero point.
 /// The AVX2 copy (any kernel set but `portable`) gives the same codes bit for bit (tested).
+#[allow(clippy::too_many_arguments)]
 fn quantize_rows(
     kernels: Kernels,
     x: &[f32],
@@ -604,7 +621,13 @@ mod tests {
     /// Every kernel this CPU runs that computes on `format`, on the same inputs, gives bit-identical
     /// outputs (same integers, same epilogue), close to the f32 product; threads do not change the
     /// result.
-    fn check_kernels(format: Format, (m, k, n): (usize, usize, usize), x: &[f32], w: &[f32], tol: f32) {
+    fn check_kernels(
+        format: Format,
+        (m, k, n): (usize, usize, usize),
+        x: &[f32],
+        w: &[f32],
+        tol: f32,
+    ) {
         let q = QuantLinear::with_format(w, n, k, format);
         let mut reference = vec![0f32; m * n];
         q.forward_rows_with(Kernels::Portable, x, &mut reference);
@@ -616,7 +639,11 @@ mod tests {
             let mut y = vec![f32::NAN; m * n];
             q.forward_rows_with(kernels, x, &mut y);
             for (i, (a, b)) in y.iter().zip(&reference).enumerate() {
-                assert_eq!(a.to_bits(), b.to_bits(), "{kernels} differs from portable at {i}: {a} vs {b}");
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{kernels} differs from portable at {i}: {a} vs {b}"
+                );
             }
             ran.push(kernels.name());
         }
@@ -632,7 +659,11 @@ mod tests {
                 assert!((got - exact).abs() < tol, "{r},{o}: {got} vs {exact}");
             }
         }
-        eprintln!("{} kernels compared ({m}×{k}×{n}): {}", format.name(), ran.join(", "));
+        eprintln!(
+            "{} kernels compared ({m}×{k}×{n}): {}",
+            format.name(),
+            ran.join(", ")
+        );
     }
 
     #[test]
@@ -645,7 +676,13 @@ mod tests {
         check_kernels(Format::BITS7, (m, k, n), &x, &w, 0.3);
         // k a multiple of 8 (the AVX2 kernel's pairs of k-quads with no single quad left over).
         let (m, k, n) = (7, 64, 20);
-        check_kernels(Format::BITS7, (m, k, n), &data(m * k, 3), &data(n * k, 4), 0.3);
+        check_kernels(
+            Format::BITS7,
+            (m, k, n),
+            &data(m * k, 3),
+            &data(n * k, 4),
+            0.3,
+        );
     }
 
     #[test]
