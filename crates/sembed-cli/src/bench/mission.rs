@@ -246,7 +246,12 @@ pub fn run(
             .map(|t| serde_json::json!({ "text": t }).to_string())
             .collect();
         std::fs::write(&jsonl, lines.join("\n") + "\n")?;
-        let rss = |extra: &[&str]| child_peak_rss_mb(&dir, &jsonl, spec.task, extra);
+        let max_len = opts.max_length.unwrap_or(256).to_string();
+        let rss = |extra: &[&str]| {
+            let mut args = vec!["--max-length", max_len.as_str()];
+            args.extend_from_slice(extra);
+            child_peak_rss_mb(&dir, &jsonl, spec.task, &args)
+        };
         let peak_rss_mb_f32 = rss(&[])?;
         let peak_rss_mb_bf16 = rss(&["--dtype", "bf16"])?;
         let peak_rss_mb_int8 = rss(&["--quantize", "int8"])?;
@@ -373,7 +378,10 @@ fn cosines(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f64, f64) {
 }
 
 /// Peak RSS (MiB) of `sembed embed` over `jsonl` with `extra` flags, in a child process of this
-/// binary: its own high-water mark, whatever this process holds. `None` where wait4 is missing.
+/// binary: its VmHWM, read from /proc every 10 ms until it exits (the last reading counts; the peak
+/// is reached during the forward passes, long before the exit). Not `wait4`'s `ru_maxrss`: on Linux
+/// that keeps the high-water mark of the forked copy of this process, so it reads as this process's
+/// size. `None` without /proc.
 fn child_peak_rss_mb(
     dir: &Path,
     jsonl: &Path,
@@ -386,47 +394,35 @@ fn child_peak_rss_mb(
         .arg(dir)
         .arg("-i")
         .arg(jsonl)
-        .args([
-            "--max-length",
-            "256",
-            "--batch-size",
-            "32",
-            "-o",
-            "/dev/null",
-        ])
+        .args(["--batch-size", "32", "-o", "/dev/null"])
         .args(extra)
         .stdout(std::process::Stdio::null());
     if let Some(t) = task {
         cmd.args(["--task", t]);
     }
-    let child = cmd.spawn().context("starting sembed embed")?;
-    #[cfg(unix)]
-    {
-        let pid = child.id() as libc::pid_t;
-        let mut status = 0;
-        // SAFETY: an all-zero rusage is a valid value; wait4 writes both out-parameters.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        if r != pid {
-            bail!(
-                "waiting for sembed embed: {}",
-                std::io::Error::last_os_error()
-            );
+    let mut child = cmd.spawn().context("starting sembed embed")?;
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib: Option<u64> = None;
+    let status = loop {
+        if let Ok(s) = std::fs::read_to_string(&status_path) {
+            if let Some(kib) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak_kib = Some(peak_kib.unwrap_or(0).max(kib));
+            }
         }
-        if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-            bail!("sembed embed {} failed (status {status})", extra.join(" "));
+        if let Some(status) = child.try_wait()? {
+            break status;
         }
-        // ru_maxrss is in KiB on Linux.
-        Ok(Some(usage.ru_maxrss as f64 / 1024.0))
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    if !status.success() {
+        bail!("sembed embed {} failed ({status})", extra.join(" "));
     }
-    #[cfg(not(unix))]
-    {
-        let mut child = child;
-        if !child.wait()?.success() {
-            bail!("sembed embed {} failed", extra.join(" "));
-        }
-        Ok(None)
-    }
+    Ok(peak_kib.map(|k| k as f64 / 1024.0))
 }
 
 fn max_abs(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
