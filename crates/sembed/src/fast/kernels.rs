@@ -160,6 +160,15 @@ multiversion! {
 }
 
 multiversion! {
+    /// `y += a · x`.
+    pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += a * *x;
+        }
+    }
+}
+
+multiversion! {
     /// `x[r][c] += bias[c]`.
     pub fn add_bias(x: &mut [f32], bias: &[f32]) {
         for row in x.chunks_exact_mut(bias.len()) {
