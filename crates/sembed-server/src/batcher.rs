@@ -5,6 +5,10 @@
 //! so requests with different roles, tasks or truncation share a batch. A request whose client has
 //! gone (its reply channel closed) is dropped before it costs a forward pass. After a burst, once the
 //! queue has been idle for a while, the engines give back their scratch memory.
+//!
+//! Faults stay contained: a panic inside a forward pass answers that batch's requests with an error
+//! (500) and the worker goes on; if the worker dies anyway, a supervisor restarts it after
+//! [`RESTART_DELAY`], and [`Batcher::alive`] is false (so `/health` answers 503) until it is back.
 
 use crate::metrics::Metrics;
 use sembed::embed::{Embed, EmbedOptions, Encoded};
@@ -29,7 +33,18 @@ fn forward_options() -> EmbedOptions {
 /// How long the queue stays empty before the engines give back their scratch memory.
 pub const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a dead worker stays down before its supervisor restarts it.
+pub const RESTART_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub type Reply = Result<Vec<Vec<f32>>, String>;
+
+/// The message of a caught panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
 
 pub struct Job {
     /// The request's token ids, as counted.
@@ -53,6 +68,8 @@ pub struct Batcher {
     state: Mutex<State>,
     ready: Condvar,
     paused: AtomicBool,
+    /// The worker is running (false between its death and its restart).
+    alive: AtomicBool,
     max_queue_texts: usize,
     max_batch_tokens: usize,
     model_name: String,
@@ -74,6 +91,7 @@ impl Batcher {
             state: Mutex::new(State::default()),
             ready: Condvar::new(),
             paused: AtomicBool::new(false),
+            alive: AtomicBool::new(true),
             max_queue_texts,
             max_batch_tokens,
             model_name: name.to_string(),
@@ -83,9 +101,30 @@ impl Batcher {
         let worker = b.clone();
         std::thread::Builder::new()
             .name(format!("model-{name}"))
-            .spawn(move || worker.run(model))
+            .spawn(move || worker.supervise(model))
             .expect("spawn model thread");
         b
+    }
+
+    /// Whether the worker is running.
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Run the worker; restart it whenever it dies of a panic, until shutdown.
+    fn supervise(&self, model: Arc<dyn Embed>) {
+        loop {
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(&model)));
+            let Err(p) = run else { return };
+            self.alive.store(false, Ordering::SeqCst);
+            self.metrics.worker_restarts.inc();
+            tracing::error!(model = %self.model_name, panic = %panic_message(&*p), "model worker died; restarting");
+            std::thread::sleep(RESTART_DELAY);
+            // A panic while the queue lock was held poisons it; the queue itself is still sound
+            // (every change to it is complete before anything that can panic runs).
+            self.state.clear_poison();
+            self.alive.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Queue a job, or refuse at once when the queue is full.
@@ -175,7 +214,7 @@ impl Batcher {
         Some(batch)
     }
 
-    fn run(&self, model: Arc<dyn Embed>) {
+    fn run(&self, model: &Arc<dyn Embed>) {
         let mut held = false;
         let release = || {
             model.release_memory();
@@ -206,7 +245,17 @@ impl Batcher {
             self.metrics.batch_size.observe(encoded.len() as f64);
             self.metrics.batch_tokens.observe(tokens as f64);
             let result = joined.and_then(|()| {
-                model.embed_encoded(&encoded, &forward_options(), &mut Default::default())
+                // A panic in the model answers this batch with an error; the worker goes on.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    model.embed_encoded(&encoded, &forward_options(), &mut Default::default())
+                }))
+                .unwrap_or_else(|p| {
+                    self.metrics.model_panics.inc();
+                    Err(sembed::Error::Unsupported(format!(
+                        "internal error: the model panicked: {}",
+                        panic_message(&*p)
+                    )))
+                })
             });
             self.metrics
                 .stage_seconds

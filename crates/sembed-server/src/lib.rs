@@ -72,6 +72,8 @@ pub struct AppState {
     config: ServerConfig,
     metrics: Arc<Metrics>,
     healthy: AtomicBool,
+    /// Unix seconds when the server loaded its models (OpenAI's `created` of every model).
+    created: u64,
 }
 
 impl AppState {
@@ -131,9 +133,14 @@ pub fn build(
         config: config.clone(),
         metrics,
         healthy: AtomicBool::new(true),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     });
     let protected = Router::new()
         .route("/v1/embeddings", post(openai_embeddings))
+        .route("/v1/models", get(openai_models))
+        .route("/v1/models/{id}", get(openai_model))
         .route("/embed", post(tei_embed))
         .route("/tokenize", post(tokenize))
         .route("/info", get(info))
@@ -144,6 +151,7 @@ pub fn build(
             .route("/health", get(health))
             .merge(protected)
             .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::max(config.max_body_bytes))
             .layer(tower_http::trace::TraceLayer::new_for_http().on_response(
                 tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
@@ -209,8 +217,16 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = match self.flavor {
+            // OpenAI's error object: a message, a type (`invalid_request_error` for the client's
+            // mistakes, `server_error` for ours), the parameter at fault (never singled out here)
+            // and a machine-readable code.
             Flavor::OpenAi => {
-                json!({"error": {"message": self.message, "type": self.kind, "code": self.status.as_u16()}})
+                let kind = if self.status.is_server_error() {
+                    "server_error"
+                } else {
+                    "invalid_request_error"
+                };
+                json!({"error": {"message": self.message, "type": kind, "param": null, "code": self.kind}})
             }
             Flavor::Tei => json!({"error": self.message, "error_type": self.kind}),
         };
@@ -218,13 +234,60 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn not_found() -> ApiError {
+/// The error flavour of a path: OpenAI's under `/v1/`, TEI's elsewhere.
+fn flavor_of(uri: &axum::http::Uri) -> Flavor {
+    if uri.path() == "/v1" || uri.path().starts_with("/v1/") {
+        Flavor::OpenAi
+    } else {
+        Flavor::Tei
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::new(
-        Flavor::Tei,
+        flavor_of(&uri),
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route",
+        format!("no route {}", uri.path()),
     )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        flavor_of(&uri),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// One model as OpenAI's `GET /v1/models` lists it.
+fn model_object(state: &AppState, name: &str) -> Value {
+    json!({"id": name, "object": "model", "created": state.created, "owned_by": "sembed"})
+}
+
+async fn openai_models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .models
+        .iter()
+        .map(|m| model_object(&state, &m.name))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn openai_model(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match state.models.iter().find(|m| m.name == id) {
+        Some(m) => Ok(Json(model_object(&state, &m.name))),
+        None => Err(ApiError::new(
+            Flavor::OpenAi,
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("the model `{id}` does not exist"),
+        )),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,10 +360,8 @@ fn parse_body(body: Result<Bytes, BytesRejection>, flavor: Flavor) -> Result<Val
         )
     })?;
     if !value.is_object() {
-        return Err(ApiError::new(
+        return Err(ApiError::validation(
             flavor,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation",
             "the body must be a JSON object",
         ));
     }
@@ -308,12 +369,7 @@ fn parse_body(body: Result<Bytes, BytesRejection>, flavor: Flavor) -> Result<Val
 }
 
 fn wrong_type(flavor: Flavor, field: &str, expected: &str) -> ApiError {
-    ApiError::new(
-        flavor,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation",
-        format!("`{field}` must be {expected}"),
-    )
+    ApiError::validation(flavor, format!("`{field}` must be {expected}"))
 }
 
 fn opt_str(v: &Value, field: &str, flavor: Flavor) -> Result<Option<String>, ApiError> {
@@ -685,7 +741,8 @@ async fn tokenize(
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.healthy.load(Ordering::SeqCst) {
+    // Unhealthy while shutting down, and while any model's worker is down (being restarted).
+    if state.healthy.load(Ordering::SeqCst) && state.models.iter().all(|m| m.batcher.alive()) {
         (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
     } else {
         (

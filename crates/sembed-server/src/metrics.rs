@@ -1,8 +1,9 @@
-//! Prometheus metrics: requests by outcome, queue size, batch sizes and tokens, latency by stage.
+//! Prometheus metrics: requests by outcome, queue size, batch sizes and tokens, latency by stage,
+//! model panics and worker restarts.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -12,6 +13,10 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub batch_tokens: Histogram,
     pub stage_seconds: HistogramVec,
+    /// Forward passes that panicked (their requests got a 500; the worker went on).
+    pub model_panics: IntCounter,
+    /// Model workers that died and were restarted.
+    pub worker_restarts: IntCounter,
 }
 
 impl Metrics {
@@ -47,8 +52,20 @@ impl Metrics {
             &["stage"],
         )
         .expect("valid metric");
+        let model_panics = IntCounter::new(
+            "sembed_model_panics_total",
+            "Forward passes that panicked (answered with 500; the worker went on)",
+        )
+        .expect("valid metric");
+        let worker_restarts = IntCounter::new(
+            "sembed_worker_restarts_total",
+            "Model workers that died and were restarted",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(model_panics.clone()),
+            Box::new(worker_restarts.clone()),
             Box::new(queue_size.clone()),
             Box::new(batch_size.clone()),
             Box::new(batch_tokens.clone()),
@@ -63,6 +80,8 @@ impl Metrics {
             batch_size,
             batch_tokens,
             stage_seconds,
+            model_panics,
+            worker_restarts,
         }
     }
 

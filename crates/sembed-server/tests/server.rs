@@ -261,6 +261,42 @@ async fn routes_answer_like_the_offline_embedder() {
         .await
         .unwrap();
     assert_eq!(info["models"].as_array().unwrap().len(), 3);
+    // OpenAI's model list names the same models, each also readable alone.
+    let list: Value = client()
+        .get(format!("{}/v1/models", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["object"], "list");
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    let names: Vec<&str> = info["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, names);
+    let one: Value = client()
+        .get(format!("{}/v1/models/{}", s.url, ids[1]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (one["id"].as_str(), one["object"].as_str()),
+        (Some(ids[1]), Some("model"))
+    );
+    assert!(one["created"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(info["models"][2]["dimension"], 80);
     assert_eq!(info["models"][0]["engine"], "fast-f32");
     assert_eq!(info["models"][2]["engine"], "fast-f32+fast-f32");
@@ -356,13 +392,13 @@ async fn bad_inputs_are_4xx_with_json_errors_and_nothing_else_breaks() {
         (
             &oa,
             serde_json::to_vec(&json!({"input": 5})).unwrap(),
-            422,
+            400,
             "`input` must be",
         ),
         (
             &oa,
             serde_json::to_vec(&json!({"input": [1, 2]})).unwrap(),
-            422,
+            400,
             "token-id inputs",
         ),
         (
@@ -374,7 +410,7 @@ async fn bad_inputs_are_4xx_with_json_errors_and_nothing_else_breaks() {
         (
             &oa,
             serde_json::to_vec(&json!(["not", "an", "object"])).unwrap(),
-            422,
+            400,
             "JSON object",
         ),
         (
@@ -441,6 +477,11 @@ async fn bad_inputs_are_4xx_with_json_errors_and_nothing_else_breaks() {
             .await
             .unwrap_or_else(|e| panic!("{needle}: body is not JSON: {e}"));
         let msg = if url.ends_with("/v1/embeddings") {
+            // OpenAI's error object, and its status rule: every invalid request is 400 (413 for
+            // size, 404 for an unknown model), never 422.
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{needle}: {v}");
+            assert!(v["error"]["code"].is_string() && v["error"].get("param").is_some());
+            assert_ne!(status, 422, "{needle}");
             v["error"]["message"].clone()
         } else {
             v["error"].clone()
@@ -453,6 +494,26 @@ async fn bad_inputs_are_4xx_with_json_errors_and_nothing_else_breaks() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("/nope"),
+        "TEI body: {v}"
+    );
+    // Under /v1/ every error has OpenAI's body: unknown route, wrong method, unknown model.
+    for (method, path, status) in [
+        (reqwest::Method::POST, "/v1/nope", 404),
+        (reqwest::Method::GET, "/v1/embeddings", 405),
+        (reqwest::Method::GET, "/v1/models/no-such-model", 404),
+    ] {
+        let r = client()
+            .request(method.clone(), format!("{}{path}", s.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{method} {path}");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].is_string(), "{method} {path}: {v}");
+    }
     // Still healthy and serving.
     assert_eq!(
         client()
@@ -739,6 +800,151 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     assert_eq!(pending.await.unwrap(), 200);
     tokio::time::timeout(Duration::from_secs(30), stopping)
         .await
+        .unwrap()
+        .unwrap();
+}
+
+/// A model that panics on demand: in its next forward pass, or when asked to give back memory (which
+/// the worker does outside any forward pass, after idling: a panic there kills the worker).
+struct Flaky {
+    inner: Embedder,
+    panic_in_forward: std::sync::atomic::AtomicBool,
+    panic_in_release: std::sync::atomic::AtomicBool,
+}
+
+impl Embed for Flaky {
+    fn encode(
+        &self,
+        texts: &[String],
+        opts: &EmbedOptions,
+    ) -> sembed::Result<sembed::embed::Encoded> {
+        self.inner.encode(texts, opts)
+    }
+    fn embed_encoded(
+        &self,
+        encoded: &sembed::embed::Encoded,
+        opts: &EmbedOptions,
+        stages: &mut sembed::embed::Stages,
+    ) -> sembed::Result<Vec<Vec<f32>>> {
+        if self
+            .panic_in_forward
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("injected panic in a forward pass");
+        }
+        self.inner.embed_encoded(encoded, opts, stages)
+    }
+    fn release_memory(&self) {
+        if self
+            .panic_in_release
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("injected panic in the worker loop");
+        }
+        self.inner.release_memory()
+    }
+    fn dimension(&self) -> usize {
+        self.inner.dimension()
+    }
+    fn engine(&self) -> String {
+        self.inner.engine()
+    }
+    fn engine_reasons(&self) -> Vec<String> {
+        self.inner.engine_reasons()
+    }
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    fn knows_task(&self, task: &str) -> bool {
+        self.inner.knows_task(task)
+    }
+    fn max_length(&self) -> usize {
+        self.inner.max_length()
+    }
+    fn task_names(&self) -> Vec<String> {
+        self.inner.task_names()
+    }
+}
+
+/// A panic in a forward pass answers that request with a 500 JSON error and the worker goes on; a
+/// worker that dies anyway is restarted, and /health says 503 until it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_model_is_contained_and_a_dead_worker_restarted() {
+    let flaky = Arc::new(Flaky {
+        inner: embedder("bert-tiny"),
+        panic_in_forward: false.into(),
+        panic_in_release: false.into(),
+    });
+    let models = vec![ServedModel {
+        name: "flaky".into(),
+        model: flaky.clone(),
+    }];
+    let (router, state) = sembed_server::build(models, ServerConfig::default()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(sembed_server::serve(listener, router, state, async move {
+        let _ = rx.await;
+    }));
+    let health = || async {
+        client()
+            .get(format!("{url}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let embed_url = format!("{url}/embed");
+    let embed = || post(&embed_url, json!({"inputs": ["fn main() {}"]}));
+
+    flaky
+        .panic_in_forward
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (st, v) = embed().await;
+    assert_eq!(st, 500, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("injected panic"),
+        "{v}"
+    );
+    let (st, v) = embed().await;
+    assert_eq!(st, 200, "the worker goes on: {v}");
+    assert_eq!(health().await, 200);
+
+    // The worker gives memory back after idling (5 s): a panic there kills it.
+    flaky
+        .panic_in_release
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut saw_down, mut back) = (false, false);
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(15) {
+        match health().await {
+            503 => saw_down = true,
+            200 if saw_down => {
+                back = true;
+                break;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_down && back, "down {saw_down}, back {back}");
+    let (st, v) = embed().await;
+    assert_eq!(st, 200, "the restarted worker serves: {v}");
+    let metrics = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(metric(&metrics, "sembed_model_panics_total"), 1.0);
+    assert_eq!(metric(&metrics, "sembed_worker_restarts_total"), 1.0);
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(30), done)
+        .await
+        .unwrap()
         .unwrap()
         .unwrap();
 }

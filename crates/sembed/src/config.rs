@@ -139,7 +139,8 @@ impl Architecture {
                 matryoshka_dimensions: f.get_or("matryoshka_dimensions", Vec::new())?,
                 hidden_dropout_prob: f.f64_or("hidden_dropout_prob", 0.1)?,
                 attention_probs_dropout_prob: f.f64_or("attention_probs_dropout_prob", 0.1)?,
-            }));
+            }))
+            .and_then(|a| a.validate(path));
         }
         let is_qwen3 = model_type == "qwen3" || archs.iter().any(|a| a.starts_with("Qwen3"));
         let is_qwen2 = model_type == "qwen2" || archs.iter().any(|a| a.starts_with("Qwen2"));
@@ -222,28 +223,135 @@ impl Architecture {
         })
     }
 
+    /// Every size and name the models use, checked once here, so that no config file can make a
+    /// model panic later (a division by a zero head count, a slice past a width): an error naming
+    /// the file and the field instead.
     fn validate(self, path: &Path) -> Result<Self> {
-        let bad = |m: String| Err(Error::config(path, m));
-        match &self {
-            Architecture::Bert(c)
-                if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 =>
-            {
-                bad(format!(
-                    "hidden_size {} is not divisible by num_attention_heads {}",
-                    c.hidden_size, c.num_attention_heads
-                ))
+        let bad =
+            |field: &str, m: String| Err(Error::config(path, format!("field `{field}`: {m}")));
+        let positive = |field: &str, v: usize| {
+            if v == 0 {
+                bad(field, "must be at least 1".into())
+            } else {
+                Ok(())
             }
-            Architecture::Qwen(c)
-                if c.num_key_value_heads == 0
-                    || c.num_attention_heads % c.num_key_value_heads != 0 =>
-            {
-                bad(format!(
-                    "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                    c.num_attention_heads, c.num_key_value_heads
-                ))
+        };
+        let eps = |field: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                bad(field, format!("{v} must be a positive number"))
             }
-            _ => Ok(self),
+        };
+        let act = |v: &str| {
+            match v {
+            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "relu" | "silu" | "swish" => {
+                Ok(())
+            }
+            other => bad(
+                "hidden_act",
+                format!("`{other}` is not supported (gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish)"),
+            ),
         }
+        };
+        let heads_divide = |hidden: usize, heads: usize| {
+            if !hidden.is_multiple_of(heads) {
+                bad(
+                    "num_attention_heads",
+                    format!("hidden_size {hidden} is not divisible by num_attention_heads {heads}"),
+                )
+            } else {
+                Ok(())
+            }
+        };
+        match &self {
+            Architecture::Bert(c) => {
+                for (f, v) in [
+                    ("vocab_size", c.vocab_size),
+                    ("hidden_size", c.hidden_size),
+                    ("num_hidden_layers", c.num_hidden_layers),
+                    ("num_attention_heads", c.num_attention_heads),
+                    ("intermediate_size", c.intermediate_size),
+                    ("max_position_embeddings", c.max_position_embeddings),
+                    ("type_vocab_size", c.type_vocab_size),
+                ] {
+                    positive(f, v)?;
+                }
+                heads_divide(c.hidden_size, c.num_attention_heads)?;
+                act(&c.hidden_act)?;
+                eps("layer_norm_eps", c.layer_norm_eps)?;
+            }
+            Architecture::Qwen(c) => {
+                for (f, v) in [
+                    ("vocab_size", c.vocab_size),
+                    ("hidden_size", c.hidden_size),
+                    ("num_hidden_layers", c.num_hidden_layers),
+                    ("num_attention_heads", c.num_attention_heads),
+                    ("num_key_value_heads", c.num_key_value_heads),
+                    ("head_dim", c.head_dim),
+                    ("intermediate_size", c.intermediate_size),
+                    ("max_position_embeddings", c.max_position_embeddings),
+                ] {
+                    positive(f, v)?;
+                }
+                if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
+                    bad(
+                        "num_key_value_heads",
+                        format!(
+                            "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                            c.num_attention_heads, c.num_key_value_heads
+                        ),
+                    )?;
+                }
+                if !c.head_dim.is_multiple_of(2) {
+                    bad("head_dim", format!("{} must be even (rotary)", c.head_dim))?;
+                }
+                eps("rms_norm_eps", c.rms_norm_eps)?;
+                eps("rope_theta", c.rope_theta)?;
+            }
+            Architecture::Jina(c) => {
+                for (f, v) in [
+                    ("vocab_size", c.vocab_size),
+                    ("hidden_size", c.hidden_size),
+                    ("num_hidden_layers", c.num_hidden_layers),
+                    ("num_attention_heads", c.num_attention_heads),
+                    ("intermediate_size", c.intermediate_size),
+                    ("type_vocab_size", c.type_vocab_size),
+                ] {
+                    positive(f, v)?;
+                }
+                heads_divide(c.hidden_size, c.num_attention_heads)?;
+                if !(c.hidden_size / c.num_attention_heads).is_multiple_of(2) {
+                    bad(
+                        "num_attention_heads",
+                        format!(
+                            "the head width {} must be even (rotary)",
+                            c.hidden_size / c.num_attention_heads
+                        ),
+                    )?;
+                }
+                act(&c.hidden_act)?;
+                eps("layer_norm_eps", c.layer_norm_eps)?;
+                eps("rotary_emb_base", c.rotary_emb_base)?;
+                if !c.lora_adaptations.is_empty() {
+                    positive("lora_rank", c.lora_rank)?;
+                    if !c.lora_alpha.is_finite() {
+                        bad("lora_alpha", format!("{} is not a number", c.lora_alpha))?;
+                    }
+                }
+                if let Some(&d) = c
+                    .matryoshka_dimensions
+                    .iter()
+                    .find(|&&d| d == 0 || d > c.hidden_size)
+                {
+                    bad(
+                        "matryoshka_dimensions",
+                        format!("{d} is not between 1 and hidden_size {}", c.hidden_size),
+                    )?;
+                }
+            }
+        }
+        Ok(self)
     }
 }
 

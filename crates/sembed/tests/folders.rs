@@ -242,3 +242,42 @@ fn max_seq_length_prefers_sentence_transformers_setting() {
     };
     assert!(!c.causal && c.attention_bias && c.num_key_value_heads == 2);
 }
+
+/// No config value makes a model panic: every size, head count, activation and epsilon the models use
+/// is checked at load, with an error naming config.json and the field.
+#[test]
+fn bad_config_values_are_errors_naming_the_field() {
+    use serde_json::{json, Value};
+    let cases: &[(&str, &str, Value)] = &[
+        ("jina-v3-tiny", "num_attention_heads", json!(0)),
+        ("jina-v3-tiny", "num_attention_heads", json!(3)),
+        ("jina-v3-tiny", "hidden_act", json!("tanh")),
+        ("jina-v3-tiny", "lora_rank", json!(0)),
+        ("jina-v3-tiny", "matryoshka_dimensions", json!([8, 4096])),
+        ("jina-v3-tiny", "layer_norm_eps", json!(-1.0)),
+        ("bert-tiny", "num_attention_heads", json!(0)),
+        ("bert-tiny", "intermediate_size", json!(0)),
+        ("bert-tiny", "hidden_act", json!("mish")),
+        ("bert-tiny", "num_hidden_layers", json!(0)),
+        ("qwen2-bidir-tiny", "num_key_value_heads", json!(0)),
+        ("qwen2-bidir-tiny", "num_key_value_heads", json!(4)),
+        ("qwen2-bidir-tiny", "head_dim", json!(7)),
+        ("qwen3-causal-tiny", "num_attention_heads", json!(0)),
+        ("qwen3-causal-tiny", "rms_norm_eps", json!(0.0)),
+        ("qwen3-causal-tiny", "vocab_size", json!(0)),
+    ];
+    for (model, field, value) in cases {
+        let dir = copy_model(model);
+        let path = dir.path().join("config.json");
+        let mut cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg[*field] = value.clone();
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let e = std::panic::catch_unwind(|| load_err(dir.path()))
+            .unwrap_or_else(|_| panic!("{model} {field}={value}: panicked"));
+        assert!(
+            e.contains("config.json") && e.contains(&format!("`{field}`")),
+            "{model} {field}={value}: {e}"
+        );
+    }
+}

@@ -8,17 +8,15 @@ use sembed::weights::Weights;
 use sembed::DType;
 use std::path::PathBuf;
 
+/// ../shared/real-configs: CI always has it, so its absence fails the test (never a silent skip).
 fn real_configs() -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/real-configs");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        println!(
-            "SKIPPED: {} is absent (real configs live outside the repository)",
-            p.display()
-        );
-        None
-    }
+    assert!(
+        p.is_dir(),
+        "{} is absent: the published configs live beside the repository (../shared), as in CI",
+        p.display()
+    );
+    Some(p)
 }
 
 fn requested(arch: &Architecture) -> Vec<(String, Vec<usize>)> {

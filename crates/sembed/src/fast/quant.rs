@@ -630,6 +630,18 @@ fn quantize_rows(
     quantize_rows_portable(x, k, kp, qmax, qx, sx, zx)
 }
 
+/// A row's range (with 0) from its lane minima and maxima and the entries past the last full chunk.
+#[inline(always)]
+fn row_range(lanes_lo: &[f32], lanes_hi: &[f32], rest: &[f32]) -> (f32, f32) {
+    let mut lo = lanes_lo.iter().fold(0f32, |a, &b| a.min(b));
+    let mut hi = lanes_hi.iter().fold(0f32, |a, &b| a.max(b));
+    for &v in rest {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    (lo, hi)
+}
+
 /// The scale and zero point of a row whose range (with 0) is `[lo, hi]`.
 #[inline(always)]
 fn row_scale(lo: f32, hi: f32, qmax: f32) -> (f32, f32) {
@@ -682,14 +694,7 @@ unsafe fn quantize_rows_avx2(
         let (mut l8, mut h8) = ([0f32; 8], [0f32; 8]);
         _mm256_storeu_ps(l8.as_mut_ptr(), lo);
         _mm256_storeu_ps(h8.as_mut_ptr(), hi);
-        let (mut lo, mut hi) = (
-            l8.iter().fold(0f32, |a, &b| a.min(b)),
-            h8.iter().fold(0f32, |a, &b| a.max(b)),
-        );
-        for &v in chunks.remainder() {
-            lo = lo.min(v);
-            hi = hi.max(v);
-        }
+        let (lo, hi) = row_range(&l8, &h8, chunks.remainder());
         let (s, z) = row_scale(lo, hi, qmax);
         let inv = 1.0 / s;
         let q = &mut qx[r * kp..(r + 1) * kp];
@@ -744,14 +749,7 @@ super::kernels::multiversion! {
                     hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
                 }
             }
-            let (mut lo, mut hi) = (
-                lo.iter().fold(0f32, |a, &b| a.min(b)),
-                hi.iter().fold(0f32, |a, &b| a.max(b)),
-            );
-            for &v in chunks.remainder() {
-                lo = lo.min(v);
-                hi = hi.max(v);
-            }
+            let (lo, hi) = row_range(&lo, &hi, chunks.remainder());
             let (s, z) = row_scale(lo, hi, qmax);
             let inv = 1.0 / s;
             let q = &mut qx[r * kp..(r + 1) * kp];
