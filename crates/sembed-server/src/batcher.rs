@@ -106,6 +106,14 @@ impl Batcher {
         b
     }
 
+    /// The queue. A panic while its lock was held poisons it; the queue itself is still sound
+    /// (every change to it is complete before anything that can panic runs), so take it anyway.
+    fn queue(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Whether the worker is running.
     pub fn alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
@@ -120,8 +128,6 @@ impl Batcher {
             self.metrics.worker_restarts.inc();
             tracing::error!(model = %self.model_name, panic = %panic_message(&*p), "model worker died; restarting");
             std::thread::sleep(RESTART_DELAY);
-            // A panic while the queue lock was held poisons it; the queue itself is still sound
-            // (every change to it is complete before anything that can panic runs).
             self.state.clear_poison();
             self.alive.store(true, Ordering::SeqCst);
         }
@@ -129,7 +135,7 @@ impl Batcher {
 
     /// Queue a job, or refuse at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), Overloaded> {
-        let mut s = self.state.lock().expect("queue lock");
+        let mut s = self.queue();
         if s.queued_texts + job.encoded.len() > self.max_queue_texts && !s.jobs.is_empty() {
             return Err(Overloaded);
         }
@@ -152,14 +158,14 @@ impl Batcher {
     }
 
     pub fn shutdown(&self) {
-        self.state.lock().expect("queue lock").shutdown = true;
+        self.queue().shutdown = true;
         self.ready.notify_all();
     }
 
     /// The next batch, waiting for one; `held` says the engines hold scratch from earlier work,
     /// which `release` gives back once the queue has been idle for [`IDLE_RELEASE`].
     fn next_batch(&self, held: &mut bool, release: &dyn Fn()) -> Option<Vec<Job>> {
-        let mut s = self.state.lock().expect("queue lock");
+        let mut s = self.queue();
         loop {
             if s.shutdown && s.jobs.is_empty() {
                 return None;
@@ -171,16 +177,19 @@ impl Batcher {
                 let (guard, wait) = self
                     .ready
                     .wait_timeout(s, IDLE_RELEASE)
-                    .expect("queue lock");
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 s = guard;
                 if wait.timed_out() && s.jobs.is_empty() {
                     drop(s);
                     release();
                     *held = false;
-                    s = self.state.lock().expect("queue lock");
+                    s = self.queue();
                 }
             } else {
-                s = self.ready.wait(s).expect("queue lock");
+                s = self
+                    .ready
+                    .wait(s)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
         }
         let mut batch: Vec<Job> = Vec::new();
@@ -251,8 +260,8 @@ impl Batcher {
                 }))
                 .unwrap_or_else(|p| {
                     self.metrics.model_panics.inc();
-                    Err(sembed::Error::Unsupported(format!(
-                        "internal error: the model panicked: {}",
+                    Err(sembed::Error::Internal(format!(
+                        "the model panicked: {}",
                         panic_message(&*p)
                     )))
                 })

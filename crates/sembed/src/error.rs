@@ -106,6 +106,9 @@ pub enum Error {
     InvalidInput(String),
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A bug caught at a boundary (a panic inside a model, turned into an error by the server).
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
