@@ -11,6 +11,7 @@ mod bench;
 mod input;
 mod mimalloc_options;
 mod output;
+mod progress;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -53,6 +54,9 @@ enum Command {
         heldout_fraction: f64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// No progress bar (it is shown on stderr only when stderr is a terminal).
+        #[arg(long, short = 'q')]
+        quiet: bool,
     },
     /// Measure: stages, throughput by batch size and length, latency, memory, int8, training and
     /// gradient cost, and the peers on the same texts; writes JSON, Markdown and SVG.
@@ -128,6 +132,9 @@ struct EmbedArgs {
     /// Output raw pooled vectors instead of unit vectors.
     #[arg(long)]
     no_normalize: bool,
+    /// No progress bar (it is shown on stderr only when stderr is a terminal).
+    #[arg(long, short = 'q')]
+    quiet: bool,
     /// Compute dtype.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: ComputeDtype,
@@ -323,6 +330,9 @@ struct TrainArgs {
 struct EvalArgs {
     #[arg(long, short = 'm')]
     model: Option<String>,
+    /// No progress bar (it is shown on stderr only when stderr is a terminal).
+    #[arg(long, short = 'q')]
+    quiet: bool,
     /// Pairs JSONL {"anchor","positive"} (negatives optional: triplet accuracy).
     #[arg(long)]
     data: PathBuf,
@@ -361,7 +371,15 @@ fn main() {
             heldout,
             heldout_fraction,
             seed,
-        } => mine(&src, &out, heldout.as_deref(), heldout_fraction, seed),
+            quiet,
+        } => mine(
+            &src,
+            &out,
+            heldout.as_deref(),
+            heldout_fraction,
+            seed,
+            quiet,
+        ),
         Command::Bench(args) => bench::run(*args),
         Command::Inspect { file } => inspect(&file),
     };
@@ -400,7 +418,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
         max_length: args.max_length,
         batch_size: args.batch_size,
     };
-    let vectors = embed_with_progress(model.as_ref(), &texts, &opts, args.input.is_some())?;
+    let vectors = embed_with_progress(model.as_ref(), &texts, &opts, args.quiet)?;
     output::write(
         &vectors,
         args.output.as_deref(),
@@ -584,9 +602,21 @@ fn mine(
     heldout: Option<&std::path::Path>,
     fraction: f64,
     seed: u64,
+    quiet: bool,
 ) -> Result<()> {
     use std::io::Write as _;
-    let mined = sembed::train::mine::mine_tree(src)?;
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mined = sembed::train::mine::mine_tree_with(src, &mut |done, total| {
+        if done == 0 && total > 200 {
+            bar = progress::bar(total as u64, "files", quiet);
+        }
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     if mined.is_empty() {
         bail!(
             "{}: no documented Rust or Python functions found",
@@ -638,12 +668,12 @@ fn eval(args: EvalArgs) -> Result<()> {
     )
     .context("loading the model")?;
     let examples = sembed::train::data::read_examples(&args.data)?;
-    let metrics = sembed::train::eval::evaluate(
-        model.as_ref(),
-        &examples,
-        args.task.as_deref(),
-        args.batch_size,
-    )?;
+    let shown = progress::Progressed {
+        inner: model.as_ref(),
+        bar: progress::bar(0, "texts", args.quiet || examples.len() < 256),
+    };
+    let metrics =
+        sembed::train::eval::evaluate(&shown, &examples, args.task.as_deref(), args.batch_size)?;
     println!("{}", serde_json::to_string(&metrics)?);
     Ok(())
 }
@@ -668,40 +698,18 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
-/// Embed in chunks so a progress bar can move; each chunk is still batched by length.
+/// Embed with a progress bar (stderr, a terminal, more than a moment's work, not `--quiet`).
 fn embed_with_progress(
     model: &dyn Embed,
     texts: &[String],
     opts: &EmbedOptions,
-    show: bool,
+    quiet: bool,
 ) -> Result<Vec<Vec<f32>>> {
-    let chunk = (opts.batch_size.max(1) * 8).max(256);
-    let bar = if show && texts.len() > chunk {
-        let b = indicatif::ProgressBar::new(texts.len() as u64);
-        b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        if let Ok(s) = indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} texts {per_sec} eta {eta}",
-        ) {
-            b.set_style(s);
-        }
-        Some(b)
-    } else {
-        None
+    let shown = progress::Progressed {
+        inner: model,
+        bar: progress::bar(0, "texts", quiet || texts.len() <= 256),
     };
-    let mut out = Vec::with_capacity(texts.len());
-    for (n, part) in texts.chunks(chunk).enumerate() {
-        let v = model.embed(part, opts).with_context(|| {
-            format!("embedding texts {}..{}", n * chunk, n * chunk + part.len())
-        })?;
-        out.extend(v);
-        if let Some(b) = &bar {
-            b.inc(part.len() as u64);
-        }
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    Ok(out)
+    Ok(shown.embed(texts, opts)?)
 }
 
 fn inspect(file: &std::path::Path) -> Result<()> {

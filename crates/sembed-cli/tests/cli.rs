@@ -361,3 +361,76 @@ fn hf_reference_offline_is_a_clear_error() {
         "{e}"
     );
 }
+
+/// The progress bar: on a terminal (a pseudo-terminal from `script`) `embed` draws one on stderr with
+/// its rate and ETA; with stderr piped, or with `--quiet`, nothing; the vectors on stdout are the
+/// same either way.
+#[test]
+fn progress_bar_only_on_a_terminal_and_never_on_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("texts.txt");
+    let texts: Vec<String> = (0..3000)
+        .map(|i| format!("fn f{i}(x: u32) -> u32 {{ x + {i} }}"))
+        .collect();
+    std::fs::write(&input, texts.join("\n")).unwrap();
+    let model = fixtures().join("bert-tiny");
+    let args = |out: &str, quiet: bool| {
+        let mut a = vec![
+            "embed".to_string(),
+            "-m".into(),
+            model.display().to_string(),
+            "-i".into(),
+            input.display().to_string(),
+            "--lines".into(),
+            "-o".into(),
+            dir.path().join(out).display().to_string(),
+        ];
+        if quiet {
+            a.push("--quiet".into());
+        }
+        a
+    };
+    // Piped stderr: silent.
+    let piped: Vec<String> = args("piped.jsonl", false);
+    let refs: Vec<&str> = piped.iter().map(String::as_str).collect();
+    let out = sembed(&refs, None);
+    assert!(out.status.success(), "{}", err_text(&out));
+    assert!(
+        out.stderr.is_empty(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A terminal: `script` runs the command on a pseudo-terminal and copies what it printed.
+    if Command::new("script").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("SEMBED_REQUIRE_ALL").is_none(),
+            "`script` (util-linux) is missing and SEMBED_REQUIRE_ALL is set"
+        );
+        println!("SKIPPED: `script` (util-linux) is not installed");
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_sembed");
+    let run_on_tty = |a: Vec<String>| {
+        let line = std::iter::once(bin.to_string())
+            .chain(a)
+            .map(|x| format!("'{x}'"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let o = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let shown = run_on_tty(args("tty.jsonl", false));
+    assert!(
+        shown.contains("texts") && shown.contains("eta"),
+        "no bar on a terminal: {shown:?}"
+    );
+    let quiet = run_on_tty(args("quiet.jsonl", true));
+    assert!(!quiet.contains("eta"), "--quiet drew a bar: {quiet:?}");
+    let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+    assert_eq!(read("tty.jsonl"), read("piped.jsonl"));
+    assert_eq!(read("quiet.jsonl"), read("piped.jsonl"));
+}

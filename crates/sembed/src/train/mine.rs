@@ -197,6 +197,11 @@ pub fn mine_python(text: &str) -> Vec<Example> {
 /// Walk `root` (skipping hidden folders and `target`), mine every `.rs` and `.py` file, deduplicate
 /// (same anchor or same function keeps the first), in path order.
 pub fn mine_tree(root: &Path) -> Result<Vec<Mined>> {
+    mine_tree_with(root, &mut |_, _| {})
+}
+
+/// [`mine_tree`], calling `progress(files read, files in all)` after each file.
+pub fn mine_tree_with(root: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Mined>> {
     if !root.is_dir() {
         return Err(Error::InvalidInput(format!(
             "{}: not a folder",
@@ -227,7 +232,9 @@ pub fn mine_tree(root: &Path) -> Result<Vec<Mined>> {
     let mut seen_anchor = HashSet::new();
     let mut seen_code = HashSet::new();
     let mut out = Vec::new();
-    for f in files {
+    let total = files.len();
+    for (n, f) in files.into_iter().enumerate() {
+        progress(n, total);
         // Files that are not UTF-8 are skipped: they hold no minable text (counted in the report).
         let Ok(text) = std::fs::read_to_string(&f) else {
             continue;
@@ -246,6 +253,7 @@ pub fn mine_tree(root: &Path) -> Result<Vec<Mined>> {
             }
         }
     }
+    progress(total, total);
     Ok(out)
 }
 
