@@ -7,6 +7,7 @@
 
 pub mod batcher;
 pub mod metrics;
+pub mod openapi;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -145,6 +146,7 @@ pub fn build(
         .route("/tokenize", post(tokenize))
         .route("/info", get(info))
         .route("/metrics", get(metrics_route))
+        .route("/openapi.json", get(openapi_json))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let router =
         Router::new()
@@ -234,6 +236,11 @@ impl IntoResponse for ApiError {
     }
 }
 
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::OpenApi as _;
+    Json(openapi::ApiDoc::openapi())
+}
+
 /// The error flavour of a path: OpenAI's under `/v1/`, TEI's elsewhere.
 fn flavor_of(uri: &axum::http::Uri) -> Flavor {
     if uri.path() == "/v1" || uri.path().starts_with("/v1/") {
@@ -266,6 +273,8 @@ fn model_object(state: &AppState, name: &str) -> Value {
     json!({"id": name, "object": "model", "created": state.created, "owned_by": "sembed"})
 }
 
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = openapi::ModelList),
+    (status = 401, body = openapi::OpenAiError)))]
 async fn openai_models(State(state): State<Arc<AppState>>) -> Json<Value> {
     let data: Vec<Value> = state
         .models
@@ -275,6 +284,9 @@ async fn openai_models(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
+#[utoipa::path(get, path = "/v1/models/{id}", params(("id" = String, Path, description = "a served model's name")),
+    responses((status = 200, body = openapi::ModelObject), (status = 401, body = openapi::OpenAiError),
+        (status = 404, body = openapi::OpenAiError)))]
 async fn openai_model(
     State(state): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -559,6 +571,12 @@ fn count_outcome<T>(state: &AppState, r: &Result<T, ApiError>) {
 // ---------------------------------------------------------------------------------------------
 // Routes
 
+#[utoipa::path(post, path = "/v1/embeddings", request_body = openapi::OpenAiEmbeddingsRequest,
+    responses((status = 200, body = openapi::OpenAiEmbeddingsResponse),
+        (status = 400, body = openapi::OpenAiError), (status = 401, body = openapi::OpenAiError),
+        (status = 404, body = openapi::OpenAiError), (status = 413, body = openapi::OpenAiError),
+        (status = 429, body = openapi::OpenAiError), (status = 500, body = openapi::OpenAiError),
+        (status = 503, body = openapi::OpenAiError)))]
 async fn openai_embeddings(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -655,6 +673,12 @@ struct Usage {
     total_tokens: usize,
 }
 
+#[utoipa::path(post, path = "/embed", request_body = openapi::TeiEmbedRequest,
+    responses((status = 200, body = Vec<Vec<f32>>), (status = 400, body = openapi::TeiError),
+        (status = 401, body = openapi::TeiError), (status = 404, body = openapi::TeiError),
+        (status = 413, body = openapi::TeiError), (status = 422, body = openapi::TeiError),
+        (status = 429, body = openapi::TeiError), (status = 500, body = openapi::TeiError),
+        (status = 503, body = openapi::TeiError)))]
 async fn tei_embed(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -707,6 +731,11 @@ async fn tei_inner(
     Ok(Json(out.vectors))
 }
 
+#[utoipa::path(post, path = "/tokenize", request_body = openapi::TokenizeRequest,
+    responses((status = 200, description = "per input, its tokens: id, text, special"),
+        (status = 400, body = openapi::TeiError), (status = 401, body = openapi::TeiError),
+        (status = 404, body = openapi::TeiError), (status = 413, body = openapi::TeiError),
+        (status = 422, body = openapi::TeiError)))]
 async fn tokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -740,6 +769,8 @@ async fn tokenize(
     r.into_response()
 }
 
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "serving"),
+    (status = 503, description = "shutting down, or a model's worker is being restarted")))]
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     // Unhealthy while shutting down, and while any model's worker is down (being restarted).
     if state.healthy.load(Ordering::SeqCst) && state.models.iter().all(|m| m.batcher.alive()) {
@@ -753,6 +784,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/info", responses((status = 200, description = "models, limits, engines, CPU kernels")))]
 async fn info(State(state): State<Arc<AppState>>) -> Json<Value> {
     let models: Vec<Value> = state
         .models
@@ -784,6 +816,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 async fn metrics_route(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

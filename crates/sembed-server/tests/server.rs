@@ -261,6 +261,34 @@ async fn routes_answer_like_the_offline_embedder() {
         .await
         .unwrap();
     assert_eq!(info["models"].as_array().unwrap().len(), 3);
+    // The OpenAPI document lists every route.
+    let doc: Value = client()
+        .get(format!("{}/openapi.json", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/models/{id}",
+        "/embed",
+        "/tokenize",
+        "/health",
+        "/info",
+        "/metrics",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from /openapi.json"
+        );
+    }
+    assert!(
+        doc["components"]["schemas"]["OpenAiEmbeddingsRequest"]["properties"]["input"].is_object()
+    );
     // OpenAI's model list names the same models, each also readable alone.
     let list: Value = client()
         .get(format!("{}/v1/models", s.url))

@@ -1,0 +1,167 @@
+//! The OpenAPI 3.1 document served at `/openapi.json`, derived (utoipa) from the routes' path
+//! annotations and the body types below.
+//!
+//! The request types describe what the routes accept; the handlers themselves read the JSON field
+//! by field (`parse_body`, `opt_str`, …) so that every malformed request gets an error naming the
+//! field, in the surface's own error format, which a typed extractor's rejection would not give.
+
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
+/// A string or a list of strings.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum Texts {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `POST /v1/embeddings` (OpenAI).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct OpenAiEmbeddingsRequest {
+    /// The texts (at most `--max-client-batch-size`; no empty strings).
+    pub input: Texts,
+    /// A served model's name (default: the first).
+    pub model: Option<String>,
+    /// Matryoshka dimension (models that support it).
+    pub dimensions: Option<u32>,
+    /// `float` (default) or `base64` (little-endian f32).
+    pub encoding_format: Option<String>,
+    /// `query` or `document`: the model's prompt or Jina's retrieval adapter.
+    pub input_type: Option<String>,
+}
+
+/// `POST /embed` (TEI).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct TeiEmbedRequest {
+    pub inputs: Texts,
+    pub model: Option<String>,
+    pub normalize: Option<bool>,
+    /// Cut over-long inputs instead of refusing them.
+    pub truncate: Option<bool>,
+    /// `Right` (default) or `Left`.
+    pub truncation_direction: Option<String>,
+    /// A Jina task adapter or a prompt name of the model.
+    pub prompt_name: Option<String>,
+    pub dimensions: Option<u32>,
+}
+
+/// `POST /tokenize` (TEI).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct TokenizeRequest {
+    pub inputs: Texts,
+    pub model: Option<String>,
+    pub prompt_name: Option<String>,
+    pub truncation_direction: Option<String>,
+}
+
+/// One vector: floats, or base64 of little-endian f32.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum VectorDoc {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct OpenAiEmbeddingDoc {
+    pub object: String,
+    pub embedding: VectorDoc,
+    pub index: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct UsageDoc {
+    pub prompt_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// The answer of `POST /v1/embeddings`.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct OpenAiEmbeddingsResponse {
+    pub object: String,
+    pub data: Vec<OpenAiEmbeddingDoc>,
+    pub model: String,
+    pub usage: UsageDoc,
+}
+
+/// One model of `GET /v1/models`.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ModelObject {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelObject>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct OpenAiErrorDetail {
+    pub message: String,
+    /// `invalid_request_error` or `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: String,
+}
+
+/// Every error under `/v1/`.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct OpenAiError {
+    pub error: OpenAiErrorDetail,
+}
+
+/// Every error of the TEI routes.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct TeiError {
+    pub error: String,
+    pub error_type: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sembed",
+        description = "Embeddings over HTTP: OpenAI- and TEI-compatible routes."
+    ),
+    paths(
+        crate::openai_embeddings,
+        crate::openai_models,
+        crate::openai_model,
+        crate::tei_embed,
+        crate::tokenize,
+        crate::health,
+        crate::info,
+        crate::metrics_route
+    ),
+    components(schemas(
+        Texts,
+        OpenAiEmbeddingsRequest,
+        TeiEmbedRequest,
+        TokenizeRequest,
+        OpenAiEmbeddingsResponse,
+        ModelList,
+        ModelObject,
+        OpenAiError,
+        TeiError
+    ))
+)]
+pub struct ApiDoc;
