@@ -144,13 +144,7 @@ pub trait Embed: Send + Sync {
     }
 }
 
-/// One token as `/tokenize` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Token {
-    pub id: u32,
-    pub text: String,
-    pub special: bool,
-}
+pub use crate::tokenize::Token;
 
 /// Token ids of texts, ready for a model: one part per model (one for an [`Embedder`], one per
 /// member of a [`Fusion`]), each with the task adapter of every sequence. Produced once by

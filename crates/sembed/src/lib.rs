@@ -15,6 +15,7 @@ pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod pool;
+pub mod rng;
 pub mod tokenize;
 pub mod train;
 pub mod weights;

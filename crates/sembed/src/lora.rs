@@ -3,7 +3,7 @@
 //! `adapter_config.json` + `adapter_model.safetensors` under `base_model.model.<module>.lora_A.weight`.
 
 use crate::error::{Error, Result};
-use crate::train::data::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::weights::{NamedVars, SafetensorsFile};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
@@ -208,10 +208,10 @@ pub fn save_peft(out: &Path, spec: &LoraSpec, base: &Path, vars: &NamedVars) -> 
             name.clone(),
             crate::weights::Dtype::F32,
             t.dims().to_vec(),
-            crate::train::checkpoint::tensor_bytes(t, crate::weights::Dtype::F32)?,
+            crate::weights::tensor_bytes(t, crate::weights::Dtype::F32)?,
         ));
     }
-    crate::train::checkpoint::write_safetensors(
+    crate::weights::write_safetensors(
         &out.join("adapter_model.safetensors"),
         &tensors,
         Default::default(),
@@ -251,4 +251,23 @@ pub fn merged_weights(
         out.push((w_name, (w + delta)?));
     }
     Ok(out)
+}
+
+impl crate::weights::Adapters for LoraAttach {
+    fn dropout(&self) -> f64 {
+        self.spec.dropout
+    }
+    fn freezes_base(&self) -> bool {
+        self.trainable
+    }
+    fn adapter(
+        &self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<(Tensor, Tensor, f64)>> {
+        LoraAttach::adapter(self, prefix, in_dim, out_dim, dtype, device)
+    }
 }

@@ -20,14 +20,14 @@ pub const MASK_VALUE: f32 = -1e9;
 pub struct DropoutCtx {
     /// Replaces every configured probability (`--dropout P`); None keeps the model's own.
     pub p_override: Option<f64>,
-    rng: std::sync::Mutex<crate::train::data::SplitMix64>,
+    rng: std::sync::Mutex<crate::rng::SplitMix64>,
 }
 
 impl DropoutCtx {
     pub fn new(p_override: Option<f64>, seed: u64) -> Self {
         DropoutCtx {
             p_override,
-            rng: std::sync::Mutex::new(crate::train::data::SplitMix64(seed)),
+            rng: std::sync::Mutex::new(crate::rng::SplitMix64(seed)),
         }
     }
 }

@@ -90,13 +90,13 @@ impl TextTokenizer {
     }
 
     /// A token's string and whether it is a special (added) token.
-    pub fn describe(&self, id: u32) -> crate::embed::Token {
+    pub fn describe(&self, id: u32) -> Token {
         let special = self
             .inner
             .get_added_tokens_decoder()
             .get(&id)
             .is_some_and(|t| t.special);
-        crate::embed::Token {
+        Token {
             id,
             text: self.inner.id_to_token(id).unwrap_or_default(),
             special,
@@ -106,4 +106,12 @@ impl TextTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+}
+
+/// One token as `/tokenize` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+    pub special: bool,
 }

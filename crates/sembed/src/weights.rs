@@ -541,7 +541,7 @@ enum Source {
     Zeros(std::sync::Mutex<Vec<(String, Vec<usize>)>>),
     /// Random initialisation (norm weights 1, biases 0, others uniform with std 0.02, as HF's
     /// `initializer_range`), for memory and speed measurements of models whose weights are not here.
-    Random(std::sync::Mutex<crate::train::data::SplitMix64>),
+    Random(std::sync::Mutex<crate::rng::SplitMix64>),
 }
 
 /// A view of the weights under a name prefix, in a compute dtype on a device: what models load from.
@@ -553,8 +553,26 @@ pub struct Weights {
     device: Device,
     /// When set, every loaded tensor becomes a trainable `Var`, recorded under its checkpoint name.
     vars: Option<VarLog>,
-    /// LoRA adapters to attach to targeted Linear layers.
-    lora: Option<std::sync::Arc<crate::lora::LoraAttach>>,
+    /// Adapters (LoRA) to attach to targeted Linear layers.
+    lora: Option<std::sync::Arc<dyn Adapters>>,
+}
+
+/// Low-rank adapters attached to the Linear layers a model loads. Defined here, implemented by
+/// [`crate::lora::LoraAttach`], so that the weights layer does not depend on what sits above it.
+pub trait Adapters: Send + Sync {
+    /// Dropout on the adapters' input during training.
+    fn dropout(&self) -> f64;
+    /// Whether the base weights stay frozen (only the adapters learn).
+    fn freezes_base(&self) -> bool;
+    /// The adapter of the Linear at `prefix`, if it is targeted: `(A, B, scale)`.
+    fn adapter(
+        &self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<(Tensor, Tensor, f64)>>;
 }
 
 /// Trainable variables by checkpoint name, shared by every view of one source.
@@ -574,19 +592,19 @@ impl Weights {
     }
 
     /// Attach LoRA adapters to the Linear layers the spec targets.
-    pub fn with_lora(mut self, lora: std::sync::Arc<crate::lora::LoraAttach>) -> Self {
+    pub fn with_lora(mut self, lora: std::sync::Arc<dyn Adapters>) -> Self {
         self.lora = Some(lora);
         self
     }
 
     /// The LoRA dropout probability (0 without LoRA).
     pub fn lora_dropout(&self) -> f64 {
-        self.lora.as_ref().map_or(0.0, |l| l.spec.dropout)
+        self.lora.as_ref().map_or(0.0, |l| l.dropout())
     }
 
     /// Whether loaded weights are constants in a training run (LoRA training: only adapters learn).
     pub fn frozen(&self) -> bool {
-        self.lora.as_ref().is_some_and(|l| l.trainable())
+        self.lora.as_ref().is_some_and(|l| l.freezes_base())
     }
 
     /// The LoRA adapter for the Linear at this prefix, if any: `(A, B, scale)`.
@@ -634,7 +652,7 @@ impl Weights {
     pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
         Weights {
             source: std::sync::Arc::new(Source::Random(std::sync::Mutex::new(
-                crate::train::data::SplitMix64(seed),
+                crate::rng::SplitMix64(seed),
             ))),
             ..Self::zeros(dtype, device)
         }
@@ -747,4 +765,83 @@ impl Weights {
         }
         self.clone()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing (checkpoints, LoRA adapters)
+
+/// Bytes of `t` in the safetensors dtype `dtype` (F32, F16, BF16 or F64), little-endian.
+pub fn tensor_bytes(t: &Tensor, dtype: Dtype) -> crate::error::Result<Vec<u8>> {
+    let flat = t.flatten_all()?;
+    Ok(match dtype {
+        Dtype::F32 => flat
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        Dtype::F64 => flat
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        Dtype::F16 => flat
+            .to_dtype(DType::F16)?
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        Dtype::BF16 => flat
+            .to_dtype(DType::BF16)?
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        other => {
+            return Err(crate::error::Error::Unsupported(format!(
+                "writing tensors as {other}"
+            )))
+        }
+    })
+}
+
+fn st_dtype(d: Dtype) -> safetensors::tensor::Dtype {
+    match d {
+        Dtype::Bool => safetensors::tensor::Dtype::BOOL,
+        Dtype::U8 => safetensors::tensor::Dtype::U8,
+        Dtype::I8 => safetensors::tensor::Dtype::I8,
+        Dtype::F8E5M2 => safetensors::tensor::Dtype::F8_E5M2,
+        Dtype::F8E4M3 => safetensors::tensor::Dtype::F8_E4M3,
+        Dtype::I16 => safetensors::tensor::Dtype::I16,
+        Dtype::U16 => safetensors::tensor::Dtype::U16,
+        Dtype::F16 => safetensors::tensor::Dtype::F16,
+        Dtype::BF16 => safetensors::tensor::Dtype::BF16,
+        Dtype::I32 => safetensors::tensor::Dtype::I32,
+        Dtype::U32 => safetensors::tensor::Dtype::U32,
+        Dtype::F32 => safetensors::tensor::Dtype::F32,
+        Dtype::F64 => safetensors::tensor::Dtype::F64,
+        Dtype::I64 => safetensors::tensor::Dtype::I64,
+        Dtype::U64 => safetensors::tensor::Dtype::U64,
+    }
+}
+
+/// Write named tensors (already as bytes) to one safetensors file.
+pub fn write_safetensors(
+    path: &std::path::Path,
+    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+    metadata: std::collections::HashMap<String, String>,
+) -> crate::error::Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(st_dtype(*d), s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| crate::error::Error::InvalidInput(format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tmp = path.with_extension("safetensors.partial");
+    safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
+        .map_err(|e| crate::error::Error::InvalidInput(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| crate::error::Error::io(path, e))
 }

@@ -2,83 +2,12 @@
 //! `SentenceTransformer(path)`), and the optimiser/trainer state that makes a run resumable.
 
 use crate::error::{Error, Result};
-use crate::weights::{Dtype, WeightStore};
-use candle_core::{DType, Tensor, Var};
-use safetensors::tensor::{Dtype as StDtype, TensorView};
+use crate::weights::WeightStore;
+use candle_core::Var;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Bytes of `t` in the safetensors dtype `dtype` (F32, F16, BF16 or F64), little-endian.
-pub fn tensor_bytes(t: &Tensor, dtype: Dtype) -> Result<Vec<u8>> {
-    let flat = t.flatten_all()?;
-    Ok(match dtype {
-        Dtype::F32 => flat
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        Dtype::F64 => flat
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        Dtype::F16 => flat
-            .to_dtype(DType::F16)?
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        Dtype::BF16 => flat
-            .to_dtype(DType::BF16)?
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        other => return Err(Error::Unsupported(format!("writing tensors as {other}"))),
-    })
-}
-
-fn st_dtype(d: Dtype) -> StDtype {
-    match d {
-        Dtype::Bool => StDtype::BOOL,
-        Dtype::U8 => StDtype::U8,
-        Dtype::I8 => StDtype::I8,
-        Dtype::F8E5M2 => StDtype::F8_E5M2,
-        Dtype::F8E4M3 => StDtype::F8_E4M3,
-        Dtype::I16 => StDtype::I16,
-        Dtype::U16 => StDtype::U16,
-        Dtype::F16 => StDtype::F16,
-        Dtype::BF16 => StDtype::BF16,
-        Dtype::I32 => StDtype::I32,
-        Dtype::U32 => StDtype::U32,
-        Dtype::F32 => StDtype::F32,
-        Dtype::F64 => StDtype::F64,
-        Dtype::I64 => StDtype::I64,
-        Dtype::U64 => StDtype::U64,
-    }
-}
-
-/// Write named tensors (already as bytes) to one safetensors file.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
-    metadata: HashMap<String, String>,
-) -> Result<()> {
-    let views = tensors
-        .iter()
-        .map(|(n, d, s, b)| {
-            TensorView::new(st_dtype(*d), s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::InvalidInput(format!("tensor {n}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let tmp = path.with_extension("safetensors.partial");
-    safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
-        .map_err(|e| Error::InvalidInput(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
+pub use crate::weights::{tensor_bytes, write_safetensors};
 
 fn copy_dir_files(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
