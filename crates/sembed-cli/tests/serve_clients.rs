@@ -74,6 +74,7 @@ fn check(got: &Value, want: &[Vec<f32>]) {
             .iter()
             .map(|x| x.as_f64().unwrap() as f32)
             .collect();
+        assert_eq!(g.len(), w.len());
         let d = g
             .iter()
             .zip(w)

@@ -106,6 +106,7 @@ fn dump_gradients_match_upstream() {
             let global = want.values().flatten().fold(0.0f64, |m, x| m.max(x.abs()));
             for (name, w) in &want {
                 let g = &ours[name];
+                assert_eq!(g.len(), w.len(), "{model} {loss} {name}: size");
                 let diff = g
                     .iter()
                     .zip(w)
@@ -237,6 +238,14 @@ fn jina_trains_only_the_chosen_adapter() {
     let after = load_all(&out.join("model.safetensors"));
     let tasks = 5;
     let active = 4; // text-matching
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        after.keys().any(|n| n.contains(".lora_")),
+        "no adapter tensors"
+    );
     for (name, a) in &after {
         let b = &before[name];
         if name.contains(".lora_") {
@@ -522,6 +531,7 @@ fn lora_adapters_save_load_merge_and_resume() {
             .collect()
     };
     let (a, merged, base) = (embed(&out.join("adapter")), embed(&out), embed(&model));
+    assert_eq!((a.len(), merged.len()), (base.len(), base.len()));
     let d = |x: &[f64], y: &[f64]| {
         x.iter()
             .zip(y)
@@ -535,6 +545,13 @@ fn lora_adapters_save_load_merge_and_resume() {
     assert!(d(&a, &base) > 1e-3, "training changed the embedding");
     let before = load_all(&model.join("model.safetensors"));
     let after = load_all(&out.join("model.safetensors"));
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
+    assert!(after
+        .keys()
+        .any(|n| n.ends_with("attention.self.query.weight")));
     for (name, v) in &after {
         let targeted = name.ends_with("attention.self.query.weight")
             || name.ends_with("attention.self.value.weight");

@@ -148,17 +148,28 @@ async fn routes_answer_like_the_offline_embedder() {
     assert_eq!(v["object"], "list");
     assert_eq!(v["model"], "bert");
     let want = offline(&bert, &texts, EmbedOptions::default());
+    assert_eq!(v["data"].as_array().unwrap().len(), texts.len(), "{v}");
     for (i, d) in v["data"].as_array().unwrap().iter().enumerate() {
         assert_eq!(d["index"], i);
         assert_eq!(d["object"], "embedding");
         assert!(max_abs(&floats(&d["embedding"]), &want[i]) <= 1e-6);
     }
-    let tokens: usize = bert
-        .count_tokens(&texts.map(String::from), &EmbedOptions::default())
+    // Usage: the tokens /tokenize lists (another code path: the tokenizer's own token strings).
+    let (st, tk) = post(
+        &format!("{}/tokenize", s.url),
+        json!({"inputs": texts, "model": "bert"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{tk}");
+    let tokens: usize = tk
+        .as_array()
         .unwrap()
         .iter()
+        .map(|t| t.as_array().unwrap().len())
         .sum();
+    assert!(tokens > texts.len() * 2);
     assert_eq!(v["usage"]["prompt_tokens"], tokens);
+    assert_eq!(v["usage"]["total_tokens"], tokens);
     let (_, b) = post(
         &format!("{}/v1/embeddings", s.url),
         json!({"input": texts[0], "model": "bert", "encoding_format": "base64"}),
@@ -195,6 +206,7 @@ async fn routes_answer_like_the_offline_embedder() {
             ..Default::default()
         },
     );
+    assert_eq!(v["data"].as_array().unwrap().len(), texts.len(), "{v}");
     for (i, d) in v["data"].as_array().unwrap().iter().enumerate() {
         assert!(max_abs(&floats(&d["embedding"]), &want[i]) <= 1e-6);
     }
@@ -217,6 +229,7 @@ async fn routes_answer_like_the_offline_embedder() {
             ..Default::default()
         },
     );
+    assert_eq!(v.as_array().unwrap().len(), want.len(), "{v}");
     for (i, row) in v.as_array().unwrap().iter().enumerate() {
         assert!(max_abs(&floats(row), &want[i]) <= 1e-6);
     }
@@ -236,6 +249,7 @@ async fn routes_answer_like_the_offline_embedder() {
             ..Default::default()
         },
     );
+    assert_eq!(v["data"].as_array().unwrap().len(), texts.len(), "{v}");
     for (i, d) in v["data"].as_array().unwrap().iter().enumerate() {
         assert_eq!(d["embedding"].as_array().unwrap().len(), 80);
         assert!(max_abs(&floats(&d["embedding"]), &want[i]) <= 1e-6);

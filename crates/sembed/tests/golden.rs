@@ -131,6 +131,11 @@ fn check_batched_on(model: &str, engine: Engine) {
                 .collect();
             let opts = opts_for(b);
             let got = e.embed(&texts, &opts).unwrap();
+            assert_eq!(got.len(), texts.len());
+            assert_eq!(
+                got.len(),
+                b["embedding_normalized"].as_array().unwrap().len()
+            );
             for (i, (g, w)) in got
                 .iter()
                 .zip(b["embedding_normalized"].as_array().unwrap())
@@ -212,6 +217,7 @@ fn worst_cosine_to_golden(e: &Embedder, model: &str) -> f64 {
             .unwrap()
             .remove(0);
         let want = floats(&case["embedding_normalized"]);
+        assert_eq!(got.len(), want.len());
         let cos: f64 = got
             .iter()
             .zip(&want)
@@ -296,6 +302,7 @@ fn bert_with_silu_runs_on_both_engines_alike() {
     .to_vec();
     let a = fast.embed(&texts, &EmbedOptions::default()).unwrap();
     let b = candle.embed(&texts, &EmbedOptions::default()).unwrap();
+    assert_eq!((a.len(), b.len()), (texts.len(), texts.len()));
     for (x, y) in a.iter().zip(&b) {
         let d = max_abs(x, y);
         assert!(d <= 1e-5, "silu BERT: engines differ by {d}");
@@ -364,6 +371,7 @@ fn jina_batch_mixing_tasks_matches_golden() {
                 },
             )
             .unwrap();
+        assert_eq!(got.len(), want.len());
         for (g, w) in got.iter().zip(&want) {
             let d = max_abs(g, w);
             assert!(d <= 1e-5, "{engine:?}: mixed-task batch differs by {d}");
@@ -396,6 +404,7 @@ fn padded_batch_equals_single_texts() {
         for left in [false, true] {
             e.set_padding_left(left);
             let batch = e.embed(&texts, &opts).unwrap();
+            assert_eq!(batch.len(), single.len());
             for (i, (b, s)) in batch.iter().zip(&single).enumerate() {
                 let d = max_abs(b, s);
                 assert!(
@@ -558,6 +567,7 @@ fn fusion_matches_design_formula_on_reference_vectors() {
                 },
             )
             .unwrap();
+        assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let d = max_abs(g, w);
             assert!(d <= 1e-5, "fusion {task} row {i}: {d}");

@@ -41,6 +41,7 @@ fn check(engine: Engine, min_cos: f64) {
         ..Default::default()
     };
     let ids = e.tokenize(&texts, &opts).unwrap();
+    assert_eq!(ids.len(), golden["input_ids"].as_array().unwrap().len());
     for (i, (ours, want)) in ids
         .iter()
         .zip(golden["input_ids"].as_array().unwrap())
@@ -55,6 +56,7 @@ fn check(engine: Engine, min_cos: f64) {
         assert_eq!(ours, &want, "token ids of text {i}");
     }
     let got = e.embed(&texts, &opts).unwrap();
+    assert_eq!(got.len(), golden["embeddings"].as_array().unwrap().len());
     let mut worst: f64 = 1.0;
     for (i, (g, w)) in got
         .iter()
@@ -67,7 +69,7 @@ fn check(engine: Engine, min_cos: f64) {
             .iter()
             .map(|x| x.as_f64().unwrap())
             .collect();
-        assert_eq!(g.len(), 384);
+        assert_eq!((g.len(), w.len()), (384, 384));
         let dot: f64 = g.iter().zip(&w).map(|(a, b)| *a as f64 * b).sum();
         let nw = w.iter().map(|x| x * x).sum::<f64>().sqrt();
         let ng = g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();

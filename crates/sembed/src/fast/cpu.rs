@@ -144,6 +144,11 @@ mod tests {
             let e = Kernels::parse("avx512").unwrap_err().to_string();
             assert!(e.contains("cannot run the avx512-vnni kernels"), "{e}");
         }
-        assert!(Kernels::detect().supported());
+        let best = Kernels::detect();
+        assert_eq!(Kernels::parse(best.name()).unwrap(), best);
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            assert_ne!(best, Kernels::Portable);
+        }
     }
 }

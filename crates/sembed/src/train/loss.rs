@@ -151,8 +151,11 @@ mod tests {
         let n = t(&[[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]);
         // cos(a0,p0)=1/√2, cos(a0,n0)=0; cos(a1,p1)=1, cos(a1,n1)=0.
         let s = std::f64::consts::FRAC_1_SQRT_2;
-        let want = (((1.0 - s) - 1.0 + 0.5f64).max(0.0) + (0.0 - 1.0 + 0.5f64).max(0.0)) / 2.0;
-        let got = value(&triplet_loss(&a, &p, &n, Distance::Cosine, 0.5).unwrap()).unwrap();
+        // Margin 1.5 so that both hinges are active (with 0.5 both would be 0 and any loss that
+        // returned 0 would pass): d(a,p) − d(a,n) + margin, cosine distance d = 1 − cos.
+        let want = (((1.0 - s) - 1.0 + 1.5f64).max(0.0) + (0.0 - 1.0 + 1.5f64).max(0.0)) / 2.0;
+        assert!(want > 0.5);
+        let got = value(&triplet_loss(&a, &p, &n, Distance::Cosine, 1.5).unwrap()).unwrap();
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         // MNRL row 0: scores 20·[s, 1/√2·0(p1·a0=0), 0, 1]: candidates p0, p1, n0, n1.
         let rows = [[20.0 * s, 0.0, 0.0, 20.0], [20.0 * s, 20.0, 0.0, 0.0]];

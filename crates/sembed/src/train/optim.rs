@@ -270,6 +270,9 @@ mod tests {
         // Below the threshold nothing changes.
         let n = clip_grad_norm(&mut grads, 10.0).unwrap();
         assert!((n - 1.0).abs() < 1e-5);
+        let ga2 = grads[0].as_ref().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        let gb2 = grads[1].as_ref().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        assert_eq!((ga2, gb2), (ga, gb), "no rescale below the threshold");
         // Accumulation adds entry by entry.
         let mut acc = vec![None, Some(Tensor::new(&[1.0f32], &dev).unwrap())];
         accumulate(
