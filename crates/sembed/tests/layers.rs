@@ -126,27 +126,26 @@ fn modules_never_use_a_layer_above_them() {
         assert!(!files.is_empty(), "no sources for {module}");
         for f in files {
             let text = std::fs::read_to_string(&f).unwrap();
-            for (n, line) in text.lines().enumerate() {
-                let code = line.split("//").next().unwrap_or("");
-                for up in *forbidden {
-                    // `crate::up::…`, `crate::up;`, and `up` inside `crate::{…}`.
-                    let in_braces = code.split("crate::{").skip(1).any(|rest| {
-                        let inner = rest.split('}').next().unwrap_or("");
-                        inner
-                            .split(',')
-                            .any(|item| item.trim().split("::").next() == Some(up))
-                    });
-                    let uses = code.contains(&format!("crate::{up}::"))
-                        || code.contains(&format!("crate::{up};"))
-                        || in_braces;
-                    if uses {
-                        violations.push(format!(
-                            "{}:{}: {module} uses {up}: {}",
-                            f.display(),
-                            n + 1,
-                            line.trim()
-                        ));
-                    }
+            // The code without comments, as one string, so that a `use crate::{…}` that rustfmt
+            // wrapped over several lines is read whole.
+            let code: String = text
+                .lines()
+                .map(|l| l.split("//").next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join(" ");
+            for up in *forbidden {
+                // `crate::up::…`, `crate::up;`, and `up` as an item of `crate::{…}`.
+                let in_braces = code.split("crate::{").skip(1).any(|rest| {
+                    let inner = rest.split('}').next().unwrap_or("");
+                    inner
+                        .split(',')
+                        .any(|item| item.trim().split("::").next() == Some(up))
+                });
+                if code.contains(&format!("crate::{up}::"))
+                    || code.contains(&format!("crate::{up};"))
+                    || in_braces
+                {
+                    violations.push(format!("{}: {module} uses {up}", f.display()));
                 }
             }
         }
