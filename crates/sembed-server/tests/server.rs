@@ -99,6 +99,17 @@ async fn post(url: &str, body: Value) -> (u16, Value) {
     (status, r.json().await.unwrap())
 }
 
+async fn get_json(url: &str) -> Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -266,24 +277,10 @@ async fn routes_answer_like_the_offline_embedder() {
         v[0][0],
         json!({"id": 101, "text": "[CLS]", "special": true})
     );
-    let info: Value = client()
-        .get(format!("{}/info", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_json(&format!("{}/info", s.url)).await;
     assert_eq!(info["models"].as_array().unwrap().len(), 3);
     // The OpenAPI document lists every route.
-    let doc: Value = client()
-        .get(format!("{}/openapi.json", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = get_json(&format!("{}/openapi.json", s.url)).await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
         "/v1/embeddings",
@@ -304,14 +301,7 @@ async fn routes_answer_like_the_offline_embedder() {
         doc["components"]["schemas"]["OpenAiEmbeddingsRequest"]["properties"]["input"].is_object()
     );
     // OpenAI's model list names the same models, each also readable alone.
-    let list: Value = client()
-        .get(format!("{}/v1/models", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get_json(&format!("{}/v1/models", s.url)).await;
     assert_eq!(list["object"], "list");
     let ids: Vec<&str> = list["data"]
         .as_array()
@@ -326,14 +316,7 @@ async fn routes_answer_like_the_offline_embedder() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(ids, names);
-    let one: Value = client()
-        .get(format!("{}/v1/models/{}", s.url, ids[1]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one: Value = get_json(&format!("{}/v1/models/{}", s.url, ids[1])).await;
     assert_eq!(
         (one["id"].as_str(), one["object"].as_str()),
         (Some(ids[1]), Some("model"))
