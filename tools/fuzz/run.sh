@@ -9,7 +9,7 @@ sembed=${2:-target/release/sembed}
 model=${3:-tests/fixtures/bert-tiny}
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log=$(mktemp)
-"$sembed" serve -m "$model" --host 127.0.0.1 --port "$port" > "$log" 2>&1 &
+"$sembed" serve -m "$model" --host 127.0.0.1 --port "$port" --auto-truncate > "$log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 for _ in $(seq 300); do

@@ -236,9 +236,28 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+/// The OpenAPI document, with `model` in every request body narrowed to the models this server
+/// actually serves (so clients and fuzzers see the valid names).
+async fn openapi_json(State(state): State<Arc<AppState>>) -> Json<Value> {
     use utoipa::OpenApi as _;
-    Json(openapi::ApiDoc::openapi())
+    let mut doc = serde_json::to_value(openapi::ApiDoc::openapi()).unwrap_or(Value::Null);
+    let names: Vec<&str> = state.models.iter().map(|m| m.name.as_str()).collect();
+    for schema in [
+        "OpenAiEmbeddingsRequest",
+        "TeiEmbedRequest",
+        "TokenizeRequest",
+    ] {
+        if let Some(model) =
+            doc.pointer_mut(&format!("/components/schemas/{schema}/properties/model"))
+        {
+            *model = json!({
+                "type": ["string", "null"],
+                "enum": names.iter().map(|n| json!(n)).chain([Value::Null]).collect::<Vec<_>>(),
+                "description": "a served model's name (default: the first)",
+            });
+        }
+    }
+    Json(doc)
 }
 
 /// The error flavour of a path: OpenAI's under `/v1/`, TEI's elsewhere.

@@ -8,13 +8,36 @@
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
-/// A string or a list of strings.
+/// A string or a list of strings (non-empty: an empty string or list is refused with a 4xx).
 #[derive(Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 #[allow(dead_code)]
 pub enum Texts {
     One(String),
     Many(Vec<String>),
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum EncodingFormat {
+    Float,
+    Base64,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum InputType {
+    Query,
+    Document,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub enum TruncationDirection {
+    Right,
+    Left,
 }
 
 /// `POST /v1/embeddings` (OpenAI).
@@ -28,9 +51,9 @@ pub struct OpenAiEmbeddingsRequest {
     /// Matryoshka dimension (models that support it).
     pub dimensions: Option<u32>,
     /// `float` (default) or `base64` (little-endian f32).
-    pub encoding_format: Option<String>,
+    pub encoding_format: Option<EncodingFormat>,
     /// `query` or `document`: the model's prompt or Jina's retrieval adapter.
-    pub input_type: Option<String>,
+    pub input_type: Option<InputType>,
 }
 
 /// `POST /embed` (TEI).
@@ -43,7 +66,7 @@ pub struct TeiEmbedRequest {
     /// Cut over-long inputs instead of refusing them.
     pub truncate: Option<bool>,
     /// `Right` (default) or `Left`.
-    pub truncation_direction: Option<String>,
+    pub truncation_direction: Option<TruncationDirection>,
     /// A Jina task adapter or a prompt name of the model.
     pub prompt_name: Option<String>,
     pub dimensions: Option<u32>,
@@ -56,7 +79,7 @@ pub struct TokenizeRequest {
     pub inputs: Texts,
     pub model: Option<String>,
     pub prompt_name: Option<String>,
-    pub truncation_direction: Option<String>,
+    pub truncation_direction: Option<TruncationDirection>,
 }
 
 /// One vector: floats, or base64 of little-endian f32.
