@@ -297,9 +297,10 @@ async fn routes_answer_like_the_offline_embedder() {
             "{path} missing from /openapi.json"
         );
     }
-    assert!(
-        doc["components"]["schemas"]["OpenAiEmbeddingsRequest"]["properties"]["input"].is_object()
-    );
+    let req = &doc["components"]["schemas"]["OpenAiEmbeddingsRequest"]["properties"];
+    assert!(req["input"].is_object());
+    // `model` lists the served models (and null: the default).
+    assert_eq!(req["model"]["enum"], json!(["bert", "jina", "code", null]));
     // OpenAI's model list names the same models, each also readable alone.
     let list: Value = get_json(&format!("{}/v1/models", s.url)).await;
     assert_eq!(list["object"], "list");
