@@ -2,6 +2,8 @@
 //! root so that the fusion check finds its fixtures) and writes a coherent report. Not a timing test:
 //! only shapes, counts and invariants are checked.
 
+mod common;
+
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
@@ -175,15 +177,7 @@ fn int8_runs_on_every_kernel_set_this_cpu_has() {
         );
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .map(|l| {
-                let v: Value = serde_json::from_str(l).unwrap();
-                v["embedding"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap())
-                    .collect()
-            })
+            .map(common::embedding)
             .collect()
     };
     let mut ran = 0;

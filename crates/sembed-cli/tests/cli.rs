@@ -1,5 +1,7 @@
 //! `sembed embed` and `sembed inspect` through the real binary, on the tiny golden models.
 
+mod common;
+
 use serde_json::Value;
 use std::io::Write;
 use std::path::PathBuf;
@@ -402,11 +404,7 @@ fn progress_bar_only_on_a_terminal_and_never_on_stdout() {
     );
     // A terminal: `script` runs the command on a pseudo-terminal and copies what it printed.
     if Command::new("script").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("SEMBED_REQUIRE_ALL").is_none(),
-            "`script` (util-linux) is missing and SEMBED_REQUIRE_ALL is set"
-        );
-        println!("SKIPPED: `script` (util-linux) is not installed");
+        common::missing("`script` (util-linux) is not installed");
         return;
     }
     let bin = env!("CARGO_BIN_EXE_sembed");

@@ -2,6 +2,8 @@
 //! (installed by .ci/run; the interpreter comes from $SEMBED_TEST_PYTHON) and plain curl for the
 //! TEI route. Both must return the vectors the offline Embedder computes.
 
+mod common;
+
 use sembed::embed::{Embed, EmbedOptions, Embedder};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -87,7 +89,9 @@ fn check(got: &Value, want: &[Vec<f32>]) {
 #[test]
 fn openai_python_client_gets_the_offline_vectors() {
     let Some(python) = std::env::var_os("SEMBED_TEST_PYTHON") else {
-        missing("set SEMBED_TEST_PYTHON to a Python with the `openai` package (.ci/run does)");
+        common::missing(
+            "set SEMBED_TEST_PYTHON to a Python with the `openai` package (.ci/run does)",
+        );
         return;
     };
     let s = serve();
@@ -120,7 +124,7 @@ fn openai_python_client_gets_the_offline_vectors() {
 #[test]
 fn curl_tei_request_gets_the_offline_vectors() {
     if Command::new("curl").arg("--version").output().is_err() {
-        missing("curl is not installed");
+        common::missing("curl is not installed");
         return;
     }
     let s = serve();
@@ -146,14 +150,4 @@ fn curl_tei_request_gets_the_offline_vectors() {
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     check(&v, &offline());
-}
-
-/// A missing tool or interpreter: the test fails when `SEMBED_REQUIRE_ALL` is set (`.ci/run` sets
-/// it, so CI never passes a test that did not run) and says SKIPPED otherwise.
-fn missing(what: &str) {
-    assert!(
-        std::env::var_os("SEMBED_REQUIRE_ALL").is_none(),
-        "{what} (SEMBED_REQUIRE_ALL is set: nothing may be skipped)"
-    );
-    println!("SKIPPED: {what}");
 }

@@ -2,6 +2,8 @@
 //! gradients, exact resume, Jina single-adapter training, and a short real fine-tuning run of
 //! all-MiniLM-L6-v2 on pairs mined from the Python standard library.
 
+mod common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -377,7 +379,7 @@ fn minilm_learns_from_mined_python_pairs() {
         .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8(o.stdout).unwrap().trim()))
     else {
-        missing("no python3 standard library to mine");
+        common::missing("no python3 standard library to mine");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -521,14 +523,7 @@ fn lora_adapters_save_load_merge_and_resume() {
         adapter.contains_key("base_model.model.encoder.layer.1.attention.self.value.lora_B.weight")
     );
     let embed = |m: &Path| -> Vec<f64> {
-        let line = ok(sembed(&["embed", "-m", p(m), "def f(x): return x"]));
-        let v: Value = serde_json::from_str(line.trim()).unwrap();
-        v["embedding"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
+        common::embedding(&ok(sembed(&["embed", "-m", p(m), "def f(x): return x"])))
     };
     let (a, merged, base) = (embed(&out.join("adapter")), embed(&out), embed(&model));
     assert_eq!((a.len(), merged.len()), (base.len(), base.len()));
@@ -630,14 +625,4 @@ fn ctrl_c_saves_a_resumable_checkpoint() {
         .join("checkpoints/interrupted/optimizer.safetensors")
         .is_file());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--resume"));
-}
-
-/// A missing tool or interpreter: the test fails when `SEMBED_REQUIRE_ALL` is set (`.ci/run` sets
-/// it, so CI never passes a test that did not run) and says SKIPPED otherwise.
-fn missing(what: &str) {
-    assert!(
-        std::env::var_os("SEMBED_REQUIRE_ALL").is_none(),
-        "{what} (SEMBED_REQUIRE_ALL is set: nothing may be skipped)"
-    );
-    println!("SKIPPED: {what}");
 }

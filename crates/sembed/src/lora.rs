@@ -106,73 +106,6 @@ impl LoraAttach {
         ))
     }
 
-    /// The adapter of the Linear at `module` (checkpoint path), if targeted: `(A, B, scale)`.
-    pub fn adapter(
-        &self,
-        module: &str,
-        in_dim: usize,
-        out_dim: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Option<(Tensor, Tensor, f64)>> {
-        let last = module.rsplit('.').next().unwrap_or(module);
-        if !self
-            .spec
-            .targets
-            .iter()
-            .any(|t| t == last || module.ends_with(&format!(".{t}")))
-        {
-            return Ok(None);
-        }
-        let r = self.spec.rank;
-        let (a_name, b_name) = (
-            format!("{PEFT_PREFIX}{module}.lora_A.weight"),
-            format!("{PEFT_PREFIX}{module}.lora_B.weight"),
-        );
-        let (a, b) = match &self.saved {
-            Some(f) => {
-                let a = f.load(&a_name, dtype, device)?;
-                let b = f.load(&b_name, dtype, device)?;
-                if a.dims() != [r, in_dim] || b.dims() != [out_dim, r] {
-                    return Err(Error::InvalidInput(format!(
-                        "{module}: adapter shapes {:?}/{:?} do not fit rank {r}",
-                        a.dims(),
-                        b.dims()
-                    )));
-                }
-                (a, b)
-            }
-            None => {
-                // PEFT: kaiming_uniform_(A, a=√5) → U(−1/√in, 1/√in); B = 0.
-                let bound = 1.0 / (in_dim as f64).sqrt();
-                let mut rng = self.rng.lock().expect("not poisoned");
-                let vals: Vec<f64> = (0..r * in_dim)
-                    .map(|_| (rng.next_f64() * 2.0 - 1.0) * bound)
-                    .collect();
-                let a = Tensor::from_vec(vals, (r, in_dim), device)?.to_dtype(dtype)?;
-                (a, Tensor::zeros((out_dim, r), dtype, device)?)
-            }
-        };
-        if !self.trainable {
-            return Ok(Some((a, b, self.spec.scale())));
-        }
-        let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-        let out = (
-            va.as_tensor().clone(),
-            vb.as_tensor().clone(),
-            self.spec.scale(),
-        );
-        let mut created = self.created.lock().expect("not poisoned");
-        created.push((a_name, va));
-        created.push((b_name, vb));
-        Ok(Some(out))
-    }
-
-    /// Whether the adapters are being trained.
-    pub fn trainable(&self) -> bool {
-        self.trainable
-    }
-
     /// The trainable adapter tensors created so far, by PEFT name.
     pub fn variables(&self) -> NamedVars {
         self.created.lock().expect("not poisoned").clone()
@@ -260,14 +193,65 @@ impl crate::weights::Adapters for LoraAttach {
     fn freezes_base(&self) -> bool {
         self.trainable
     }
+    /// The adapter of the Linear at `module` (checkpoint path), if targeted: `(A, B, scale)`.
     fn adapter(
         &self,
-        prefix: &str,
+        module: &str,
         in_dim: usize,
         out_dim: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<Option<(Tensor, Tensor, f64)>> {
-        LoraAttach::adapter(self, prefix, in_dim, out_dim, dtype, device)
+        let last = module.rsplit('.').next().unwrap_or(module);
+        if !self
+            .spec
+            .targets
+            .iter()
+            .any(|t| t == last || module.ends_with(&format!(".{t}")))
+        {
+            return Ok(None);
+        }
+        let r = self.spec.rank;
+        let (a_name, b_name) = (
+            format!("{PEFT_PREFIX}{module}.lora_A.weight"),
+            format!("{PEFT_PREFIX}{module}.lora_B.weight"),
+        );
+        let (a, b) = match &self.saved {
+            Some(f) => {
+                let a = f.load(&a_name, dtype, device)?;
+                let b = f.load(&b_name, dtype, device)?;
+                if a.dims() != [r, in_dim] || b.dims() != [out_dim, r] {
+                    return Err(Error::InvalidInput(format!(
+                        "{module}: adapter shapes {:?}/{:?} do not fit rank {r}",
+                        a.dims(),
+                        b.dims()
+                    )));
+                }
+                (a, b)
+            }
+            None => {
+                // PEFT: kaiming_uniform_(A, a=√5) → U(−1/√in, 1/√in); B = 0.
+                let bound = 1.0 / (in_dim as f64).sqrt();
+                let mut rng = self.rng.lock().expect("not poisoned");
+                let vals: Vec<f64> = (0..r * in_dim)
+                    .map(|_| (rng.next_f64() * 2.0 - 1.0) * bound)
+                    .collect();
+                let a = Tensor::from_vec(vals, (r, in_dim), device)?.to_dtype(dtype)?;
+                (a, Tensor::zeros((out_dim, r), dtype, device)?)
+            }
+        };
+        if !self.trainable {
+            return Ok(Some((a, b, self.spec.scale())));
+        }
+        let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+        let out = (
+            va.as_tensor().clone(),
+            vb.as_tensor().clone(),
+            self.spec.scale(),
+        );
+        let mut created = self.created.lock().expect("not poisoned");
+        created.push((a_name, va));
+        created.push((b_name, vb));
+        Ok(Some(out))
     }
 }
