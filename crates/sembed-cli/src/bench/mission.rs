@@ -172,6 +172,13 @@ pub fn run(
     let cpu = sembed::device::cpu();
     let texts_path = out.join("mission-texts.json");
     std::fs::write(&texts_path, serde_json::to_string(texts)?)?;
+    // The same texts as JSONL, for the `sembed embed` children that measure peak RSS.
+    let jsonl = out.join("mission-texts.jsonl");
+    let lines: Vec<String> = texts
+        .iter()
+        .map(|t| serde_json::json!({ "text": t }).to_string())
+        .collect();
+    std::fs::write(&jsonl, lines.join("\n") + "\n")?;
     let mut shapes = Vec::new();
     let mut parts: Vec<(sembed::Embedder, sembed::Embedder, usize, usize)> = Vec::new();
     for spec in &SHAPES {
@@ -240,12 +247,6 @@ pub fn run(
         let weight_bytes_int8 = e8.backend().weight_bytes().unwrap_or(0);
         drop(e8);
         let (int8_cosine_min, int8_cosine_mean) = cosines(&v8, &v32);
-        let jsonl = out.join("mission-texts.jsonl");
-        let lines: Vec<String> = texts
-            .iter()
-            .map(|t| serde_json::json!({ "text": t }).to_string())
-            .collect();
-        std::fs::write(&jsonl, lines.join("\n") + "\n")?;
         let max_len = opts.max_length.unwrap_or(256).to_string();
         let rss = |extra: &[&str]| {
             let mut args = vec!["--max-length", max_len.as_str()];

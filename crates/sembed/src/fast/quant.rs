@@ -220,11 +220,12 @@ impl QuantLinear {
     /// [`Self::forward`] on one thread with the given kernels (which the CPU must support) and
     /// outlier ratio (infinite: no decomposition).
     fn forward_rows_with(&self, kernels: Kernels, ratio: f32, x: &[f32], y: &mut [f32]) {
+        if !ratio.is_finite() {
+            return self.int8_rows(kernels, x, y);
+        }
         let (mut kept, mut outliers) = OUTLIERS.with(|s| std::mem::take(&mut *s.borrow_mut()));
         outliers.clear();
-        if ratio.is_finite() {
-            find_outliers(x, self.k, ratio, &mut outliers);
-        }
+        find_outliers(x, self.k, ratio, &mut outliers);
         let src = if outliers.is_empty() {
             x
         } else {
