@@ -8,6 +8,7 @@ static GLOBAL: alloc::Counting = alloc::Counting;
 
 mod alloc;
 mod bench;
+mod code;
 mod input;
 mod mimalloc_options;
 mod output;
@@ -61,6 +62,11 @@ enum Command {
     /// Measure: stages, throughput by batch size and length, latency, memory, int8, training and
     /// gradient cost, and the peers on the same texts; writes JSON, Markdown and SVG.
     Bench(Box<bench::BenchArgs>),
+    /// Index a repository for code search: chunks by syntax, only what changed is embedded, stored
+    /// in .sembed/index.sqlite (SQLite + HNSW) or PostgreSQL/pgvector (--db postgres://…).
+    Index(Box<code::IndexArgs>),
+    /// Search an index: ranked chunks with score, path:lines, symbol and a snippet.
+    Search(Box<code::SearchArgs>),
     /// Print the header of a safetensors file (names, dtypes, shapes, parameter count, bytes), or
     /// describe a model folder: architecture, widths, pooling, tasks, and which engine runs it (and
     /// why) for each weight precision.
@@ -77,7 +83,7 @@ enum Format {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum ComputeDtype {
+pub(crate) enum ComputeDtype {
     F32,
     F16,
     Bf16,
@@ -179,7 +185,7 @@ struct ServeArgs {
 
 /// Which engine runs the models, and in what precision.
 #[derive(clap::Args, Clone, Copy)]
-struct EngineArgs {
+pub(crate) struct EngineArgs {
     /// `auto`: the fast CPU engine (BERT, Qwen2, Qwen3, Jina v3 in f32/bf16/f16), candle where it
     /// cannot run the model (f64 weights, a PEFT adapter folder, a GPU); `candle`: always the
     /// reference implementation; `fast`: the fast engine or an error saying why not.
@@ -381,6 +387,8 @@ fn main() {
             quiet,
         ),
         Command::Bench(args) => bench::run(*args),
+        Command::Index(args) => code::index(*args),
+        Command::Search(args) => code::search(*args),
         Command::Inspect { file } => inspect(&file),
     };
     if let Err(e) = result {

@@ -1,0 +1,335 @@
+//! `sembed index` and `sembed search`: code search over a repository.
+
+use crate::progress;
+use anyhow::{bail, Context, Result};
+use sembed::embed::Embed;
+use sembed_index::index::{self, IndexOptions, Progress};
+use sembed_index::store::{self, Filter, Shard, Store};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct IndexArgs {
+    /// Folders (or files) to index. Default: the current folder.
+    pub paths: Vec<PathBuf>,
+    /// Where the index goes: a SQLite file (default: FIRST_PATH/.sembed/index.sqlite), or
+    /// postgres://USER@HOST:PORT/DB[#TABLE] for PostgreSQL with pgvector.
+    #[arg(long)]
+    pub db: Option<String>,
+    /// Model: a folder, hf:ORG/NAME, a fusion .toml, or NAME=REF parts. Default: all-MiniLM-L6-v2.
+    #[arg(long = "model", short = 'm')]
+    pub models: Vec<String>,
+    /// Most tokens per chunk (default: the model's maximum, at most 512); longer definitions are split
+    /// into overlapping windows.
+    #[arg(long)]
+    pub chunk_tokens: Option<usize>,
+    /// Lines per window of text that has no grammar (Markdown, config...).
+    #[arg(long, default_value_t = 40)]
+    pub window_lines: usize,
+    /// Files larger than this are skipped.
+    #[arg(long, default_value_t = sembed_index::walk::DEFAULT_MAX_FILE_BYTES)]
+    pub max_file_bytes: u64,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Drop an index made with another model (or another precision) and start again, instead of
+    /// refusing.
+    #[arg(long)]
+    pub replace: bool,
+    /// Index only shard I of N (files by path hash), e.g. 0/4: several processes, on several machines,
+    /// fill one PostgreSQL index.
+    #[arg(long)]
+    pub shard: Option<Shard>,
+    /// Stored paths are relative to this folder (default: the first path).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Vectors from which the embedded store searches with its HNSW graph (below: exact).
+    #[arg(long, default_value_t = store::sqlite::DEFAULT_ANN_THRESHOLD)]
+    pub ann_threshold: usize,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: crate::ComputeDtype,
+    #[command(flatten)]
+    pub engine: crate::EngineArgs,
+}
+
+#[derive(clap::Args)]
+pub struct SearchArgs {
+    /// What to look for, in words or code.
+    pub query: String,
+    /// The index: a SQLite file, or postgres://…[#TABLE]. Default: the nearest .sembed/index.sqlite
+    /// in the current folder or above it.
+    #[arg(long)]
+    pub db: Option<String>,
+    /// Model (default: the one the index was made with).
+    #[arg(long = "model", short = 'm')]
+    pub models: Vec<String>,
+    /// Hits to show.
+    #[arg(short = 'k', long, default_value_t = 10)]
+    pub k: usize,
+    /// Only chunks of this language (rust, python, elixir, javascript, typescript, go, java, text).
+    #[arg(long)]
+    pub lang: Option<String>,
+    /// Only paths matching this pattern (`*` any characters, `/` included; `?` one).
+    #[arg(long)]
+    pub path: Option<String>,
+    /// One JSON object with every hit, for scripts.
+    #[arg(long)]
+    pub json: bool,
+    /// Lines of each hit to show.
+    #[arg(long, default_value_t = 6)]
+    pub lines: usize,
+    #[arg(long, default_value_t = store::sqlite::DEFAULT_ANN_THRESHOLD)]
+    pub ann_threshold: usize,
+}
+
+/// Local folders as absolute paths, so the index records a reference that loads from anywhere.
+fn absolute_refs(models: &[String]) -> Vec<String> {
+    models
+        .iter()
+        .map(|m| {
+            let (name, r) = match m.split_once('=') {
+                Some((n, r)) if !n.is_empty() && !n.contains('/') && !n.starts_with("hf:") => {
+                    (Some(n), r)
+                }
+                _ => (None, m.as_str()),
+            };
+            let r = match Path::new(r).canonicalize() {
+                Ok(p) if !r.starts_with("hf:") => p.display().to_string(),
+                _ => r.to_string(),
+            };
+            match name {
+                Some(n) => format!("{n}={r}"),
+                None => r,
+            }
+        })
+        .collect()
+}
+
+struct Bar(Option<indicatif::ProgressBar>, bool);
+
+impl Progress for Bar {
+    fn start(&mut self, to_embed: usize) {
+        self.0 = progress::bar(to_embed as u64, "chunks", self.1 || to_embed == 0);
+    }
+    fn embedded(&mut self, n: usize) {
+        if let Some(b) = &self.0 {
+            b.inc(n as u64);
+        }
+    }
+}
+
+pub fn index(args: IndexArgs) -> Result<()> {
+    let paths = if args.paths.is_empty() {
+        vec![PathBuf::from(".")]
+    } else {
+        args.paths.clone()
+    };
+    for p in &paths {
+        if !p.exists() {
+            bail!("{}: no such file or folder", p.display());
+        }
+    }
+    let base = match &args.base {
+        Some(b) => b.clone(),
+        None if paths[0].is_dir() => paths[0].clone(),
+        None => paths[0]
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    };
+    let target = match &args.db {
+        Some(t) => t.clone(),
+        None => index::default_target(&base).display().to_string(),
+    };
+    let refs = absolute_refs(&args.models);
+    let model = sembed::fusion_config::load(
+        &refs,
+        args.dtype.dtype(),
+        &sembed::device::cpu(),
+        args.engine.engine()?,
+    )
+    .context("loading the model")?;
+    let mut store = store::open(&target, args.ann_threshold)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let flag = stop.clone();
+        ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                // A second Ctrl-C: leave now; the last committed batch is what stays.
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\nsembed: interrupt received, keeping what is written (Ctrl-C again to leave now)"
+            );
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let mut opts = IndexOptions::new(paths, base);
+    opts.chunk_tokens = args.chunk_tokens;
+    opts.window_lines = args.window_lines;
+    opts.max_file_bytes = args.max_file_bytes;
+    opts.batch_size = args.batch_size;
+    opts.replace = args.replace;
+    opts.shard = args.shard;
+    opts.model_refs = refs;
+    let mut bar = Bar(None, args.quiet);
+    let t = std::time::Instant::now();
+    let report = index::run(
+        store.as_mut(),
+        &target,
+        model.as_ref(),
+        &opts,
+        &mut bar,
+        &stop,
+    )?;
+    if let Some(b) = &bar.0 {
+        b.finish_and_clear();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["seconds"] = serde_json::json!(secs);
+        v["target"] = serde_json::json!(target);
+        println!("{v}");
+    }
+    let skipped: Vec<String> = report
+        .skipped
+        .iter()
+        .map(|(why, n)| format!("{n} {why}"))
+        .collect();
+    eprintln!(
+        "sembed: {} files ({} changed, {} removed), {} chunks: {} unchanged, {} added ({} embedded, {} reused), {} removed{}; {:.1} s, {:.1} chunks/s embedded → {target}",
+        report.files,
+        report.files_changed,
+        report.files_removed,
+        report.chunks,
+        report.unchanged,
+        report.added,
+        report.embedded,
+        report.added.saturating_sub(report.embedded),
+        report.removed,
+        if report.split > 0 {
+            format!(", {} split to fit {} tokens", report.split, sembed_index::index::meta_for(model.as_ref(), &opts).chunker)
+        } else {
+            String::new()
+        },
+        secs,
+        report.embedded as f64 / secs.max(1e-9),
+    );
+    if !skipped.is_empty() {
+        eprintln!("sembed: skipped {}", skipped.join(", "));
+    }
+    if report.interrupted {
+        eprintln!(
+            "sembed: interrupted; what was written is kept, run the same command again to continue"
+        );
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+/// Open an index for searching, and the model its vectors came from.
+pub fn open_for_search(
+    db: Option<&str>,
+    models: &[String],
+    ann_threshold: usize,
+) -> Result<(String, Box<dyn Store>, Box<dyn Embed>)> {
+    let target = match db {
+        Some(t) => t.to_string(),
+        None => index::find_default(Path::new("."))
+            .context("no index here: no .sembed/index.sqlite in this folder or above it; run `sembed index` first, or give --db")?
+            .display()
+            .to_string(),
+    };
+    if !target.contains("://") && !Path::new(&target).is_file() {
+        bail!("{target}: no such index; run `sembed index` first");
+    }
+    let mut store = store::open(&target, ann_threshold)?;
+    let meta = store
+        .meta()?
+        .with_context(|| format!("{target}: the index is empty; run `sembed index` first"))?;
+    let refs = if models.is_empty() {
+        meta.model_refs.clone()
+    } else {
+        absolute_refs(models)
+    };
+    // The precision the vectors were made in.
+    use sembed::fast::{Engine, Precision};
+    let engine = if meta.model.contains("int8") {
+        Engine::Fast(Precision::Int8)
+    } else {
+        Engine::Auto
+    };
+    let dtype = if meta.model.contains("bf16") {
+        sembed::DType::BF16
+    } else if meta.model.contains("f16") {
+        sembed::DType::F16
+    } else {
+        sembed::DType::F32
+    };
+    let model = sembed::fusion_config::load(&refs, dtype, &sembed::device::cpu(), engine)
+        .context("loading the index's model")?;
+    index::check_model(&meta, model.as_ref(), &target)?;
+    Ok((target, store, model))
+}
+
+pub fn search(args: SearchArgs) -> Result<()> {
+    let (_, mut store, model) =
+        open_for_search(args.db.as_deref(), &args.models, args.ann_threshold)?;
+    let filter = Filter {
+        lang: args.lang.clone(),
+        path: args.path.clone(),
+    };
+    let t = std::time::Instant::now();
+    let results =
+        sembed_index::search::search(store.as_mut(), model.as_ref(), &args.query, args.k, &filter)?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if args.json {
+        let mut v = serde_json::to_value(&results)?;
+        v["ms"] = serde_json::json!(ms);
+        println!("{v}");
+        return Ok(());
+    }
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    for (i, h) in results.hits.iter().enumerate() {
+        let r = &h.row;
+        let part = if r.parts > 1 {
+            format!(" (part {}/{})", r.part, r.parts)
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "{:>2}. {:.3}  {}:{}-{}  {} {}{part}",
+            i + 1,
+            h.score,
+            r.path,
+            r.start_line,
+            r.end_line,
+            r.kind,
+            r.symbol.as_deref().unwrap_or(""),
+        )?;
+        for line in sembed_index::search::snippet(&r.text, args.lines).lines() {
+            writeln!(out, "      {line}")?;
+        }
+    }
+    if results.hits.is_empty() {
+        writeln!(out, "no hits")?;
+    }
+    eprintln!(
+        "sembed: {} hits in {ms:.0} ms ({})",
+        results.hits.len(),
+        match results.method {
+            store::Method::Exact => "exact",
+            store::Method::Ann => "HNSW",
+        }
+    );
+    Ok(())
+}

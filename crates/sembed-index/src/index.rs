@@ -1,0 +1,341 @@
+//! Indexing a tree: walk it, cut changed files into chunks, embed the chunks no stored vector has,
+//! and write each batch of files in one transaction.
+//!
+//! A file whose content hash is the stored one is not read further. A changed file is cut again; its
+//! chunks whose text hash already has a vector (anywhere in the index: moved code, a renamed file,
+//! duplicated code) reuse it, and only new texts are embedded. Counts are of rows: `unchanged` (the
+//! same chunk text at the same path), `added` (of which `embedded` needed a new vector) and `removed`.
+//! Files are committed in batches, so an interrupted run keeps what it finished and the next run
+//! continues from there.
+
+use crate::chunk::{chunk_file, lang_name, Budget};
+use crate::error::{Error, Result};
+use crate::store::{hash_text, FileUpdate, Hash, Meta, Row, Shard, Store};
+use crate::walk::{unindexable, walk, FileEntry};
+use sembed::embed::{Embed, EmbedOptions, InputRole};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Version of the chunking rules: a change re-cuts every file (vectors are still reused by text).
+const CHUNKER_VERSION: u32 = 1;
+
+/// Settings of one run.
+pub struct IndexOptions {
+    pub roots: Vec<PathBuf>,
+    /// Stored paths are relative to this folder.
+    pub base: PathBuf,
+    /// Tokens per chunk; default: the model's maximum, at most 512.
+    pub chunk_tokens: Option<usize>,
+    pub window_lines: usize,
+    pub overlap_lines: usize,
+    pub max_file_bytes: u64,
+    pub batch_size: usize,
+    /// Drop an index of another model instead of refusing.
+    pub replace: bool,
+    pub shard: Option<Shard>,
+    /// The model references to record (what `-m` said).
+    pub model_refs: Vec<String>,
+}
+
+impl IndexOptions {
+    pub fn new(roots: Vec<PathBuf>, base: PathBuf) -> Self {
+        IndexOptions {
+            roots,
+            base,
+            chunk_tokens: None,
+            window_lines: 40,
+            overlap_lines: 5,
+            max_file_bytes: crate::walk::DEFAULT_MAX_FILE_BYTES,
+            batch_size: 32,
+            replace: false,
+            shard: None,
+            model_refs: Vec::new(),
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    pub files: usize,
+    pub files_changed: usize,
+    pub files_removed: usize,
+    pub chunks: usize,
+    pub unchanged: usize,
+    pub added: usize,
+    pub embedded: usize,
+    pub removed: usize,
+    /// Chunks cut into several pieces to fit the token budget.
+    pub split: usize,
+    pub skipped: BTreeMap<String, usize>,
+    /// Stopped early (Ctrl-C): what is written is kept; run again to continue.
+    pub interrupted: bool,
+}
+
+/// Progress callbacks: the number of chunks to embed once known, then each embedded batch.
+pub trait Progress {
+    fn start(&mut self, _to_embed: usize) {}
+    fn embedded(&mut self, _n: usize) {}
+}
+
+impl Progress for () {}
+
+/// The model's identity as an index records it.
+pub fn model_identity(model: &dyn Embed) -> String {
+    format!(
+        "{} [{}] {}-d",
+        model.name(),
+        model.engine(),
+        model.dimension()
+    )
+}
+
+/// The settings an index of `model` is created with.
+pub fn meta_for(model: &dyn Embed, opts: &IndexOptions) -> Meta {
+    let tokens = chunk_tokens(model, opts);
+    Meta {
+        model: model_identity(model),
+        model_refs: opts.model_refs.clone(),
+        dimension: model.dimension(),
+        chunker: format!(
+            "v{CHUNKER_VERSION} tokens={tokens} window={} overlap={}",
+            opts.window_lines, opts.overlap_lines
+        ),
+    }
+}
+
+fn chunk_tokens(model: &dyn Embed, opts: &IndexOptions) -> usize {
+    opts.chunk_tokens
+        .unwrap_or(512)
+        .min(model.max_length())
+        .max(16)
+}
+
+/// Check an index's settings against a model: the same model, or an error that says which.
+pub fn check_model(stored: &Meta, model: &dyn Embed, target: &str) -> Result<()> {
+    let id = model_identity(model);
+    if stored.model != id || stored.dimension != model.dimension() {
+        return Err(Error::Mismatch(format!(
+            "{target} holds vectors of {} ({}-d); this run uses {id}. Use the same model (-m), or \
+             --replace to drop the index and start again",
+            stored.model, stored.dimension
+        )));
+    }
+    Ok(())
+}
+
+/// Index `opts.roots` into `store` with `model`.
+pub fn run(
+    store: &mut dyn Store,
+    target: &str,
+    model: &dyn Embed,
+    opts: &IndexOptions,
+    progress: &mut dyn Progress,
+    stop: &AtomicBool,
+) -> Result<Report> {
+    let meta = meta_for(model, opts);
+    match store.meta()? {
+        Some(stored) if !opts.replace => {
+            check_model(&stored, model, target)?;
+            if stored != meta {
+                store.init(&meta, false)?;
+            }
+        }
+        _ => store.init(&meta, opts.replace)?,
+    }
+    let max_tokens = chunk_tokens(model, opts);
+    let doc_opts = EmbedOptions {
+        role: Some(InputRole::Document),
+        batch_size: opts.batch_size,
+        ..EmbedOptions::default()
+    };
+    let count = |text: &str| -> usize {
+        model
+            .count_tokens(&[text.to_string()], &doc_opts)
+            .map(|c| c[0])
+            .unwrap_or(usize::MAX)
+    };
+    let budget = Budget {
+        max_tokens,
+        count: &count,
+        window_lines: opts.window_lines,
+        overlap_lines: opts.overlap_lines,
+    };
+
+    let found = walk(&opts.roots, &opts.base, opts.max_file_bytes).map_err(|e| Error::Io {
+        path: opts.base.display().to_string(),
+        source: e,
+    })?;
+    let mut report = Report {
+        skipped: found
+            .skipped
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
+        ..Report::default()
+    };
+    let files: Vec<FileEntry> = found
+        .files
+        .into_iter()
+        .filter(|f| opts.shard.is_none_or(|s| s.holds(&f.rel)))
+        .collect();
+    let stored = store.files(opts.shard)?;
+
+    // Cut every changed file.
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut updates: Vec<FileUpdate> = Vec::new();
+    for f in &files {
+        let bytes = match std::fs::read(&f.abs) {
+            Ok(b) => b,
+            Err(_) => {
+                *report.skipped.entry("unreadable".into()).or_default() += 1;
+                continue;
+            }
+        };
+        if let Some(why) = unindexable(&bytes) {
+            *report.skipped.entry(why.into()).or_default() += 1;
+            continue;
+        }
+        seen.insert(f.rel.clone());
+        report.files += 1;
+        let file_hash = file_hash(&bytes, &meta.chunker);
+        let old = stored.get(&f.rel);
+        if old.is_some_and(|o| o.file_hash == file_hash) {
+            let n = old.map_or(0, |o| o.chunks.len());
+            report.chunks += n;
+            report.unchanged += n;
+            continue;
+        }
+        let src = std::str::from_utf8(&bytes).expect("checked UTF-8");
+        let lang = lang_name(&f.rel);
+        let rows: Vec<Row> = chunk_file(&f.rel, src, &budget)
+            .into_iter()
+            .map(|c| Row {
+                path: f.rel.clone(),
+                lang: lang.to_string(),
+                kind: c.kind.to_string(),
+                symbol: c.symbol,
+                start_line: c.start_line,
+                end_line: c.end_line,
+                start_byte: c.start_byte,
+                end_byte: c.end_byte,
+                part: c.part,
+                parts: c.parts,
+                hash: hash_text(&c.text),
+                text: c.text,
+            })
+            .collect();
+        // Row counts against the stored chunks of this path (as multisets of texts).
+        let mut before: HashMap<Hash, usize> = HashMap::new();
+        for h in old.map_or(&[][..], |o| &o.chunks[..]) {
+            *before.entry(*h).or_default() += 1;
+        }
+        for r in &rows {
+            match before.get_mut(&r.hash) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    report.unchanged += 1;
+                }
+                _ => report.added += 1,
+            }
+        }
+        report.removed += before.values().sum::<usize>();
+        report.split += rows.iter().filter(|r| r.part == 1 && r.parts > 1).count();
+        report.chunks += rows.len();
+        report.files_changed += 1;
+        updates.push(FileUpdate {
+            path: f.rel.clone(),
+            file_hash,
+            rows,
+        });
+    }
+    let gone: Vec<String> = stored
+        .iter()
+        .filter(|(p, _)| !seen.contains(*p))
+        .map(|(p, _)| p.clone())
+        .collect();
+    for p in &gone {
+        report.removed += stored[p].chunks.len();
+    }
+    report.files_removed = gone.len();
+
+    // Which texts need a vector.
+    let mut all: Vec<Hash> = updates
+        .iter()
+        .flat_map(|u| u.rows.iter().map(|r| r.hash))
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    let known = store.known(&all)?;
+    let to_embed = all.len() - known.len();
+    progress.start(to_embed);
+
+    // Batches of whole files, about 4 model batches of new texts each.
+    let per_commit = (opts.batch_size * 4).max(16);
+    let mut done_hashes: HashSet<Hash> = known;
+    let mut i = 0;
+    while i < updates.len() {
+        if stop.load(Ordering::Relaxed) {
+            report.interrupted = true;
+            break;
+        }
+        let mut j = i;
+        let mut texts: Vec<(Hash, String)> = Vec::new();
+        let mut pending: HashSet<Hash> = HashSet::new();
+        while j < updates.len() && (texts.len() < per_commit || j == i) {
+            for r in &updates[j].rows {
+                if !done_hashes.contains(&r.hash) && pending.insert(r.hash) {
+                    texts.push((r.hash, r.text.clone()));
+                }
+            }
+            j += 1;
+        }
+        let mut vectors = Vec::with_capacity(texts.len());
+        for batch in texts.chunks(opts.batch_size.max(1)) {
+            if stop.load(Ordering::Relaxed) {
+                report.interrupted = true;
+                break;
+            }
+            let strings: Vec<String> = batch.iter().map(|(_, t)| t.clone()).collect();
+            let vecs = model.embed(&strings, &doc_opts)?;
+            for ((h, _), v) in batch.iter().zip(vecs) {
+                vectors.push((*h, v));
+            }
+            progress.embedded(batch.len());
+        }
+        if report.interrupted {
+            break;
+        }
+        store.commit(&updates[i..j], &vectors)?;
+        report.embedded += vectors.len();
+        done_hashes.extend(vectors.into_iter().map(|(h, _)| h));
+        i = j;
+    }
+    if !report.interrupted {
+        store.remove(&gone)?;
+    }
+    store.finish()?;
+    Ok(report)
+}
+
+/// A file's identity for skipping: its bytes and the chunker settings it was cut with.
+fn file_hash(bytes: &[u8], chunker: &str) -> Hash {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(chunker.as_bytes());
+    h.update([0]);
+    h.update(bytes);
+    h.finalize().into()
+}
+
+/// The default index of a folder: `FOLDER/.sembed/index.sqlite`.
+pub fn default_target(root: &Path) -> PathBuf {
+    root.join(".sembed").join("index.sqlite")
+}
+
+/// The default index for searching from `dir`: the nearest `.sembed/index.sqlite` in it or above it.
+pub fn find_default(dir: &Path) -> Option<PathBuf> {
+    let dir = dir.canonicalize().ok()?;
+    dir.ancestors().map(default_target).find(|p| p.is_file())
+}

@@ -1,0 +1,567 @@
+//! PostgreSQL with pgvector: the same rows as the embedded store, in tables the user's database
+//! already runs, searched through SQL.
+//!
+//! Tables (prefix `T`, `sembed_chunks` by default): `T` (one row per chunk with its `embedding`:
+//! `vector(d)` up to 2,000 dimensions, `halfvec(d)` above, e.g. the fused 2560-d vector), `T_files`
+//! (path → content hash) and `T_meta` (the model and chunker settings). An HNSW index with cosine
+//! operators is built after the first run and kept up to date by PostgreSQL. Rows are written with
+//! binary `COPY`, one transaction per batch of files.
+//!
+//! Several `sembed index --shard I/N` processes, on one machine or many, can fill one table: each
+//! owns the files whose path hashes to its shard, and reads and removes only those.
+
+use super::{top_k, FileUpdate, Filter, Hash, Hit, Meta, Method, Row, Shard, Store, StoredFile};
+use crate::error::{Error, Result};
+use pgvector::{HalfVector, Vector};
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::types::{ToSql, Type};
+use postgres::{Client, NoTls};
+use std::collections::{HashMap, HashSet};
+
+/// Above this many dimensions pgvector's `vector` has no index; `halfvec` indexes up to 4,000.
+pub const MAX_VECTOR_DIMS: usize = 2000;
+
+/// Below this many rows searches compare every row (the planner is told not to use the index).
+pub const DEFAULT_ANN_THRESHOLD: usize = super::sqlite::DEFAULT_ANN_THRESHOLD;
+
+pub struct PgStore {
+    client: Client,
+    table: String,
+    ann_threshold: usize,
+}
+
+impl PgStore {
+    pub fn connect(url: &str, table: &str) -> Result<Self> {
+        let valid = !table.is_empty()
+            && table.len() <= 40
+            && table.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && table
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            return Err(Error::Invalid(format!(
+                "table `{table}`: lowercase letters, digits and `_`, at most 40, not starting with a digit"
+            )));
+        }
+        let client = Client::connect(url, NoTls).map_err(|e| Error::Postgres {
+            table: table.to_string(),
+            message: format!("connecting to {}: {e}", redact(url)),
+        })?;
+        Ok(PgStore {
+            client,
+            table: table.to_string(),
+            ann_threshold: DEFAULT_ANN_THRESHOLD,
+        })
+    }
+
+    pub fn with_ann_threshold(mut self, n: usize) -> Self {
+        self.ann_threshold = n;
+        self
+    }
+
+    fn err(&self) -> impl Fn(postgres::Error) -> Error + '_ {
+        move |e| Error::Postgres {
+            table: self.table.clone(),
+            message: match e.as_db_error() {
+                Some(db) => format!("{}: {}", db.code().code(), db.message()),
+                None => e.to_string(),
+            },
+        }
+    }
+
+    fn halfvec(dim: usize) -> bool {
+        dim > MAX_VECTOR_DIMS
+    }
+
+    fn dim(&mut self) -> Result<usize> {
+        Ok(self.meta()?.map_or(0, |m| m.dimension))
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}@{}", &url[..s + 3], user, &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn to_hash(v: Vec<u8>, table: &str) -> Result<Hash> {
+    v.try_into().map_err(|_| {
+        Error::Corrupt(format!(
+            "PostgreSQL index `{table}`: a hash is not 32 bytes"
+        ))
+    })
+}
+
+fn read_row(r: &postgres::Row, table: &str) -> Result<Row> {
+    Ok(Row {
+        path: r.get(0),
+        lang: r.get(1),
+        kind: r.get(2),
+        symbol: r.get(3),
+        start_line: r.get::<_, i32>(4) as usize,
+        end_line: r.get::<_, i32>(5) as usize,
+        start_byte: r.get::<_, i64>(6) as usize,
+        end_byte: r.get::<_, i64>(7) as usize,
+        part: r.get::<_, i32>(8) as usize,
+        parts: r.get::<_, i32>(9) as usize,
+        hash: to_hash(r.get(10), table)?,
+        text: r.get(11),
+    })
+}
+
+const ROW_COLUMNS: &str =
+    "path, lang, kind, symbol, start_line, end_line, start_byte, end_byte, part, parts, hash, text";
+
+/// A stored embedding as f32 values.
+fn embedding(r: &postgres::Row, i: usize, half: bool) -> Vec<f32> {
+    if half {
+        r.get::<_, HalfVector>(i)
+            .as_slice()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect()
+    } else {
+        r.get::<_, Vector>(i).to_vec()
+    }
+}
+
+impl Store for PgStore {
+    fn meta(&mut self) -> Result<Option<Meta>> {
+        let t = self.table.clone();
+        let exists: bool = self
+            .client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&format!("{t}_meta")],
+            )
+            .map_err(self.err())?
+            .get(0);
+        if !exists {
+            return Ok(None);
+        }
+        let row = self
+            .client
+            .query_opt(
+                &format!("SELECT value FROM {t}_meta WHERE key = 'settings'"),
+                &[],
+            )
+            .map_err(self.err())?;
+        match row {
+            None => Ok(None),
+            Some(r) => serde_json::from_str(r.get::<_, &str>(0))
+                .map(Some)
+                .map_err(|e| {
+                    Error::Corrupt(format!("PostgreSQL index `{t}`: settings record: {e}"))
+                }),
+        }
+    }
+
+    fn init(&mut self, meta: &Meta, replace: bool) -> Result<()> {
+        let t = self.table.clone();
+        let vtype = if Self::halfvec(meta.dimension) {
+            format!("halfvec({})", meta.dimension)
+        } else {
+            format!("vector({})", meta.dimension)
+        };
+        let json = serde_json::to_string(meta).expect("serialisable");
+        let table = t.clone();
+        let err = move |e: postgres::Error| Error::Postgres {
+            table: table.clone(),
+            message: match e.as_db_error() {
+                Some(db) => format!("{}: {}", db.code().code(), db.message()),
+                None => e.to_string(),
+            },
+        };
+        let mut tx = self.client.transaction().map_err(&err)?;
+        // One creator at a time (several shards may start together).
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&t])
+            .map_err(&err)?;
+        tx.batch_execute(&format!(
+            "CREATE EXTENSION IF NOT EXISTS vector;
+             CREATE TABLE IF NOT EXISTS {t}_meta (key text PRIMARY KEY, value text NOT NULL);
+             CREATE TABLE IF NOT EXISTS {t}_files (path text PRIMARY KEY, hash bytea NOT NULL);
+             CREATE TABLE IF NOT EXISTS {t} (
+                 id bigserial PRIMARY KEY,
+                 path text NOT NULL, lang text NOT NULL, kind text NOT NULL, symbol text,
+                 start_line integer NOT NULL, end_line integer NOT NULL,
+                 start_byte bigint NOT NULL, end_byte bigint NOT NULL,
+                 part integer NOT NULL, parts integer NOT NULL,
+                 hash bytea NOT NULL, text text NOT NULL,
+                 embedding {vtype} NOT NULL);
+             CREATE INDEX IF NOT EXISTS {t}_path ON {t} (path);
+             CREATE INDEX IF NOT EXISTS {t}_hash ON {t} (hash);"
+        ))
+        .map_err(&err)?;
+        let current: Option<String> = tx
+            .query_opt(
+                &format!("SELECT value FROM {t}_meta WHERE key = 'settings'"),
+                &[],
+            )
+            .map_err(&err)?
+            .map(|r| r.get(0));
+        if replace {
+            tx.batch_execute(&format!(
+                "DROP TABLE {t}; DROP TABLE {t}_files; DELETE FROM {t}_meta;"
+            ))
+            .map_err(&err)?;
+            tx.commit().map_err(&err)?;
+            return self.init(meta, false);
+        }
+        match current {
+            Some(c) if c != json => {
+                let stored: Option<Meta> = serde_json::from_str(&c).ok();
+                if stored.as_ref().map(|m| (&m.model, m.dimension))
+                    != Some((&meta.model, meta.dimension))
+                {
+                    return Err(Error::Mismatch(format!(
+                        "PostgreSQL index `{t}` holds vectors of {}; refusing to add vectors of {} (use --replace to start again)",
+                        stored.map_or("an unknown model".into(), |m| format!("{} ({}-d)", m.model, m.dimension)),
+                        meta.model
+                    )));
+                }
+                tx.execute(
+                    &format!("UPDATE {t}_meta SET value = $1 WHERE key = 'settings'"),
+                    &[&json],
+                )
+                .map_err(&err)?;
+            }
+            Some(_) => {}
+            None => {
+                tx.execute(
+                    &format!("INSERT INTO {t}_meta VALUES ('settings', $1)"),
+                    &[&json],
+                )
+                .map_err(&err)?;
+            }
+        }
+        tx.commit().map_err(&err)?;
+        Ok(())
+    }
+
+    fn files(&mut self, shard: Option<Shard>) -> Result<HashMap<String, StoredFile>> {
+        let t = self.table.clone();
+        let mut out = HashMap::new();
+        for r in self
+            .client
+            .query(&format!("SELECT path, hash FROM {t}_files"), &[])
+            .map_err(self.err())?
+        {
+            let path: String = r.get(0);
+            if shard.is_none_or(|s| s.holds(&path)) {
+                out.insert(
+                    path,
+                    StoredFile {
+                        file_hash: to_hash(r.get(1), &t)?,
+                        chunks: Vec::new(),
+                    },
+                );
+            }
+        }
+        for r in self
+            .client
+            .query(
+                &format!("SELECT path, hash FROM {t} ORDER BY path, start_byte, id"),
+                &[],
+            )
+            .map_err(self.err())?
+        {
+            let path: String = r.get(0);
+            if let Some(f) = out.get_mut(&path) {
+                f.chunks.push(to_hash(r.get(1), &t)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn known(&mut self, hashes: &[Hash]) -> Result<HashSet<Hash>> {
+        let t = self.table.clone();
+        let mut out = HashSet::new();
+        for batch in hashes.chunks(10_000) {
+            let list: Vec<&[u8]> = batch.iter().map(|h| &h[..]).collect();
+            for r in self
+                .client
+                .query(
+                    &format!("SELECT DISTINCT hash FROM {t} WHERE hash = ANY($1)"),
+                    &[&list],
+                )
+                .map_err(self.err())?
+            {
+                out.insert(to_hash(r.get(0), &t)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit(&mut self, files: &[FileUpdate], vectors: &[(Hash, Vec<f32>)]) -> Result<()> {
+        let dim = self.dim()?;
+        let half = Self::halfvec(dim);
+        let t = self.table.clone();
+        let table = t.clone();
+        let err = move |e: postgres::Error| Error::Postgres {
+            table: table.clone(),
+            message: match e.as_db_error() {
+                Some(db) => format!("{}: {}", db.code().code(), db.message()),
+                None => e.to_string(),
+            },
+        };
+        let mut tx = self.client.transaction().map_err(&err)?;
+        // Vectors of reused chunks, read before the old rows (which may hold them) go.
+        let mut have: HashMap<Hash, Vec<f32>> = vectors.iter().cloned().collect();
+        let missing: Vec<&[u8]> = files
+            .iter()
+            .flat_map(|f| &f.rows)
+            .filter(|r| !have.contains_key(&r.hash))
+            .map(|r| &r.hash[..])
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if !missing.is_empty() {
+            for r in tx
+                .query(
+                    &format!(
+                        "SELECT DISTINCT ON (hash) hash, embedding FROM {t} WHERE hash = ANY($1)"
+                    ),
+                    &[&missing],
+                )
+                .map_err(&err)?
+            {
+                have.insert(to_hash(r.get(0), &t)?, embedding(&r, 1, half));
+            }
+        }
+        let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        tx.execute(&format!("DELETE FROM {t} WHERE path = ANY($1)"), &[&paths])
+            .map_err(&err)?;
+        for f in files {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {t}_files VALUES ($1, $2) ON CONFLICT (path) DO UPDATE SET hash = $2"
+                ),
+                &[&f.path, &&f.file_hash[..]],
+            )
+            .map_err(&err)?;
+        }
+        let vtype = tx
+            .prepare(&format!("SELECT embedding FROM {t} LIMIT 0"))
+            .map_err(&err)?
+            .columns()[0]
+            .type_()
+            .clone();
+        let types = [
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::INT4,
+            Type::INT4,
+            Type::INT8,
+            Type::INT8,
+            Type::INT4,
+            Type::INT4,
+            Type::BYTEA,
+            Type::TEXT,
+            vtype,
+        ];
+        let sink = tx
+            .copy_in(&format!(
+                "COPY {t} ({ROW_COLUMNS}, embedding) FROM STDIN (FORMAT binary)"
+            ))
+            .map_err(&err)?;
+        let mut writer = BinaryCopyInWriter::new(sink, &types);
+        for f in files {
+            for r in &f.rows {
+                let v = have.get(&r.hash).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{}:{}: no vector for chunk {} (another process removed it meanwhile; run again)",
+                        r.path,
+                        r.start_line,
+                        super::hex(&r.hash)
+                    ))
+                })?;
+                if v.len() != dim {
+                    return Err(Error::Invalid(format!(
+                        "a vector of {} values for an index of dimension {dim}",
+                        v.len()
+                    )));
+                }
+                let (sl, el, sb, eb, p, n) = (
+                    r.start_line as i32,
+                    r.end_line as i32,
+                    r.start_byte as i64,
+                    r.end_byte as i64,
+                    r.part as i32,
+                    r.parts as i32,
+                );
+                let hash = &r.hash[..];
+                let hv;
+                let fv;
+                let emb: &(dyn ToSql + Sync) = if half {
+                    hv = HalfVector::from_f32_slice(v);
+                    &hv
+                } else {
+                    fv = Vector::from(v.clone());
+                    &fv
+                };
+                writer
+                    .write(&[
+                        &r.path, &r.lang, &r.kind, &r.symbol, &sl, &el, &sb, &eb, &p, &n, &hash,
+                        &r.text, emb,
+                    ])
+                    .map_err(&err)?;
+            }
+        }
+        writer.finish().map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(())
+    }
+
+    fn remove(&mut self, paths: &[String]) -> Result<()> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let t = self.table.clone();
+        let mut tx = self.client.transaction().map_err(self_err(&t))?;
+        tx.execute(&format!("DELETE FROM {t} WHERE path = ANY($1)"), &[&paths])
+            .map_err(self_err(&t))?;
+        tx.execute(
+            &format!("DELETE FROM {t}_files WHERE path = ANY($1)"),
+            &[&paths],
+        )
+        .map_err(self_err(&t))?;
+        tx.commit().map_err(self_err(&t))?;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let dim = self.dim()?;
+        if dim == 0 {
+            return Ok(());
+        }
+        let ops = if Self::halfvec(dim) {
+            "halfvec_cosine_ops"
+        } else {
+            "vector_cosine_ops"
+        };
+        let t = self.table.clone();
+        self.client
+            .batch_execute(&format!(
+                "CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding {ops}); ANALYZE {t};"
+            ))
+            .map_err(self.err())
+    }
+
+    fn count(&mut self) -> Result<usize> {
+        let t = self.table.clone();
+        if self.meta()?.is_none() {
+            return Ok(0);
+        }
+        let n: i64 = self
+            .client
+            .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+            .map_err(self.err())?
+            .get(0);
+        Ok(n as usize)
+    }
+
+    fn search(&mut self, query: &[f32], k: usize, filter: &Filter) -> Result<(Vec<Hit>, Method)> {
+        let dim = self.dim()?;
+        if dim == 0 || k == 0 {
+            return Ok((Vec::new(), Method::Exact));
+        }
+        if query.len() != dim {
+            return Err(Error::Invalid(format!(
+                "a query of {} values for an index of dimension {dim}",
+                query.len()
+            )));
+        }
+        let half = Self::halfvec(dim);
+        let t = self.table.clone();
+        let exact = self.count()? < self.ann_threshold;
+        let mut tx = self.client.transaction().map_err(self_err(&t))?;
+        // Exact below the threshold (as the embedded store); above it the HNSW index, scanning on
+        // until the filters are met (pgvector 0.8 iterative scans).
+        if exact {
+            tx.batch_execute("SET LOCAL enable_indexscan = off")
+                .map_err(self_err(&t))?;
+        } else {
+            tx.batch_execute(&format!(
+                "SET LOCAL hnsw.ef_search = {}; SET LOCAL hnsw.iterative_scan = relaxed_order;",
+                (2 * k).clamp(40, 1000)
+            ))
+            .map_err(self_err(&t))?;
+        }
+        let lang = filter.lang.clone();
+        let like = filter.path.as_deref().map(crate::walk::glob_to_like);
+        let q_half;
+        let q_full;
+        let q: &(dyn ToSql + Sync) = if half {
+            q_half = HalfVector::from_f32_slice(query);
+            &q_half
+        } else {
+            q_full = Vector::from(query.to_vec());
+            &q_full
+        };
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {ROW_COLUMNS}, embedding FROM {t}
+                     WHERE ($2::text IS NULL OR lang = $2) AND ($3::text IS NULL OR path LIKE $3)
+                     ORDER BY embedding <=> $1 LIMIT $4"
+                ),
+                &[q, &lang, &like, &(k as i64)],
+            )
+            .map_err(self_err(&t))?;
+        tx.commit().map_err(self_err(&t))?;
+        // Scores as the embedded store computes them (f32 dot products of unit vectors), and the same
+        // order for ties.
+        let mut scored = Vec::new();
+        let mut by_index = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            let v = embedding(r, 12, half);
+            scored.push((super::dot(query, &v), i));
+            by_index.push(read_row(r, &t)?);
+        }
+        let best = top_k(scored.into_iter(), k);
+        let hits = best
+            .into_iter()
+            .map(|(score, i)| Hit {
+                score,
+                row: by_index[i].clone(),
+            })
+            .collect();
+        Ok((hits, if exact { Method::Exact } else { Method::Ann }))
+    }
+
+    fn rows(&mut self) -> Result<Vec<(Row, Vec<f32>)>> {
+        let dim = self.dim()?;
+        let half = Self::halfvec(dim);
+        let t = self.table.clone();
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT {ROW_COLUMNS}, embedding FROM {t} ORDER BY path, start_byte, end_byte, id"
+                ),
+                &[],
+            )
+            .map_err(self.err())?;
+        rows.iter()
+            .map(|r| Ok((read_row(r, &t)?, embedding(r, 12, half))))
+            .collect()
+    }
+}
+
+fn self_err(table: &str) -> impl Fn(postgres::Error) -> Error + '_ {
+    move |e| Error::Postgres {
+        table: table.to_string(),
+        message: match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        },
+    }
+}

@@ -1,0 +1,822 @@
+//! The embedded store: one SQLite file holds every row and vector (WAL journal: each write is a
+//! transaction, so a crash or Ctrl-C leaves the last committed state), and an HNSW graph (usearch) in a
+//! file beside it answers searches once there are enough vectors.
+//!
+//! The graph is a cache of the vectors table, never the truth: every vector added or dropped is
+//! written to a change log in the same transaction, and after a run the log is applied to the graph,
+//! which is saved under a temporary name and renamed into place before the log is cleared. A graph
+//! that is missing, unreadable or of another revision is rebuilt from the table; until then searches
+//! compare every vector.
+
+use super::{
+    dot, top_k, FileUpdate, Filter, Hash, Hit, Meta, Method, Row, Shard, Store, StoredFile,
+};
+use crate::error::{Error, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+const FORMAT: &str = "sembed-index 1";
+
+/// Below this many vectors searches compare every vector; from it on the HNSW graph answers.
+pub const DEFAULT_ANN_THRESHOLD: usize = 20_000;
+
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+    ann_path: PathBuf,
+    ann_threshold: usize,
+    cache: Option<Loaded>,
+}
+
+/// What searches keep between calls, valid for one revision of the index.
+struct Loaded {
+    revision: i64,
+    /// Exact search: every vector, row-major, with its id.
+    ids: Vec<i64>,
+    matrix: Vec<f32>,
+    ann: Option<usearch::Index>,
+}
+
+fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |e| Error::Sqlite {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl SqliteStore {
+    /// Open (or create) the index at `path`; the HNSW graph lives at `path` with extension `.hnsw`.
+    pub fn open(path: &Path, ann_threshold: usize) -> Result<Self> {
+        let existed = path.is_file()
+            && std::fs::metadata(path)
+                .map(|m| m.len() > 0)
+                .unwrap_or(false);
+        if !existed {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+                    path: dir.display().to_string(),
+                    source: e,
+                })?;
+            }
+        }
+        let err = sql_err(path);
+        let conn = Connection::open(path).map_err(&err)?;
+        let not_index = |why: String| {
+            Error::Corrupt(format!(
+                "{}: not a sembed index ({why}); give another --db, or delete it to start again",
+                path.display()
+            ))
+        };
+        if existed {
+            let format: Option<String> = conn
+                .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(|e| not_index(e.to_string()))?;
+            match format.as_deref() {
+                Some(FORMAT) => {}
+                Some(other) => return Err(not_index(format!("its format is `{other}`"))),
+                None => return Err(not_index("no format record".into())),
+            }
+            // A damaged file can still answer one query: check the whole structure.
+            let check: String = conn
+                .query_row("PRAGMA quick_check", [], |r| r.get(0))
+                .map_err(|e| not_index(e.to_string()))?;
+            if check != "ok" {
+                return Err(Error::Corrupt(format!(
+                    "{}: the index is damaged ({check}); delete it and index again",
+                    path.display()
+                )));
+            }
+        }
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(|e| not_index(e.to_string()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(&err)?;
+        if !existed {
+            conn.execute_batch(&format!(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 INSERT OR IGNORE INTO meta VALUES ('format', '{FORMAT}'), ('revision', '0');
+                 CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, hash BLOB NOT NULL);
+                 CREATE TABLE IF NOT EXISTS vectors (
+                     id INTEGER PRIMARY KEY, hash BLOB NOT NULL UNIQUE, vector BLOB NOT NULL);
+                 CREATE TABLE IF NOT EXISTS chunks (
+                     id INTEGER PRIMARY KEY,
+                     path TEXT NOT NULL REFERENCES files(path) ON DELETE CASCADE,
+                     lang TEXT NOT NULL, kind TEXT NOT NULL, symbol TEXT,
+                     start_line INTEGER NOT NULL, end_line INTEGER NOT NULL,
+                     start_byte INTEGER NOT NULL, end_byte INTEGER NOT NULL,
+                     part INTEGER NOT NULL, parts INTEGER NOT NULL,
+                     hash BLOB NOT NULL, text TEXT NOT NULL,
+                     vector_id INTEGER NOT NULL REFERENCES vectors(id));
+                 CREATE INDEX IF NOT EXISTS chunks_path ON chunks(path);
+                 CREATE INDEX IF NOT EXISTS chunks_vector ON chunks(vector_id);
+                 CREATE TABLE IF NOT EXISTS ann_log (vector_id INTEGER PRIMARY KEY, added INTEGER NOT NULL);
+                 COMMIT;"
+            ))
+            .map_err(&err)?;
+        }
+        Ok(SqliteStore {
+            conn,
+            ann_path: path.with_extension("hnsw"),
+            path: path.to_path_buf(),
+            ann_threshold,
+            cache: None,
+        })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
+        sql_err(&self.path)
+    }
+
+    fn meta_value(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(self.err())
+    }
+
+    fn revision(&self) -> Result<i64> {
+        Ok(self
+            .meta_value("revision")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    fn vector_count(&self) -> Result<usize> {
+        self.conn
+            .query_row("SELECT count(*) FROM vectors", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as usize)
+            .map_err(self.err())
+    }
+
+    fn dimension(&self) -> Result<usize> {
+        Ok(self.read_meta()?.map_or(0, |m| m.dimension))
+    }
+
+    fn read_meta(&self) -> Result<Option<Meta>> {
+        match self.meta_value("settings")? {
+            None => Ok(None),
+            Some(json) => serde_json::from_str(&json).map(Some).map_err(|e| {
+                Error::Corrupt(format!("{}: settings record: {e}", self.path.display()))
+            }),
+        }
+    }
+
+    fn new_ann(&self, dim: usize) -> Result<usearch::Index> {
+        let opts = usearch::IndexOptions {
+            dimensions: dim,
+            metric: usearch::MetricKind::IP,
+            quantization: usearch::ScalarKind::F32,
+            connectivity: 16,
+            expansion_add: 128,
+            expansion_search: 64,
+            multi: false,
+        };
+        usearch::Index::new(&opts).map_err(|e| self.ann_err(e.to_string()))
+    }
+
+    fn ann_err(&self, message: String) -> Error {
+        Error::Sqlite {
+            path: self.ann_path.display().to_string(),
+            message: format!("HNSW graph: {message}"),
+        }
+    }
+
+    /// Every vector with its id.
+    fn all_vectors(&self) -> Result<(Vec<i64>, Vec<f32>)> {
+        let dim = self.dimension()?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, vector FROM vectors ORDER BY id")
+            .map_err(self.err())?;
+        let mut ids = Vec::new();
+        let mut matrix = Vec::new();
+        let mut rows = stmt.query([]).map_err(self.err())?;
+        while let Some(r) = rows.next().map_err(self.err())? {
+            ids.push(r.get::<_, i64>(0).map_err(self.err())?);
+            let blob = r.get_ref(1).map_err(self.err())?.as_blob().map_err(|e| {
+                Error::Corrupt(format!("{}: vector blob: {e}", self.path.display()))
+            })?;
+            decode_into(blob, dim, &mut matrix).map_err(|m| {
+                Error::Corrupt(format!(
+                    "{}: vector {}: {m}",
+                    self.path.display(),
+                    ids.len()
+                ))
+            })?;
+        }
+        Ok((ids, matrix))
+    }
+
+    /// Load what searches need at the current revision.
+    fn load(&mut self) -> Result<&Loaded> {
+        let revision = self.revision()?;
+        if self.cache.as_ref().is_some_and(|c| c.revision == revision) {
+            return Ok(self.cache.as_ref().expect("checked"));
+        }
+        let ann_revision: Option<i64> = self
+            .meta_value("ann_revision")?
+            .and_then(|v| v.parse().ok());
+        let dim = self.dimension()?;
+        let mut ann = None;
+        if ann_revision == Some(revision) && self.ann_path.is_file() {
+            let index = self.new_ann(dim)?;
+            match index.view(&self.ann_path.to_string_lossy()) {
+                Ok(()) if index.dimensions() == dim => ann = Some(index),
+                _ => tracing::warn!(
+                    "{}: the HNSW graph does not load; comparing every vector until the next `sembed index`",
+                    self.ann_path.display()
+                ),
+            }
+        } else if self.vector_count()? >= self.ann_threshold {
+            tracing::warn!(
+                "{}: the HNSW graph is out of date; comparing every vector until the next `sembed index`",
+                self.ann_path.display()
+            );
+        }
+        let (ids, matrix) = if ann.is_some() {
+            (Vec::new(), Vec::new())
+        } else {
+            self.all_vectors()?
+        };
+        self.cache = Some(Loaded {
+            revision,
+            ids,
+            matrix,
+            ann,
+        });
+        Ok(self.cache.as_ref().expect("just set"))
+    }
+
+    /// Rows of these vectors, best vector first, at most `k` (and those passing `filter`).
+    fn rows_of_vectors(
+        &self,
+        scored: &[(f32, i64)],
+        k: usize,
+        filter: &Filter,
+    ) -> Result<Vec<Hit>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {ROW_COLUMNS} FROM chunks WHERE vector_id = ?1 ORDER BY path, start_byte, end_byte, id"
+            ))
+            .map_err(self.err())?;
+        let mut hits = Vec::new();
+        for &(score, id) in scored {
+            let rows = stmt
+                .query_map([id], read_row)
+                .map_err(self.err())?
+                .collect::<rusqlite::Result<Vec<Row>>>()
+                .map_err(self.err())?;
+            for row in rows {
+                if filter.accepts(&row.path, &row.lang) {
+                    hits.push(Hit { score, row });
+                    if hits.len() == k {
+                        return Ok(hits);
+                    }
+                }
+            }
+        }
+        Ok(hits)
+    }
+
+    /// Exact search over the rows passing a filter.
+    fn exact_filtered(&self, query: &[f32], k: usize, filter: &Filter) -> Result<Vec<Hit>> {
+        let dim = self.dimension()?;
+        let mut sql = "SELECT c.id, c.path, c.lang, v.vector FROM chunks c JOIN vectors v ON v.id = c.vector_id".to_string();
+        if filter.lang.is_some() {
+            sql.push_str(" WHERE c.lang = ?1");
+        }
+        let mut stmt = self.conn.prepare(&sql).map_err(self.err())?;
+        let mut rows = match &filter.lang {
+            Some(l) => stmt.query([l]),
+            None => stmt.query([]),
+        }
+        .map_err(self.err())?;
+        let mut scored = Vec::new();
+        let mut v = Vec::with_capacity(dim);
+        while let Some(r) = rows.next().map_err(self.err())? {
+            let path: String = r.get(1).map_err(self.err())?;
+            let lang: String = r.get(2).map_err(self.err())?;
+            if !filter.accepts(&path, &lang) {
+                continue;
+            }
+            v.clear();
+            let blob = r.get_ref(3).map_err(self.err())?.as_blob().map_err(|e| {
+                Error::Corrupt(format!("{}: vector blob: {e}", self.path.display()))
+            })?;
+            decode_into(blob, dim, &mut v)
+                .map_err(|m| Error::Corrupt(format!("{}: {m}", self.path.display())))?;
+            scored.push((dot(query, &v), r.get::<_, i64>(0).map_err(self.err())?));
+        }
+        drop(rows);
+        let best = top_k(scored.into_iter(), k);
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM chunks WHERE id = ?1"))
+            .map_err(self.err())?;
+        best.into_iter()
+            .map(|(score, id)| {
+                let row = stmt.query_row([id], read_row).map_err(self.err())?;
+                Ok(Hit { score, row })
+            })
+            .collect()
+    }
+
+    fn bump_revision(tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
+        tx.execute(
+            "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'",
+            [],
+        )?;
+        Ok(())
+    }
+
+    /// Drop vectors no row uses (logging them for the graph).
+    fn drop_orphans(tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
+        tx.execute(
+            "INSERT OR REPLACE INTO ann_log SELECT id, 0 FROM vectors
+             WHERE NOT EXISTS (SELECT 1 FROM chunks WHERE chunks.vector_id = vectors.id)",
+            [],
+        )?;
+        tx.execute(
+            "DELETE FROM vectors WHERE NOT EXISTS (SELECT 1 FROM chunks WHERE chunks.vector_id = vectors.id)",
+            [],
+        )?;
+        Ok(())
+    }
+
+    /// Write the graph for the current vectors (applying the change log to the saved graph, or
+    /// building it again), then record its revision.
+    fn update_ann(&mut self) -> Result<()> {
+        let dim = self.dimension()?;
+        let n = self.vector_count()?;
+        let revision = self.revision()?;
+        if n < self.ann_threshold || dim == 0 {
+            // Exact search: no graph. Forget it and the log.
+            let _ = std::fs::remove_file(&self.ann_path);
+            self.conn
+                .execute_batch("BEGIN; DELETE FROM ann_log; DELETE FROM meta WHERE key = 'ann_revision'; COMMIT;")
+                .map_err(self.err())?;
+            return Ok(());
+        }
+        let ann_revision: Option<i64> = self
+            .meta_value("ann_revision")?
+            .and_then(|v| v.parse().ok());
+        if ann_revision == Some(revision) && self.ann_path.is_file() {
+            return Ok(());
+        }
+        let index = self.new_ann(dim)?;
+        let mut loaded = ann_revision.is_some()
+            && self.ann_path.is_file()
+            && index.load(&self.ann_path.to_string_lossy()).is_ok()
+            && index.dimensions() == dim;
+        if loaded {
+            // Apply the log: the graph then holds exactly the vectors table.
+            let log: Vec<(i64, bool)> = {
+                let mut stmt = self
+                    .conn
+                    .prepare("SELECT vector_id, added FROM ann_log ORDER BY vector_id")
+                    .map_err(self.err())?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)))
+                    .map_err(self.err())?;
+                rows.collect::<rusqlite::Result<_>>().map_err(self.err())?
+            };
+            let mut vec = Vec::with_capacity(dim);
+            let added: Vec<i64> = log.iter().filter(|l| l.1).map(|l| l.0).collect();
+            index
+                .reserve(index.size() + added.len())
+                .map_err(|e| self.ann_err(e.to_string()))?;
+            for (id, add) in log {
+                if index.contains(id as u64) {
+                    index
+                        .remove(id as u64)
+                        .map_err(|e| self.ann_err(e.to_string()))?;
+                }
+                if add {
+                    let blob: Option<Vec<u8>> = self
+                        .conn
+                        .query_row("SELECT vector FROM vectors WHERE id = ?1", [id], |r| {
+                            r.get(0)
+                        })
+                        .optional()
+                        .map_err(self.err())?;
+                    if let Some(blob) = blob {
+                        vec.clear();
+                        decode_into(&blob, dim, &mut vec)
+                            .map_err(|m| Error::Corrupt(format!("{}: {m}", self.path.display())))?;
+                        index
+                            .add(id as u64, &vec)
+                            .map_err(|e| self.ann_err(e.to_string()))?;
+                    }
+                }
+            }
+            loaded = index.size() == n;
+        }
+        let index = if loaded {
+            index
+        } else {
+            let (ids, matrix) = self.all_vectors()?;
+            build_ann(self.new_ann(dim)?, &ids, &matrix, dim).map_err(|e| self.ann_err(e))?
+        };
+        let tmp = self.ann_path.with_extension("hnsw.tmp");
+        index
+            .save(&tmp.to_string_lossy())
+            .map_err(|e| self.ann_err(e.to_string()))?;
+        std::fs::rename(&tmp, &self.ann_path).map_err(|e| Error::Io {
+            path: self.ann_path.display().to_string(),
+            source: e,
+        })?;
+        let tx = self.conn.transaction().map_err(sql_err(&self.path))?;
+        tx.execute("DELETE FROM ann_log", [])
+            .map_err(sql_err(&self.path))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('ann_revision', ?1)",
+            [revision.to_string()],
+        )
+        .map_err(sql_err(&self.path))?;
+        tx.commit().map_err(sql_err(&self.path))?;
+        self.cache = None;
+        Ok(())
+    }
+}
+
+/// Add every vector to a fresh graph, on every core.
+fn build_ann(
+    index: usearch::Index,
+    ids: &[i64],
+    matrix: &[f32],
+    dim: usize,
+) -> std::result::Result<usearch::Index, String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    index
+        .reserve_capacity_and_threads(ids.len(), threads)
+        .map_err(|e| e.to_string())?;
+    let per = ids.len().div_ceil(threads).max(1);
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for (t, keys) in ids.chunks(per).enumerate() {
+            let index = &index;
+            let failed = &failed;
+            s.spawn(move || {
+                for (i, &id) in keys.iter().enumerate() {
+                    let row = t * per + i;
+                    if let Err(e) = index.add(id as u64, &matrix[row * dim..(row + 1) * dim]) {
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(index),
+    }
+}
+
+const ROW_COLUMNS: &str = "chunks.path, chunks.lang, chunks.kind, chunks.symbol, chunks.start_line,
+    chunks.end_line, chunks.start_byte, chunks.end_byte, chunks.part, chunks.parts, chunks.hash, chunks.text";
+
+fn read_row(r: &rusqlite::Row) -> rusqlite::Result<Row> {
+    let hash: Vec<u8> = r.get(10)?;
+    Ok(Row {
+        path: r.get(0)?,
+        lang: r.get(1)?,
+        kind: r.get(2)?,
+        symbol: r.get(3)?,
+        start_line: r.get::<_, i64>(4)? as usize,
+        end_line: r.get::<_, i64>(5)? as usize,
+        start_byte: r.get::<_, i64>(6)? as usize,
+        end_byte: r.get::<_, i64>(7)? as usize,
+        part: r.get::<_, i64>(8)? as usize,
+        parts: r.get::<_, i64>(9)? as usize,
+        hash: hash.try_into().map_err(|_| {
+            rusqlite::Error::FromSqlConversionFailure(
+                10,
+                rusqlite::types::Type::Blob,
+                "a chunk hash is not 32 bytes".into(),
+            )
+        })?,
+        text: r.get(11)?,
+    })
+}
+
+fn encode(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn decode_into(blob: &[u8], dim: usize, out: &mut Vec<f32>) -> std::result::Result<(), String> {
+    if blob.len() != dim * 4 {
+        return Err(format!(
+            "a vector of {} bytes where {dim} f32 values ({} bytes) belong",
+            blob.len(),
+            dim * 4
+        ));
+    }
+    out.extend(
+        blob.chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
+    );
+    Ok(())
+}
+
+fn hash_blob(r: &rusqlite::Row, i: usize) -> rusqlite::Result<Hash> {
+    let v: Vec<u8> = r.get(i)?;
+    v.try_into().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Blob,
+            "a hash is not 32 bytes".into(),
+        )
+    })
+}
+
+impl Store for SqliteStore {
+    fn meta(&mut self) -> Result<Option<Meta>> {
+        self.read_meta()
+    }
+
+    fn init(&mut self, meta: &Meta, replace: bool) -> Result<()> {
+        let json = serde_json::to_string(meta).expect("serialisable");
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        let tx = self.conn.transaction().map_err(&err)?;
+        if replace {
+            tx.execute_batch(
+                "DELETE FROM chunks; DELETE FROM files; DELETE FROM vectors; DELETE FROM ann_log;
+                 DELETE FROM meta WHERE key = 'ann_revision';",
+            )
+            .map_err(&err)?;
+            Self::bump_revision(&tx).map_err(&err)?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('settings', ?1)",
+            [json],
+        )
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        if replace {
+            let _ = std::fs::remove_file(&self.ann_path);
+        }
+        self.cache = None;
+        Ok(())
+    }
+
+    fn files(&mut self, shard: Option<Shard>) -> Result<HashMap<String, StoredFile>> {
+        let mut out: HashMap<String, StoredFile> = HashMap::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT path, hash FROM files")
+                .map_err(self.err())?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, hash_blob(r, 1)?)))
+                .map_err(self.err())?;
+            for r in rows {
+                let (path, file_hash) = r.map_err(self.err())?;
+                if shard.is_none_or(|s| s.holds(&path)) {
+                    out.insert(
+                        path,
+                        StoredFile {
+                            file_hash,
+                            chunks: Vec::new(),
+                        },
+                    );
+                }
+            }
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT path, hash FROM chunks ORDER BY path, start_byte, id")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, hash_blob(r, 1)?)))
+            .map_err(self.err())?;
+        for r in rows {
+            let (path, hash) = r.map_err(self.err())?;
+            if let Some(f) = out.get_mut(&path) {
+                f.chunks.push(hash);
+            }
+        }
+        Ok(out)
+    }
+
+    fn known(&mut self, hashes: &[Hash]) -> Result<HashSet<Hash>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM vectors WHERE hash = ?1")
+            .map_err(self.err())?;
+        let mut out = HashSet::new();
+        for h in hashes {
+            if stmt.exists([&h[..]]).map_err(self.err())? {
+                out.insert(*h);
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit(&mut self, files: &[FileUpdate], vectors: &[(Hash, Vec<f32>)]) -> Result<()> {
+        let dim = self.dimension()?;
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        let tx = self.conn.transaction().map_err(&err)?;
+        {
+            let mut add_vec = tx
+                .prepare_cached("INSERT OR IGNORE INTO vectors (hash, vector) VALUES (?1, ?2)")
+                .map_err(&err)?;
+            let mut log = tx
+                .prepare_cached("INSERT OR REPLACE INTO ann_log VALUES (?1, 1)")
+                .map_err(&err)?;
+            for (h, v) in vectors {
+                if v.len() != dim {
+                    return Err(Error::Invalid(format!(
+                        "a vector of {} values for an index of dimension {dim}",
+                        v.len()
+                    )));
+                }
+                if add_vec.execute(params![&h[..], encode(v)]).map_err(&err)? > 0 {
+                    log.execute([tx.last_insert_rowid()]).map_err(&err)?;
+                }
+            }
+            let mut del = tx
+                .prepare_cached("DELETE FROM chunks WHERE path = ?1")
+                .map_err(&err)?;
+            let mut file = tx
+                .prepare_cached("INSERT OR REPLACE INTO files VALUES (?1, ?2)")
+                .map_err(&err)?;
+            let mut vec_id = tx
+                .prepare_cached("SELECT id FROM vectors WHERE hash = ?1")
+                .map_err(&err)?;
+            let mut add_row = tx
+                .prepare_cached(
+                    "INSERT INTO chunks (path, lang, kind, symbol, start_line, end_line, start_byte,
+                     end_byte, part, parts, hash, text, vector_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                )
+                .map_err(&err)?;
+            for f in files {
+                del.execute([&f.path]).map_err(&err)?;
+                file.execute(params![&f.path, &f.file_hash[..]])
+                    .map_err(&err)?;
+                for r in &f.rows {
+                    let id: i64 = vec_id
+                        .query_row([&r.hash[..]], |x| x.get(0))
+                        .optional()
+                        .map_err(&err)?
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "{}:{}: no vector for chunk {}",
+                                r.path,
+                                r.start_line,
+                                super::hex(&r.hash)
+                            ))
+                        })?;
+                    add_row
+                        .execute(params![
+                            &r.path,
+                            &r.lang,
+                            &r.kind,
+                            &r.symbol,
+                            r.start_line as i64,
+                            r.end_line as i64,
+                            r.start_byte as i64,
+                            r.end_byte as i64,
+                            r.part as i64,
+                            r.parts as i64,
+                            &r.hash[..],
+                            &r.text,
+                            id
+                        ])
+                        .map_err(&err)?;
+                }
+            }
+        }
+        Self::drop_orphans(&tx).map_err(&err)?;
+        Self::bump_revision(&tx).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(())
+    }
+
+    fn remove(&mut self, paths: &[String]) -> Result<()> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        let tx = self.conn.transaction().map_err(&err)?;
+        {
+            let mut del_rows = tx
+                .prepare_cached("DELETE FROM chunks WHERE path = ?1")
+                .map_err(&err)?;
+            let mut del_file = tx
+                .prepare_cached("DELETE FROM files WHERE path = ?1")
+                .map_err(&err)?;
+            for p in paths {
+                del_rows.execute([p]).map_err(&err)?;
+                del_file.execute([p]).map_err(&err)?;
+            }
+        }
+        Self::drop_orphans(&tx).map_err(&err)?;
+        Self::bump_revision(&tx).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.update_ann()
+    }
+
+    fn count(&mut self) -> Result<usize> {
+        self.conn
+            .query_row("SELECT count(*) FROM chunks", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as usize)
+            .map_err(self.err())
+    }
+
+    fn search(&mut self, query: &[f32], k: usize, filter: &Filter) -> Result<(Vec<Hit>, Method)> {
+        let dim = self.dimension()?;
+        if dim == 0 {
+            return Ok((Vec::new(), Method::Exact));
+        }
+        if query.len() != dim {
+            return Err(Error::Invalid(format!(
+                "a query of {} values for an index of dimension {dim}",
+                query.len()
+            )));
+        }
+        if k == 0 {
+            return Ok((Vec::new(), Method::Exact));
+        }
+        self.load()?;
+        let cache = self.cache.as_ref().expect("loaded");
+        if let Some(ann) = &cache.ann {
+            // Rows per vector and filters can leave fewer than k: ask for more, and fall back to
+            // comparing every vector when even that is not enough.
+            let want = if filter.is_empty() {
+                k * 2
+            } else {
+                (k * 8).max(64)
+            };
+            let m = ann
+                .search(query, want.min(ann.size()))
+                .map_err(|e| self.ann_err(e.to_string()))?;
+            let scored: Vec<(f32, i64)> = m
+                .keys
+                .iter()
+                .zip(&m.distances)
+                .map(|(&key, &d)| (1.0 - d, key as i64))
+                .collect();
+            let hits = self.rows_of_vectors(&scored, k, filter)?;
+            if hits.len() == k {
+                return Ok((hits, Method::Ann));
+            }
+            return Ok((self.exact_filtered(query, k, filter)?, Method::Exact));
+        }
+        if !filter.is_empty() {
+            return Ok((self.exact_filtered(query, k, filter)?, Method::Exact));
+        }
+        let scored = top_k(
+            cache
+                .ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| (dot(query, &cache.matrix[i * dim..(i + 1) * dim]), id)),
+            k,
+        );
+        Ok((self.rows_of_vectors(&scored, k, filter)?, Method::Exact))
+    }
+
+    fn rows(&mut self) -> Result<Vec<(Row, Vec<f32>)>> {
+        let dim = self.dimension()?;
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {ROW_COLUMNS}, v.vector FROM chunks JOIN vectors v ON v.id = chunks.vector_id
+                 ORDER BY chunks.path, chunks.start_byte, chunks.end_byte, chunks.id"
+            ))
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                let row = read_row(r)?;
+                let blob: Vec<u8> = r.get(12)?;
+                Ok((row, blob))
+            })
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (row, blob) = r.map_err(self.err())?;
+            let mut v = Vec::with_capacity(dim);
+            decode_into(&blob, dim, &mut v)
+                .map_err(|m| Error::Corrupt(format!("{}: {m}", self.path.display())))?;
+            out.push((row, v));
+        }
+        Ok(out)
+    }
+}
