@@ -1,0 +1,240 @@
+//! Chunk boundaries per language on small real files (tests/fixtures/code), and splitting of chunks
+//! over the token budget.
+
+use sembed_index::chunk::{chunk_file, Budget, Chunk};
+
+fn fixture(name: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/code")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A budget measured in characters (4 per token, 2 special tokens), roomy enough for every fixture.
+fn count(s: &str) -> usize {
+    s.len().div_ceil(4) + 2
+}
+
+fn cut(name: &str) -> Vec<(String, String, usize, usize)> {
+    let budget = Budget {
+        max_tokens: 512,
+        count: &count,
+        window_lines: 40,
+        overlap_lines: 5,
+    };
+    chunk_file(name, &fixture(name), &budget)
+        .into_iter()
+        .map(|c| {
+            assert_eq!((c.part, c.parts), (1, 1), "{name}: nothing is split");
+            (
+                c.kind.to_string(),
+                c.symbol.unwrap_or_default(),
+                c.start_line,
+                c.end_line,
+            )
+        })
+        .collect()
+}
+
+fn expect(name: &str, want: &[(&str, &str, usize, usize)]) {
+    let got = cut(name);
+    let want: Vec<(String, String, usize, usize)> = want
+        .iter()
+        .map(|(k, s, a, b)| (k.to_string(), s.to_string(), *a, *b))
+        .collect();
+    assert_eq!(got, want, "{name}");
+}
+
+#[test]
+fn rust() {
+    expect(
+        "sample.rs",
+        &[
+            ("code", "", 1, 3),
+            // The trait's header (its doc comment and signature), then its member.
+            ("trait", "Cacheable", 5, 6),
+            ("method", "Cacheable::key", 7, 8),
+            // Doc comment and attribute belong to the struct.
+            ("struct", "Cache", 11, 15),
+            ("method", "Cache::put", 18, 21),
+            ("method", "Cache::get", 23, 25),
+            ("method", "<Cache as Display>::fmt", 29, 31),
+            ("function", "tests::put_get", 35, 40),
+        ],
+    );
+}
+
+#[test]
+fn python() {
+    expect(
+        "sample.py",
+        &[
+            ("code", "", 1, 4),
+            ("function", "top", 7, 9),
+            // The comment and decorator above the class, its docstring and fields.
+            ("class", "Box", 12, 17),
+            ("method", "Box.grow", 19, 21),
+            ("method", "Box.area", 23, 25),
+            ("code", "", 28, 29),
+        ],
+    );
+}
+
+#[test]
+fn elixir() {
+    expect(
+        "sample.ex",
+        &[
+            // defmodule with its @moduledoc and `use`.
+            ("module", "MyApp.Repo", 1, 5),
+            // @doc and @spec belong to the def; the guard is not part of the name.
+            ("function", "MyApp.Repo.get", 7, 11),
+            ("function", "MyApp.Repo.helper", 13, 13),
+            ("function", "MyApp.Repo.Inner.run", 16, 16),
+        ],
+    );
+}
+
+#[test]
+fn javascript() {
+    expect(
+        "sample.js",
+        &[
+            ("code", "", 1, 1),
+            // JSDoc above `export function`.
+            ("function", "add", 3, 9),
+            // An arrow function bound to a name.
+            ("function", "mul", 11, 11),
+            ("class", "Shape", 13, 14),
+            ("method", "Shape.area", 15, 18),
+        ],
+    );
+}
+
+#[test]
+fn typescript() {
+    expect(
+        "sample.ts",
+        &[
+            ("interface", "Options", 1, 4),
+            ("type", "Id", 6, 6),
+            ("function", "walk", 8, 11),
+            // The class header holds a field: kept.
+            ("class", "Walker", 13, 14),
+            ("method", "Walker.step", 15, 18),
+        ],
+    );
+}
+
+#[test]
+fn go() {
+    expect(
+        "sample.go",
+        &[
+            ("code", "", 1, 3),
+            ("type", "Store", 5, 8),
+            ("method", "Store.Add", 10, 13),
+            ("function", "New", 15, 18),
+        ],
+    );
+}
+
+#[test]
+fn java() {
+    expect(
+        "Sample.java",
+        &[
+            ("code", "", 1, 1),
+            ("class", "Counter", 3, 5),
+            ("method", "Counter.inc", 7, 10),
+            // The annotation is inside the method's modifiers.
+            ("method", "Counter.toString", 12, 15),
+        ],
+    );
+}
+
+#[test]
+fn text_windows_overlap() {
+    let src: String = (1..=100).map(|i| format!("line {i}\n")).collect();
+    let budget = Budget {
+        max_tokens: 10_000,
+        count: &count,
+        window_lines: 40,
+        overlap_lines: 5,
+    };
+    let chunks = chunk_file("notes.txt", &src, &budget);
+    let spans: Vec<(usize, usize)> = chunks.iter().map(|c| (c.start_line, c.end_line)).collect();
+    assert_eq!(spans, vec![(1, 40), (36, 75), (71, 100)]);
+    assert!(chunks
+        .iter()
+        .all(|c| c.kind == "text" && c.symbol.is_none()));
+}
+
+/// A definition over the budget is split into windows that each fit, overlap, cover it all, and
+/// record their part numbers.
+#[test]
+fn long_definition_is_split_and_recorded() {
+    let body: String = (0..200)
+        .map(|i| format!("    let v{i} = compute({i}, \"some text\");\n"))
+        .collect();
+    let src = format!("/// Long.\nfn long() {{\n{body}}}\n\nfn short() {{}}\n");
+    let budget = Budget {
+        max_tokens: 128,
+        count: &count,
+        window_lines: 40,
+        overlap_lines: 3,
+    };
+    let chunks: Vec<Chunk> = chunk_file("x.rs", &src, &budget);
+    let parts: Vec<&Chunk> = chunks
+        .iter()
+        .filter(|c| c.symbol.as_deref() == Some("long"))
+        .collect();
+    assert!(parts.len() > 5, "{} parts", parts.len());
+    let n = parts.len();
+    for (i, c) in parts.iter().enumerate() {
+        assert_eq!((c.part, c.parts), (i + 1, n));
+        assert!(
+            count(&c.text) <= 128,
+            "part {} has {} tokens",
+            i + 1,
+            count(&c.text)
+        );
+        assert_eq!(&src[c.start_byte..c.end_byte], c.text);
+    }
+    // Together they cover the definition, docs to closing brace, and neighbours overlap.
+    assert_eq!(parts[0].start_line, 1);
+    assert_eq!(parts[n - 1].end_line, 203);
+    for w in parts.windows(2) {
+        assert!(
+            w[1].start_line <= w[0].end_line,
+            "{:?} then {:?}",
+            (w[0].start_line, w[0].end_line),
+            (w[1].start_line, w[1].end_line)
+        );
+        assert!(w[1].start_line > w[0].start_line);
+    }
+    let short = chunks
+        .iter()
+        .find(|c| c.symbol.as_deref() == Some("short"))
+        .unwrap();
+    assert_eq!((short.part, short.parts, short.start_line), (1, 1, 205));
+}
+
+/// A single line longer than the budget (minified code) is cut into pieces, never left over-long.
+#[test]
+fn over_long_line_is_cut() {
+    let line = "x".repeat(5000);
+    let budget = Budget {
+        max_tokens: 100,
+        count: &count,
+        window_lines: 40,
+        overlap_lines: 2,
+    };
+    let chunks = chunk_file("blob.txt", &line, &budget);
+    assert!(chunks.len() >= 5000 / 4 / 100, "{} pieces", chunks.len());
+    for c in &chunks {
+        assert!(count(&c.text) <= 100);
+    }
+    let joined: String = chunks.iter().map(|c| c.text.as_str()).collect();
+    assert_eq!(joined, line);
+}
