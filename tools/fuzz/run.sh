@@ -9,9 +9,13 @@ sembed=${2:-target/release/sembed}
 model=${3:-tests/fixtures/bert-tiny}
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log=$(mktemp)
-"$sembed" serve -m "$model" --host 127.0.0.1 --port "$port" --auto-truncate > "$log" 2>&1 &
+# A code index of the fixtures, so POST /search is fuzzed too.
+index_dir=$(mktemp -d)
+"$sembed" index tests/fixtures/code -m "$model" --db "$index_dir/index.sqlite" -q
+"$sembed" serve -m "$model" --index "$index_dir/index.sqlite" --host 127.0.0.1 --port "$port" \
+  --auto-truncate > "$log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
+trap 'kill $pid 2>/dev/null || true; rm -rf "$index_dir"' EXIT
 for _ in $(seq 300); do
   curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
   sleep 0.2

@@ -234,6 +234,14 @@ pub fn index(args: IndexArgs) -> Result<()> {
     Ok(())
 }
 
+/// Open an index that exists (never create one where a search or a server looks).
+pub fn open_existing(target: &str, ann_threshold: usize) -> Result<Box<dyn Store>> {
+    if !target.contains("://") && !Path::new(target).is_file() {
+        bail!("{target}: no such index; run `sembed index` first");
+    }
+    Ok(store::open(target, ann_threshold)?)
+}
+
 /// Open an index for searching, and the model its vectors came from.
 pub fn open_for_search(
     db: Option<&str>,
@@ -247,10 +255,7 @@ pub fn open_for_search(
             .display()
             .to_string(),
     };
-    if !target.contains("://") && !Path::new(&target).is_file() {
-        bail!("{target}: no such index; run `sembed index` first");
-    }
-    let mut store = store::open(&target, ann_threshold)?;
+    let mut store = open_existing(&target, ann_threshold)?;
     let meta = store
         .meta()?
         .with_context(|| format!("{target}: the index is empty; run `sembed index` first"))?;

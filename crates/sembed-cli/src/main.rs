@@ -177,6 +177,10 @@ struct ServeArgs {
     /// Cut over-long inputs instead of refusing them.
     #[arg(long)]
     auto_truncate: bool,
+    /// Answer `POST /search` from this code index (a SQLite file or postgres://…[#TABLE]); its model
+    /// is served too (or must be among the --model ones).
+    #[arg(long)]
+    index: Option<String>,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: ComputeDtype,
     #[command(flatten)]
@@ -447,12 +451,54 @@ impl ComputeDtype {
 fn serve(args: ServeArgs) -> Result<()> {
     let device = sembed::device::cpu();
     let engine = args.engine.engine()?;
+    let mut models = Vec::new();
+    let mut index = None;
+    if let Some(target) = &args.index {
+        if args.models.is_empty() {
+            // Serve the index's model.
+            let (target, store, model) = code::open_for_search(
+                Some(target),
+                &[],
+                sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD,
+            )?;
+            let name = model
+                .name()
+                .rsplit('/')
+                .next()
+                .unwrap_or("index")
+                .to_string();
+            index = Some(sembed_server::ServedIndex {
+                store,
+                model: name.clone(),
+                target,
+            });
+            models.push(sembed_server::ServedModel {
+                name,
+                model: model.into(),
+            });
+        } else {
+            // One of the --model ones must have made it (matched below, once they are loaded).
+            let mut store =
+                code::open_existing(target, sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD)?;
+            let meta = store.meta()?.with_context(|| {
+                format!("{target}: the index is empty; run `sembed index` first")
+            })?;
+            index = Some(sembed_server::ServedIndex {
+                store,
+                model: meta.model,
+                target: target.clone(),
+            });
+        }
+    }
     let specs = if args.models.is_empty() {
-        vec![String::new()]
+        if index.is_some() {
+            vec![]
+        } else {
+            vec![String::new()]
+        }
     } else {
         args.models.clone()
     };
-    let mut models = Vec::new();
     for spec in &specs {
         // NAME=REF, unless the whole thing is an existing path or an hf: reference.
         let (name, reference) = match spec.split_once('=') {
@@ -502,7 +548,23 @@ fn serve(args: ServeArgs) -> Result<()> {
         api_key: args.api_key.clone(),
         auto_truncate: args.auto_truncate,
     };
-    let (router, state) = sembed_server::build(models, config).context("starting the server")?;
+    if let Some(ix) = index.as_mut() {
+        if !args.models.is_empty() {
+            // The served model whose vectors the index holds (by identity).
+            let found = models
+                .iter()
+                .find(|m| sembed_index::index::model_identity(m.model.as_ref()) == ix.model)
+                .with_context(|| {
+                    format!(
+                        "--index {}: its vectors are of {}, which none of the --model ones is",
+                        ix.target, ix.model
+                    )
+                })?;
+            ix.model = found.name.clone();
+        }
+    }
+    let (router, state) =
+        sembed_server::build_with_index(models, config, index).context("starting the server")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -81,14 +81,13 @@ pub trait Progress {
 
 impl Progress for () {}
 
-/// The model's identity as an index records it.
+/// The model's identity as an index records it: its name without the folder it was loaded from (the
+/// same model referred to as `./m`, `/abs/m` or `m/` is the same), the engine and precision that made
+/// the vectors, and their dimension.
 pub fn model_identity(model: &dyn Embed) -> String {
-    format!(
-        "{} [{}] {}-d",
-        model.name(),
-        model.engine(),
-        model.dimension()
-    )
+    let name = model.name().trim_end_matches('/');
+    let name = name.rsplit('/').next().unwrap_or(name);
+    format!("{name} [{}] {}-d", model.engine(), model.dimension())
 }
 
 /// The settings an index of `model` is created with.

@@ -68,8 +68,24 @@ struct Entry {
     batcher: Arc<Batcher>,
 }
 
+/// A code index to answer `POST /search` from, with the name of the served model that made it.
+pub struct ServedIndex {
+    pub store: Box<dyn sembed_index::store::Store>,
+    /// A served model's name: queries are embedded by it (its batcher, its query prompt).
+    pub model: String,
+    /// The index's location, for /info.
+    pub target: String,
+}
+
+struct IndexState {
+    store: std::sync::Mutex<Box<dyn sembed_index::store::Store>>,
+    model: usize,
+    target: String,
+}
+
 pub struct AppState {
     models: Vec<Entry>,
+    index: Option<IndexState>,
     config: ServerConfig,
     metrics: Arc<Metrics>,
     healthy: AtomicBool,
@@ -100,6 +116,15 @@ pub fn build(
     models: Vec<ServedModel>,
     config: ServerConfig,
 ) -> sembed::Result<(Router, Arc<AppState>)> {
+    build_with_index(models, config, None)
+}
+
+/// [`build`], also answering `POST /search` from a code index.
+pub fn build_with_index(
+    models: Vec<ServedModel>,
+    config: ServerConfig,
+    index: Option<ServedIndex>,
+) -> sembed::Result<(Router, Arc<AppState>)> {
     if models.is_empty() {
         return Err(sembed::Error::InvalidInput("no models to serve".into()));
     }
@@ -129,8 +154,29 @@ pub fn build(
             batcher,
         });
     }
+    let index = match index {
+        None => None,
+        Some(ix) => {
+            let model = entries
+                .iter()
+                .position(|e| e.name == ix.model)
+                .ok_or_else(|| {
+                    sembed::Error::InvalidInput(format!(
+                        "the index's model `{}` is not served",
+                        ix.model
+                    ))
+                })?;
+            Some(IndexState {
+                store: std::sync::Mutex::new(ix.store),
+                model,
+                target: ix.target,
+            })
+        }
+    };
+    let has_index = index.is_some();
     let state = Arc::new(AppState {
         models: entries,
+        index,
         config: config.clone(),
         metrics,
         healthy: AtomicBool::new(true),
@@ -138,7 +184,11 @@ pub fn build(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     });
-    let protected = Router::new()
+    let mut protected = Router::new();
+    if has_index {
+        protected = protected.route("/search", post(search_route));
+    }
+    let protected = protected
         .route("/v1/embeddings", post(openai_embeddings))
         .route("/v1/models", get(openai_models))
         .route("/v1/models/{id}", get(openai_model))
@@ -241,6 +291,11 @@ impl IntoResponse for ApiError {
 async fn openapi_json(State(state): State<Arc<AppState>>) -> Json<Value> {
     use utoipa::OpenApi as _;
     let mut doc = serde_json::to_value(openapi::ApiDoc::openapi()).unwrap_or(Value::Null);
+    if state.index.is_none() {
+        if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+            paths.remove("/search");
+        }
+    }
     let names: Vec<&str> = state.models.iter().map(|m| m.name.as_str()).collect();
     for schema in [
         "OpenAiEmbeddingsRequest",
@@ -750,6 +805,95 @@ async fn tei_inner(
     Ok(Json(out.vectors))
 }
 
+#[utoipa::path(post, path = "/search", request_body = openapi::SearchRequest,
+    responses((status = 200, body = openapi::SearchResponse),
+        (status = 400, body = openapi::TeiError), (status = 401, body = openapi::TeiError),
+        (status = 413, body = openapi::TeiError), (status = 422, body = openapi::TeiError),
+        (status = 429, body = openapi::TeiError), (status = 500, body = openapi::TeiError),
+        (status = 503, body = openapi::TeiError)))]
+async fn search_route(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = search_inner(&state, body).await;
+    count_outcome(&state, &r);
+    r.into_response()
+}
+
+/// Most hits one search may ask for.
+const MAX_SEARCH_K: usize = 1000;
+
+async fn search_inner(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let f = Flavor::Tei;
+    let v = parse_body(body, f)?;
+    let query = match opt_str(&v, "query", f)? {
+        Some(q) if !q.is_empty() => q,
+        Some(_) => return Err(ApiError::validation(f, "`query` is an empty string")),
+        None => return Err(ApiError::validation(f, "`query` is required")),
+    };
+    let k = opt_usize(&v, "k", f)?.unwrap_or(10);
+    if k == 0 || k > MAX_SEARCH_K {
+        return Err(ApiError::validation(
+            f,
+            format!("`k` {k}: between 1 and {MAX_SEARCH_K}"),
+        ));
+    }
+    let filter = sembed_index::store::Filter {
+        lang: opt_str(&v, "lang", f)?,
+        path: opt_str(&v, "path", f)?,
+    };
+    let index = state
+        .index
+        .as_ref()
+        .expect("the route exists only with an index");
+    let entry = &state.models[index.model];
+    let opts = EmbedOptions {
+        role: Some(sembed::InputRole::Query),
+        truncate: true,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut out = run_embed(state, entry, vec![query.clone()], opts, f).await?;
+    let q = out.vectors.pop().unwrap_or_default();
+    let st = state.clone();
+    let searched = tokio::task::spawn_blocking(move || {
+        let ix = st.index.as_ref().expect("checked");
+        let mut store = ix.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.search(&q, k, &filter)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            f,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )
+    })?;
+    let (hits, method) = searched.map_err(|e| match e {
+        sembed_index::Error::Invalid(m) => ApiError::validation(f, m),
+        other => ApiError::new(
+            f,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            other.to_string(),
+        ),
+    })?;
+    state
+        .metrics
+        .stage_seconds
+        .with_label_values(&["search"])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(Json(json!({
+        "query": query,
+        "method": method,
+        "hits": hits,
+    })))
+}
+
 #[utoipa::path(post, path = "/tokenize", request_body = openapi::TokenizeRequest,
     responses((status = 200, description = "per input, its tokens: id, text, special"),
         (status = 400, body = openapi::TeiError), (status = 401, body = openapi::TeiError),
@@ -827,6 +971,10 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<Value> {
         "max_client_batch_size": state.config.max_client_batch_size,
         "max_body_bytes": state.config.max_body_bytes,
         "auto_truncate": state.config.auto_truncate,
+        "index": state.index.as_ref().map(|ix| json!({
+            "target": ix.target,
+            "model": state.models[ix.model].name,
+        })),
         "cpu": {
             "features": sembed::fast::kernels::describe_cpu(),
             "kernels": sembed::fast::cpu::active().name(),

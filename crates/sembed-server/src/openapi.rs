@@ -159,6 +159,54 @@ pub struct TeiError {
     pub error_type: String,
 }
 
+/// `POST /search` (with `sembed serve --index`): the chunks of the index nearest to a query.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct SearchRequest {
+    /// What to look for (non-empty); embedded as a query by the index's model.
+    pub query: String,
+    /// Hits to return, 1 to 1000 (default 10).
+    #[schema(minimum = 1, maximum = 1000)]
+    pub k: Option<u32>,
+    /// Only chunks of this language (`rust`, `python`, `elixir`, `javascript`, `typescript`, `go`,
+    /// `java`, `text`).
+    pub lang: Option<String>,
+    /// Only paths matching this pattern (`*` any characters, `/` included; `?` one).
+    pub path: Option<String>,
+}
+
+/// One chunk found.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct SearchHit {
+    /// Cosine similarity to the query.
+    pub score: f32,
+    pub path: String,
+    pub lang: String,
+    /// `function`, `method`, `class`, `module`, `code`, `text`...
+    pub kind: String,
+    pub symbol: Option<String>,
+    pub start_line: u64,
+    pub end_line: u64,
+    pub start_byte: u64,
+    pub end_byte: u64,
+    /// Piece `part` of `parts` of a definition split to fit the model.
+    pub part: u64,
+    pub parts: u64,
+    /// SHA-256 of the text (hex).
+    pub hash: String,
+    pub text: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct SearchResponse {
+    pub query: String,
+    /// `exact` (every vector compared) or `ann` (the HNSW graph).
+    pub method: String,
+    pub hits: Vec<SearchHit>,
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -171,6 +219,7 @@ pub struct TeiError {
         crate::openai_model,
         crate::tei_embed,
         crate::tokenize,
+        crate::search_route,
         crate::health,
         crate::info,
         crate::metrics_route
@@ -180,6 +229,9 @@ pub struct TeiError {
         OpenAiEmbeddingsRequest,
         TeiEmbedRequest,
         TokenizeRequest,
+        SearchRequest,
+        SearchResponse,
+        SearchHit,
         OpenAiEmbeddingsResponse,
         ModelList,
         ModelObject,
