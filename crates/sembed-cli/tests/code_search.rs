@@ -1,0 +1,347 @@
+//! `sembed index` and `sembed search` as a user runs them: two commands in a repository, JSON for
+//! scripts, Ctrl-C and a rerun that continues, clear errors, and `serve --index` answering the same.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn tiny() -> String {
+    fixtures().join("bert-tiny").display().to_string()
+}
+
+fn sembed_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sembed"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn repo(dir: &Path, modules: usize, functions: usize) {
+    for f in std::fs::read_dir(fixtures().join("code")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("pkg")).unwrap();
+    for m in 0..modules {
+        let mut src = String::new();
+        for i in 0..functions {
+            src.push_str(&format!(
+                "def f{m}_{i}(x):\n    \"\"\"Function {i} of module {m}.\"\"\"\n    return x * {i} + {m}\n\n\n"
+            ));
+        }
+        std::fs::write(dir.join(format!("pkg/mod{m}.py")), src).unwrap();
+    }
+}
+
+/// The README's two commands, run inside the repository: the index lands in .sembed/, and search
+/// finds it from a subfolder.
+#[test]
+fn index_then_search_in_two_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    repo(dir, 2, 3);
+    let model = tiny();
+    let o = sembed_in(dir, &["index", "-m", &model, "--json"]);
+    let report: serde_json::Value = serde_json::from_str(ok(&o).trim()).unwrap();
+    assert!(dir.join(".sembed/index.sqlite").is_file());
+    let chunks = report["chunks"].as_u64().unwrap();
+    assert_eq!(report["embedded"].as_u64(), Some(chunks));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains(&format!("{chunks} chunks")), "{stderr}");
+
+    // Human output: rank, score, path:start-end, kind and symbol, then the snippet.
+    let out = ok(&sembed_in(
+        &dir.join("pkg"),
+        &["search", "a cache of strings", "-k", "3"],
+    ));
+    let first = out.lines().next().unwrap();
+    assert!(first.trim_start().starts_with("1. "), "{out}");
+    let re_loc = first.split_whitespace().nth(2).unwrap();
+    let (path, lines) = re_loc.split_once(':').unwrap();
+    let (a, b) = lines.split_once('-').unwrap();
+    assert!(dir.join(path).is_file(), "{out}");
+    assert!(a.parse::<usize>().unwrap() <= b.parse::<usize>().unwrap());
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.trim_start().starts_with(char::is_numeric) && l.contains(". "))
+            .count(),
+        3,
+        "{out}"
+    );
+
+    // JSON: hits with every stored field, best first; the snippet is the stored text.
+    let json = ok(&sembed_in(
+        dir,
+        &[
+            "search",
+            "Function 2 of module 1",
+            "--json",
+            "-k",
+            "5",
+            "--lang",
+            "python",
+            "--path",
+            "pkg/*",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    let hits = v["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 5);
+    assert_eq!(v["method"], "exact");
+    let scores: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    for h in hits {
+        assert_eq!(h["lang"], "python");
+        assert!(h["path"].as_str().unwrap().starts_with("pkg/"));
+        let text = std::fs::read_to_string(dir.join(h["path"].as_str().unwrap())).unwrap();
+        let (s, e) = (
+            h["start_byte"].as_u64().unwrap() as usize,
+            h["end_byte"].as_u64().unwrap() as usize,
+        );
+        assert_eq!(&text[s..e], h["text"].as_str().unwrap());
+        assert_eq!(h["hash"].as_str().unwrap().len(), 64);
+    }
+}
+
+#[test]
+fn search_errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No index anywhere up the tree.
+    let o = sembed_in(tmp.path(), &["search", "x"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("no index here") && e.contains("sembed index"),
+        "{e}"
+    );
+    // A --db that is not there is not created.
+    let missing = tmp.path().join("nope.sqlite");
+    let o = sembed_in(
+        tmp.path(),
+        &["search", "x", "--db", missing.to_str().unwrap()],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no such index"));
+    assert!(!missing.exists());
+    // A file that is not an index.
+    let junk = tmp.path().join("junk.sqlite");
+    std::fs::write(&junk, vec![7u8; 4096]).unwrap();
+    let o = sembed_in(tmp.path(), &["search", "x", "--db", junk.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("junk.sqlite") && e.contains("not a sembed index"),
+        "{e}"
+    );
+    // Another model into the same index: refused, the index untouched.
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir(&dir).unwrap();
+    repo(&dir, 1, 2);
+    ok(&sembed_in(&dir, &["index", "-m", &tiny(), "-q"]));
+    let qwen = fixtures().join("qwen2-bidir-tiny").display().to_string();
+    let o = sembed_in(&dir, &["index", "-m", &qwen, "-q"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("bert-tiny") && e.contains("--replace"),
+        "{e}"
+    );
+    ok(&sembed_in(&dir, &["search", "x"]));
+}
+
+/// Ctrl-C keeps what is written and exits 130; the same command then continues where it stopped and
+/// the index equals one made without interruption.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_keeps_progress_and_a_rerun_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir(&dir).unwrap();
+    repo(&dir, 400, 12);
+    let model = tiny();
+    let db = tmp.path().join("cut.sqlite");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sembed"))
+        .args([
+            "index",
+            "-m",
+            &model,
+            "--batch-size",
+            "8",
+            "-q",
+            "--json",
+            "--db",
+        ])
+        .arg(&db)
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first committed batch, then interrupt.
+    let wal = db.with_extension("sqlite-wal");
+    let t = std::time::Instant::now();
+    while std::fs::metadata(&wal).map_or(0, |m| m.len()) < 200_000 {
+        assert!(t.elapsed().as_secs() < 120, "no batch committed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the interrupt"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let cut: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(cut["interrupted"], true);
+
+    let o = sembed_in(
+        &dir,
+        &[
+            "index",
+            "-m",
+            &model,
+            "-q",
+            "--json",
+            "--db",
+            db.to_str().unwrap(),
+        ],
+    );
+    let rest: serde_json::Value = serde_json::from_str(ok(&o).trim()).unwrap();
+    let total = rest["chunks"].as_u64().unwrap();
+    assert!(rest["unchanged"].as_u64().unwrap() > 0, "{rest}");
+    assert!(rest["embedded"].as_u64().unwrap() < total, "{rest}");
+    assert_eq!(rest["interrupted"], false);
+
+    let whole = tmp.path().join("whole.sqlite");
+    ok(&sembed_in(
+        &dir,
+        &["index", "-m", &model, "-q", "--db", whole.to_str().unwrap()],
+    ));
+    for q in [
+        "Function 7 of module 300",
+        "grow the box",
+        "a cache of strings",
+    ] {
+        let a = ok(&sembed_in(
+            &dir,
+            &["search", q, "--json", "--db", db.to_str().unwrap()],
+        ));
+        let b = ok(&sembed_in(
+            &dir,
+            &["search", q, "--json", "--db", whole.to_str().unwrap()],
+        ));
+        let hits =
+            |s: &str| serde_json::from_str::<serde_json::Value>(s.trim()).unwrap()["hits"].clone();
+        assert_eq!(hits(&a), hits(&b), "{q}");
+    }
+}
+
+fn post(port: u16, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status: u16 = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp.split_once("\r\n\r\n").unwrap().1;
+    // Chunked or not, the JSON object is between the first '{' and the last '}'.
+    let json = &body[body.find('{').unwrap()..=body.rfind('}').unwrap()];
+    (status, serde_json::from_str(json).unwrap())
+}
+
+/// `serve --index` answers `POST /search` with the hits `sembed search --json` prints.
+#[test]
+fn server_search_equals_cli_search() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir(&dir).unwrap();
+    repo(&dir, 3, 4);
+    let model = tiny();
+    ok(&sembed_in(&dir, &["index", "-m", &model, "-q"]));
+    let db = dir.join(".sembed/index.sqlite");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_sembed"))
+        .args([
+            "serve",
+            "--index",
+            db.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed().as_secs() < 60, "server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let cli = ok(&sembed_in(
+        &dir,
+        &[
+            "search",
+            "grow the box",
+            "--json",
+            "-k",
+            "4",
+            "--lang",
+            "python",
+        ],
+    ));
+    let cli: serde_json::Value = serde_json::from_str(cli.trim()).unwrap();
+    let (status, served) = post(
+        port,
+        "/search",
+        r#"{"query": "grow the box", "k": 4, "lang": "python"}"#,
+    );
+    let (bad, err) = post(port, "/search", r#"{"query": "x", "k": 0}"#);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(status, 200, "{served}");
+    assert_eq!(served["hits"], cli["hits"]);
+    assert_eq!(served["hits"].as_array().unwrap().len(), 4);
+    assert_eq!(bad, 422, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("`k`"), "{err}");
+}
