@@ -242,12 +242,15 @@ pub fn open_existing(target: &str, ann_threshold: usize) -> Result<Box<dyn Store
     Ok(store::open(target, ann_threshold)?)
 }
 
+/// An index's location, its store, and the model its vectors came from.
+pub type Opened = (String, Box<dyn Store>, Box<dyn Embed>);
+
 /// Open an index for searching, and the model its vectors came from.
 pub fn open_for_search(
     db: Option<&str>,
     models: &[String],
     ann_threshold: usize,
-) -> Result<(String, Box<dyn Store>, Box<dyn Embed>)> {
+) -> Result<Opened> {
     let target = match db {
         Some(t) => t.to_string(),
         None => index::find_default(Path::new("."))

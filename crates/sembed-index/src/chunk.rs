@@ -671,7 +671,8 @@ fn fit(src: &str, p: Piece, budget: &Budget, out: &mut Vec<Chunk>) {
     while a < units.len() {
         let mut used = 0;
         let mut b = a;
-        while b < units.len() && used + units[b].1 + 1 <= room {
+        // One token of slack per line for what joining lines may add.
+        while b < units.len() && used + units[b].1 < room {
             used += units[b].1 + 1;
             b += 1;
         }

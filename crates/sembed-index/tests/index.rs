@@ -286,8 +286,7 @@ fn another_model_is_refused_unless_replaced() {
         &mut (),
         &AtomicBool::new(false),
     )
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     let msg = err.to_string();
     assert!(matches!(err, Error::Mismatch(_)), "{msg}");
     assert!(
@@ -595,8 +594,7 @@ fn postgres_matches_the_embedded_store() {
     // A model mismatch is refused by PostgreSQL too.
     let other = model("qwen2-bidir-tiny");
     let err = run(&mut pgs, "pg", &other, &opts, &mut (), &stop)
-        .err()
-        .unwrap();
+        .expect_err("refused");
     assert!(matches!(err, Error::Mismatch(_)), "{err}");
 }
 
