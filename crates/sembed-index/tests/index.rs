@@ -593,8 +593,7 @@ fn postgres_matches_the_embedded_store() {
     }
     // A model mismatch is refused by PostgreSQL too.
     let other = model("qwen2-bidir-tiny");
-    let err = run(&mut pgs, "pg", &other, &opts, &mut (), &stop)
-        .expect_err("refused");
+    let err = run(&mut pgs, "pg", &other, &opts, &mut (), &stop).expect_err("refused");
     assert!(matches!(err, Error::Mismatch(_)), "{err}");
 }
 

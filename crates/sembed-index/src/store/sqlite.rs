@@ -175,7 +175,7 @@ impl SqliteStore {
             quantization: usearch::ScalarKind::F32,
             connectivity: 16,
             expansion_add: 128,
-            expansion_search: 64,
+            expansion_search: 128,
             multi: false,
         };
         usearch::Index::new(&opts).map_err(|e| self.ann_err(e.to_string()))
@@ -286,47 +286,70 @@ impl SqliteStore {
         Ok(hits)
     }
 
-    /// Exact search over the rows passing a filter.
-    fn exact_filtered(&self, query: &[f32], k: usize, filter: &Filter) -> Result<Vec<Hit>> {
+    /// Search among the rows passing a filter: the ids of those rows' vectors are found first (no
+    /// vector read); the graph then searches among them only, or, when they are few, each is compared.
+    fn search_filtered(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: &Filter,
+        ann: Option<&usearch::Index>,
+    ) -> Result<(Vec<Hit>, Method)> {
         let dim = self.dimension()?;
-        let mut sql = "SELECT c.id, c.path, c.lang, v.vector FROM chunks c JOIN vectors v ON v.id = c.vector_id".to_string();
+        let mut sql = "SELECT vector_id, path, lang FROM chunks".to_string();
         if filter.lang.is_some() {
-            sql.push_str(" WHERE c.lang = ?1");
+            sql.push_str(" WHERE lang = ?1");
         }
-        let mut stmt = self.conn.prepare(&sql).map_err(self.err())?;
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(self.err())?;
         let mut rows = match &filter.lang {
             Some(l) => stmt.query([l]),
             None => stmt.query([]),
         }
         .map_err(self.err())?;
-        let mut scored = Vec::new();
-        let mut v = Vec::with_capacity(dim);
+        let mut ids: HashSet<i64> = HashSet::new();
         while let Some(r) = rows.next().map_err(self.err())? {
             let path: String = r.get(1).map_err(self.err())?;
             let lang: String = r.get(2).map_err(self.err())?;
-            if !filter.accepts(&path, &lang) {
-                continue;
+            if filter.accepts(&path, &lang) {
+                ids.insert(r.get(0).map_err(self.err())?);
             }
-            v.clear();
-            let blob = r.get_ref(3).map_err(self.err())?.as_blob().map_err(|e| {
-                Error::Corrupt(format!("{}: vector blob: {e}", self.path.display()))
-            })?;
-            decode_into(blob, dim, &mut v)
-                .map_err(|m| Error::Corrupt(format!("{}: {m}", self.path.display())))?;
-            scored.push((dot(query, &v), r.get::<_, i64>(0).map_err(self.err())?));
         }
         drop(rows);
-        let best = top_k(scored.into_iter(), k);
-        let mut stmt = self
+        if let Some(ann) = ann.filter(|_| ids.len() > self.ann_threshold) {
+            let m = ann
+                .filtered_search(query, (k * 2).min(ids.len()), |key| {
+                    ids.contains(&(key as i64))
+                })
+                .map_err(|e| self.ann_err(e.to_string()))?;
+            let scored: Vec<(f32, i64)> = m
+                .keys
+                .iter()
+                .zip(&m.distances)
+                .map(|(&key, &d)| (1.0 - d, key as i64))
+                .collect();
+            let hits = self.rows_of_vectors(&scored, k, filter)?;
+            if hits.len() == k.min(ids.len()) {
+                return Ok((hits, Method::Ann));
+            }
+        }
+        let mut get = self
             .conn
-            .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM chunks WHERE id = ?1"))
+            .prepare_cached("SELECT vector FROM vectors WHERE id = ?1")
             .map_err(self.err())?;
-        best.into_iter()
-            .map(|(score, id)| {
-                let row = stmt.query_row([id], read_row).map_err(self.err())?;
-                Ok(Hit { score, row })
-            })
-            .collect()
+        let mut v = Vec::with_capacity(dim);
+        let mut scored = Vec::with_capacity(ids.len());
+        let mut sorted: Vec<i64> = ids.into_iter().collect();
+        sorted.sort_unstable();
+        for id in sorted {
+            let blob: Vec<u8> = get.query_row([id], |r| r.get(0)).map_err(self.err())?;
+            v.clear();
+            decode_into(&blob, dim, &mut v)
+                .map_err(|m| Error::Corrupt(format!("{}: {m}", self.path.display())))?;
+            scored.push((dot(query, &v), id));
+        }
+        // Every one of these vectors has at least one row passing the filter.
+        let best = top_k(scored.into_iter(), k);
+        Ok((self.rows_of_vectors(&best, k, filter)?, Method::Exact))
     }
 
     fn bump_revision(tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
@@ -337,17 +360,34 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Drop vectors no row uses (logging them for the graph).
-    fn drop_orphans(tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
-        tx.execute(
-            "INSERT OR REPLACE INTO ann_log SELECT id, 0 FROM vectors
-             WHERE NOT EXISTS (SELECT 1 FROM chunks WHERE chunks.vector_id = vectors.id)",
-            [],
-        )?;
-        tx.execute(
-            "DELETE FROM vectors WHERE NOT EXISTS (SELECT 1 FROM chunks WHERE chunks.vector_id = vectors.id)",
-            [],
-        )?;
+    /// The vectors of a path's rows (before they are deleted: candidates for [`Self::drop_orphans`]).
+    fn vectors_of(
+        tx: &rusqlite::Transaction,
+        path: &str,
+        out: &mut Vec<i64>,
+    ) -> rusqlite::Result<()> {
+        let mut stmt =
+            tx.prepare_cached("SELECT DISTINCT vector_id FROM chunks WHERE path = ?1")?;
+        for id in stmt.query_map([path], |r| r.get(0))? {
+            out.push(id?);
+        }
+        Ok(())
+    }
+
+    /// Drop those of `candidates` no row uses any more (logging them for the graph). Only the vectors
+    /// of deleted rows can have become unused, so the rest of the table is not scanned.
+    fn drop_orphans(tx: &rusqlite::Transaction, candidates: &mut Vec<i64>) -> rusqlite::Result<()> {
+        candidates.sort_unstable();
+        candidates.dedup();
+        let mut used = tx.prepare_cached("SELECT 1 FROM chunks WHERE vector_id = ?1")?;
+        let mut del = tx.prepare_cached("DELETE FROM vectors WHERE id = ?1")?;
+        let mut log = tx.prepare_cached("INSERT OR REPLACE INTO ann_log VALUES (?1, 0)")?;
+        for &id in candidates.iter() {
+            if !used.exists([id])? {
+                del.execute([id])?;
+                log.execute([id])?;
+            }
+        }
         Ok(())
     }
 
@@ -627,6 +667,7 @@ impl Store for SqliteStore {
         let path = self.path.clone();
         let err = sql_err(&path);
         let tx = self.conn.transaction().map_err(&err)?;
+        let mut candidates = Vec::new();
         {
             let mut add_vec = tx
                 .prepare_cached("INSERT OR IGNORE INTO vectors (hash, vector) VALUES (?1, ?2)")
@@ -662,6 +703,7 @@ impl Store for SqliteStore {
                 )
                 .map_err(&err)?;
             for f in files {
+                Self::vectors_of(&tx, &f.path, &mut candidates).map_err(&err)?;
                 del.execute([&f.path]).map_err(&err)?;
                 file.execute(params![&f.path, &f.file_hash[..]])
                     .map_err(&err)?;
@@ -698,7 +740,7 @@ impl Store for SqliteStore {
                 }
             }
         }
-        Self::drop_orphans(&tx).map_err(&err)?;
+        Self::drop_orphans(&tx, &mut candidates).map_err(&err)?;
         Self::bump_revision(&tx).map_err(&err)?;
         tx.commit().map_err(&err)?;
         Ok(())
@@ -711,6 +753,7 @@ impl Store for SqliteStore {
         let path = self.path.clone();
         let err = sql_err(&path);
         let tx = self.conn.transaction().map_err(&err)?;
+        let mut candidates = Vec::new();
         {
             let mut del_rows = tx
                 .prepare_cached("DELETE FROM chunks WHERE path = ?1")
@@ -719,11 +762,12 @@ impl Store for SqliteStore {
                 .prepare_cached("DELETE FROM files WHERE path = ?1")
                 .map_err(&err)?;
             for p in paths {
+                Self::vectors_of(&tx, p, &mut candidates).map_err(&err)?;
                 del_rows.execute([p]).map_err(&err)?;
                 del_file.execute([p]).map_err(&err)?;
             }
         }
-        Self::drop_orphans(&tx).map_err(&err)?;
+        Self::drop_orphans(&tx, &mut candidates).map_err(&err)?;
         Self::bump_revision(&tx).map_err(&err)?;
         tx.commit().map_err(&err)?;
         Ok(())
@@ -756,16 +800,13 @@ impl Store for SqliteStore {
         }
         self.load()?;
         let cache = self.cache.as_ref().expect("loaded");
+        if !filter.is_empty() {
+            return self.search_filtered(query, k, filter, cache.ann.as_ref());
+        }
         if let Some(ann) = &cache.ann {
-            // Rows per vector and filters can leave fewer than k: ask for more, and fall back to
-            // comparing every vector when even that is not enough.
-            let want = if filter.is_empty() {
-                k * 2
-            } else {
-                (k * 8).max(64)
-            };
+            // A vector may stand for several rows: ask for more than k.
             let m = ann
-                .search(query, want.min(ann.size()))
+                .search(query, (k * 2).min(ann.size()))
                 .map_err(|e| self.ann_err(e.to_string()))?;
             let scored: Vec<(f32, i64)> = m
                 .keys
@@ -774,13 +815,10 @@ impl Store for SqliteStore {
                 .map(|(&key, &d)| (1.0 - d, key as i64))
                 .collect();
             let hits = self.rows_of_vectors(&scored, k, filter)?;
-            if hits.len() == k {
+            if hits.len() == k || m.keys.len() == ann.size() {
                 return Ok((hits, Method::Ann));
             }
-            return Ok((self.exact_filtered(query, k, filter)?, Method::Exact));
-        }
-        if !filter.is_empty() {
-            return Ok((self.exact_filtered(query, k, filter)?, Method::Exact));
+            return self.search_filtered(query, k, filter, None);
         }
         let scored = top_k(
             cache
