@@ -28,6 +28,8 @@ pub struct PgStore {
     client: Client,
     table: String,
     ann_threshold: usize,
+    /// The settings, once read (every search needs the dimension).
+    meta: Option<Meta>,
 }
 
 impl PgStore {
@@ -51,6 +53,7 @@ impl PgStore {
             client,
             table: table.to_string(),
             ann_threshold: DEFAULT_ANN_THRESHOLD,
+            meta: None,
         })
     }
 
@@ -133,6 +136,9 @@ fn embedding(r: &postgres::Row, i: usize, half: bool) -> Vec<f32> {
 
 impl Store for PgStore {
     fn meta(&mut self) -> Result<Option<Meta>> {
+        if let Some(m) = &self.meta {
+            return Ok(Some(m.clone()));
+        }
         let t = self.table.clone();
         let exists: bool = self
             .client
@@ -163,6 +169,7 @@ impl Store for PgStore {
     }
 
     fn init(&mut self, meta: &Meta, replace: bool) -> Result<()> {
+        self.meta = None;
         let t = self.table.clone();
         let vtype = if Self::halfvec(meta.dimension) {
             format!("halfvec({})", meta.dimension)
@@ -481,7 +488,22 @@ impl Store for PgStore {
         }
         let half = Self::halfvec(dim);
         let t = self.table.clone();
-        let exact = self.count()? < self.ann_threshold;
+        // The planner's row estimate (exact after the ANALYZE of `finish`), not a count(*) scan per
+        // query; a table never analysed counts.
+        let estimate: f32 = self
+            .client
+            .query_one(
+                "SELECT reltuples FROM pg_class WHERE oid = $1::text::regclass",
+                &[&t],
+            )
+            .map_err(self.err())?
+            .get(0);
+        let rows = if estimate < 0.0 {
+            self.count()?
+        } else {
+            estimate as usize
+        };
+        let exact = rows < self.ann_threshold;
         let mut tx = self.client.transaction().map_err(self_err(&t))?;
         // Exact below the threshold (as the embedded store); above it the HNSW index, scanning on
         // until the filters are met (pgvector 0.8 iterative scans).
@@ -489,9 +511,10 @@ impl Store for PgStore {
             tx.batch_execute("SET LOCAL enable_indexscan = off")
                 .map_err(self_err(&t))?;
         } else {
+            // The same search width as the embedded store's graph.
             tx.batch_execute(&format!(
                 "SET LOCAL hnsw.ef_search = {}; SET LOCAL hnsw.iterative_scan = relaxed_order;",
-                (2 * k).clamp(40, 1000)
+                (2 * k).clamp(super::sqlite::EF_SEARCH, 1000)
             ))
             .map_err(self_err(&t))?;
         }

@@ -21,6 +21,9 @@ const FORMAT: &str = "sembed-index 1";
 /// Below this many vectors searches compare every vector; from it on the HNSW graph answers.
 pub const DEFAULT_ANN_THRESHOLD: usize = 20_000;
 
+/// Candidates the graph keeps while searching (HNSW's ef); PostgreSQL's `hnsw.ef_search` is set alike.
+pub const EF_SEARCH: usize = 128;
+
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
@@ -175,7 +178,7 @@ impl SqliteStore {
             quantization: usearch::ScalarKind::F32,
             connectivity: 16,
             expansion_add: 128,
-            expansion_search: 128,
+            expansion_search: EF_SEARCH,
             multi: false,
         };
         usearch::Index::new(&opts).map_err(|e| self.ann_err(e.to_string()))
