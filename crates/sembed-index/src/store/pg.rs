@@ -455,10 +455,18 @@ impl Store for PgStore {
             "vector_cosine_ops"
         };
         let t = self.table.clone();
+        // One index builder at a time (shards finish together), and ANALYZE in a transaction of its
+        // own: holding the index's ShareLock while waiting for ANALYZE's lock deadlocks two finishers.
+        let mut tx = self.client.transaction().map_err(self_err(&t))?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&t])
+            .map_err(self_err(&t))?;
+        tx.batch_execute(&format!(
+            "CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding {ops})"
+        ))
+        .map_err(self_err(&t))?;
+        tx.commit().map_err(self_err(&t))?;
         self.client
-            .batch_execute(&format!(
-                "CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding {ops}); ANALYZE {t};"
-            ))
+            .batch_execute(&format!("ANALYZE {t}"))
             .map_err(self.err())
     }
 
