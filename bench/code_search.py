@@ -63,19 +63,24 @@ def main():
     ap.add_argument("--quantize", default=None)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--ann-threshold", type=int, default=None,
+                    help="vectors from which the index uses its HNSW graph (sembed's default: 20000)")
+    ap.add_argument("--recall-queries", type=int, default=100,
+                    help="queries whose HNSW hits are compared with exact search (when the graph answers)")
     ap.add_argument("--exclude", action="append", default=[],
                     help="folder names left out of the copy (e.g. test, site-packages)")
     a = ap.parse_args()
     sembed = os.path.abspath(a.sembed)
     model = ["-m", a.model] if a.model else []
     quant = ["--quantize", a.quantize] if a.quantize else []
+    ann = ["--ann-threshold", str(a.ann_threshold)] if a.ann_threshold is not None else []
     work = tempfile.mkdtemp(prefix="sembed-codesearch-")
     report = {"src": a.src, "model": a.model or "all-MiniLM-L6-v2", "quantize": a.quantize}
     try:
         repo = os.path.join(work, "repo")
         shutil.copytree(a.src, repo, ignore=shutil.ignore_patterns("__pycache__", ".git", "target", *a.exclude))
         db = os.path.join(work, "index.sqlite")
-        p, secs = run([sembed, "index", repo, "--db", db, "-q", "--json", *model, *quant])
+        p, secs = run([sembed, "index", repo, "--db", db, "-q", "--json", *model, *quant, *ann])
         first = json.loads(p.stdout)
         report["index"] = {k: first[k] for k in ("files", "chunks", "embedded", "split", "skipped")}
         report["index"]["seconds"] = round(first["seconds"], 2)
@@ -91,7 +96,7 @@ def main():
         with open(touched, "a") as f:
             f.write("\n\ndef sembed_touched_marker(x):\n    return x\n" if touched.endswith(".py")
                     else "\n\nfn sembed_touched_marker(x: u32) -> u32 { x }\n")
-        p, _ = run([sembed, "index", repo, "--db", db, "-q", "--json", *model, *quant])
+        p, _ = run([sembed, "index", repo, "--db", db, "-q", "--json", *model, *quant, *ann])
         again = json.loads(p.stdout)
         report["rerun_after_touching_one_file"] = {
             "file": os.path.relpath(touched, repo),
@@ -130,12 +135,14 @@ def main():
                     time.sleep(0.2)
             ndcg = mrr = r1 = r10 = 0.0
             lat = []
+            method = None
             for r in rows:
                 rel = os.path.relpath(r["file"], repo)
                 first_line = r["positive"].splitlines()[0].strip()
                 t = time.time()
                 res = post(port, "/search", {"query": r["anchor"], "k": 10})
                 lat.append((time.time() - t) * 1e3)
+                method = res["method"]
                 rank = next(
                     (i for i, h in enumerate(res["hits"]) if h["path"] == rel and first_line in h["text"]),
                     None,
@@ -159,7 +166,19 @@ def main():
             "recall_at_10": round(r10 / n, 4),
             "http_p50_ms": round(lat[n // 2], 1),
             "http_p99_ms": round(lat[min(n - 1, int(n * 0.99))], 1),
+            "method": method,
         }
+        if method == "ann":
+            # The graph's hits against every vector compared, on the same real queries.
+            found = 0
+            qs = rows[: a.recall_queries]
+            for r in qs:
+                hits = []
+                for extra in ([], ["--exact"]):
+                    p, _ = run([sembed, "search", r["anchor"], "--db", db, "--json", "-k", "10", *extra])
+                    hits.append([(h["path"], h["start_byte"]) for h in json.loads(p.stdout)["hits"]])
+                found += len(set(hits[0]) & set(hits[1]))
+            report["search"]["hnsw_recall_at_10_vs_exact"] = round(found / (10 * len(qs)), 4)
         p, _ = run([sembed, "eval", "--data", pairs, "-q", *model, *quant])
         ev = json.loads(p.stdout)
         report["eval_same_pairs"] = {k: round(ev[k], 4) for k in ("ndcg_at_10", "mrr_at_10", "recall_at_1", "recall_at_10")}

@@ -29,7 +29,7 @@ mkdir -p "$data"
 "${run_as[@]}" "$pgbin/initdb" -D "$data" -U sembed --auth=trust -E UTF8 >"$data.initdb.log" 2>&1 \
   || { cat "$data.initdb.log" >&2; exit 1; }
 "${run_as[@]}" "$pgbin/pg_ctl" -D "$data" -l "$data/server.log" -w \
-  -o "-h 127.0.0.1 -p $port -k $data -c max_connections=50 -c shared_buffers=256MB -c maintenance_work_mem=1GB" \
+  -o "-h 127.0.0.1 -p $port -k $data -c max_connections=50 -c shared_buffers=256MB -c maintenance_work_mem=3GB" \
   start >/dev/null || { cat "$data/server.log" >&2; exit 1; }
 "$pgbin/psql" -q -h 127.0.0.1 -p "$port" -U sembed -d postgres -c "CREATE DATABASE sembed" >/dev/null
 "$pgbin/psql" -q -h 127.0.0.1 -p "$port" -U sembed -d sembed -c "CREATE EXTENSION IF NOT EXISTS vector" >/dev/null

@@ -728,7 +728,7 @@ fn quantized(
     let mut pairs: Vec<Example> = Vec::new();
     for d in eval_dirs {
         pairs.extend(
-            sembed::train::mine::mine_tree(d)?
+            sembed_index::mine::mine_dir(d)?
                 .into_iter()
                 .map(|m| m.example),
         );

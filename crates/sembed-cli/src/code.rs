@@ -86,6 +86,9 @@ pub struct SearchArgs {
     pub lines: usize,
     #[arg(long, default_value_t = store::sqlite::DEFAULT_ANN_THRESHOLD)]
     pub ann_threshold: usize,
+    /// Compare every vector even where the HNSW graph would answer (to check its recall).
+    #[arg(long)]
+    pub exact: bool,
 }
 
 /// Local folders as absolute paths, so the index records a reference that loads from anywhere.
@@ -290,6 +293,7 @@ pub fn open_for_search(
 pub fn search(args: SearchArgs) -> Result<()> {
     let (_, mut store, model) =
         open_for_search(args.db.as_deref(), &args.models, args.ann_threshold)?;
+    store.set_exact(args.exact);
     let filter = Filter {
         lang: args.lang.clone(),
         path: args.path.clone(),

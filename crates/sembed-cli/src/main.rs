@@ -40,7 +40,8 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Retrieval metrics of a model on pairs (JSONL): each anchor a query, the positives the corpus.
     Eval(EvalArgs),
-    /// Mine (docstring → function) pairs from Rust and Python sources into training data.
+    /// Mine (documentation → code) pairs into training data: Rust, Python, Elixir, JavaScript,
+    /// TypeScript, Go and Java, cut by the same parser as `sembed index` (.gitignore respected).
     Mine {
         /// Source tree to read.
         src: PathBuf,
@@ -676,7 +677,7 @@ fn mine(
 ) -> Result<()> {
     use std::io::Write as _;
     let mut bar: Option<indicatif::ProgressBar> = None;
-    let mined = sembed::train::mine::mine_tree_with(src, &mut |done, total| {
+    let mined = sembed_index::mine::mine_tree(&[src.to_path_buf()], &mut |done, total| {
         if done == 0 && total > 200 {
             bar = progress::bar(total as u64, "files", quiet);
         }
@@ -689,7 +690,7 @@ fn mine(
     }
     if mined.is_empty() {
         bail!(
-            "{}: no documented Rust or Python functions found",
+            "{}: no documented functions found (Rust, Python, Elixir, JavaScript, TypeScript, Go, Java)",
             src.display()
         );
     }

@@ -13,7 +13,8 @@
 //! Fills the store with N rows (1,000 per file, one transaction each), builds its search structure
 //! (the HNSW graph: usearch beside SQLite, pgvector's index in PostgreSQL), then times Q searches of
 //! random unit queries and checks their recall@k against exact search done here in memory.
-//! Prints one JSON object.
+//! Prints one JSON object. `--reuse` keeps a SQLite file of an earlier run with the same arguments
+//! (the same seeded vectors) instead of filling and building again.
 
 use sembed_index::store::{self, Filter, Store};
 use std::time::Instant;
@@ -61,11 +62,15 @@ fn main() {
     let kind = arg("--store", "sqlite");
     let dir = arg("--dir", &std::env::temp_dir().display().to_string());
     let threshold = sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD;
+    let reuse = std::env::args().any(|a| a == "--reuse");
+    let data = arg("--data", "clustered");
     let mut st: Box<dyn Store> = match kind.as_str() {
         "sqlite" => {
-            let p = std::path::Path::new(&dir).join(format!("store-bench-{n}-{d}.sqlite"));
-            for ext in ["sqlite", "sqlite-wal", "sqlite-shm", "hnsw"] {
-                let _ = std::fs::remove_file(p.with_extension(ext));
+            let p = std::path::Path::new(&dir).join(format!("store-bench-{n}-{d}-{data}.sqlite"));
+            if !reuse {
+                for ext in ["sqlite", "sqlite-wal", "sqlite-shm", "hnsw"] {
+                    let _ = std::fs::remove_file(p.with_extension(ext));
+                }
             }
             Box::new(store::sqlite::SqliteStore::open(&p, threshold).unwrap())
         }
@@ -81,22 +86,24 @@ fn main() {
         other => panic!("--store {other}: sqlite or pg"),
     };
     let mut rng = sembed::rng::SplitMix64(42);
-    let data = arg("--data", "clustered");
+    let reusing = reuse && kind == "sqlite" && st.count().unwrap() == n;
     let centres: Vec<Vec<f32>> = match data.as_str() {
         "uniform" => Vec::new(),
         "clustered" => (0..2000).map(|_| unit(&mut rng, d)).collect(),
         other => panic!("--data {other}: uniform or clustered"),
     };
-    st.init(
-        &store::Meta {
-            model: format!("random {d}-d"),
-            model_refs: vec![],
-            dimension: d,
-            chunker: "bench".into(),
-        },
-        false,
-    )
-    .unwrap();
+    if !reusing {
+        st.init(
+            &store::Meta {
+                model: format!("random {d}-d"),
+                model_refs: vec![],
+                dimension: d,
+                chunker: "bench".into(),
+            },
+            false,
+        )
+        .unwrap();
+    }
     let mut all: Vec<Vec<f32>> = Vec::with_capacity(n);
     let t = Instant::now();
     let per_file = 1000;
@@ -125,15 +132,17 @@ fn main() {
             all.push(v.clone());
             vecs.push((hash, v));
         }
-        st.commit(
-            &[store::FileUpdate {
-                path,
-                file_hash: store::hash_text(&format!("{f}")),
-                rows,
-            }],
-            &vecs,
-        )
-        .unwrap();
+        if !reusing {
+            st.commit(
+                &[store::FileUpdate {
+                    path,
+                    file_hash: store::hash_text(&format!("{f}")),
+                    rows,
+                }],
+                &vecs,
+            )
+            .unwrap();
+        }
     }
     let fill_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -179,7 +188,7 @@ fn main() {
     println!(
         "{}",
         serde_json::json!({
-            "store": kind, "data": data, "n": n, "dim": d, "k": k, "queries": q,
+            "store": kind, "data": data, "reused": reusing, "n": n, "dim": d, "k": k, "queries": q,
             "method": method,
             "fill_rows_per_s": n as f64 / fill_s,
             "build_s": build_s,

@@ -148,11 +148,7 @@ enum Role<'t> {
 }
 
 fn syntax_pieces(lang: Lang, src: &str) -> Vec<Piece> {
-    let mut parser = Parser::new();
-    if parser.set_language(&lang.grammar()).is_err() {
-        return text_pieces(src, 60, 5);
-    }
-    let Some(tree) = parser.parse(src, None) else {
+    let Some(tree) = parse(lang, src) else {
         return text_pieces(src, 60, 5);
     };
     let mut defs = Vec::new();
@@ -203,14 +199,7 @@ fn collect(lang: Lang, src: &str, node: Node, scope: &[String], out: &mut Vec<Pi
         match role(lang, src, child) {
             Role::Def { kind, name, body } => {
                 // `export function f`, `declare class C`: the wrapper carries the docs.
-                let mut anchor = child;
-                while let Some(p) = anchor.parent() {
-                    if matches!(p.kind(), "export_statement" | "ambient_declaration") {
-                        anchor = p;
-                    } else {
-                        break;
-                    }
-                }
+                let anchor = doc_anchor(child);
                 let start = doc_start(lang, src, anchor);
                 let end = anchor.end_byte().max(child.end_byte());
                 let mut qualified = scope.to_vec();
@@ -280,7 +269,7 @@ fn join(lang: Lang, parts: &[String]) -> String {
     parts.join(sep)
 }
 
-fn text_of<'a>(src: &'a str, node: Node) -> &'a str {
+pub(crate) fn text_of<'a>(src: &'a str, node: Node) -> &'a str {
     &src[node.byte_range()]
 }
 
@@ -497,11 +486,20 @@ fn elixir_fn_name(src: &str, node: Node) -> String {
 /// Where a definition's chunk starts: its doc comments and attributes directly above it (no blank
 /// line between) are part of it.
 fn doc_start(lang: Lang, src: &str, node: Node) -> usize {
-    let mut start = node.start_byte();
+    let start = attached(lang, src, node)
+        .first()
+        .map_or(node.start_byte(), |n| n.start_byte());
+    line_start_of(src, start)
+}
+
+/// The comments, attributes and decorators directly above a definition (no blank line between), in
+/// source order.
+pub(crate) fn attached<'t>(lang: Lang, src: &str, node: Node<'t>) -> Vec<Node<'t>> {
+    let mut out = Vec::new();
     let mut line = node.start_position().row;
     let mut prev = node.prev_named_sibling();
     while let Some(p) = prev {
-        let attached = match lang {
+        let is_attached = match lang {
             Lang::Rust => matches!(
                 p.kind(),
                 "line_comment" | "block_comment" | "attribute_item"
@@ -537,14 +535,42 @@ fn doc_start(lang: Lang, src: &str, node: Node) -> usize {
         } else {
             end.row
         };
-        if !attached || end_row + 1 < line {
+        if !is_attached || end_row + 1 < line {
             break;
         }
-        start = p.start_byte();
+        out.push(p);
         line = p.start_position().row;
         prev = p.prev_named_sibling();
     }
-    line_start_of(src, start)
+    out.reverse();
+    out
+}
+
+/// The node that carries a definition's docs: `export function f` and `declare class C` wrap it.
+pub(crate) fn doc_anchor(node: Node) -> Node {
+    let mut anchor = node;
+    while let Some(p) = anchor.parent() {
+        if matches!(p.kind(), "export_statement" | "ambient_declaration") {
+            anchor = p;
+        } else {
+            break;
+        }
+    }
+    anchor
+}
+
+/// What a node defines, for the miner: its kind and whether it is a definition at all.
+pub(crate) fn definition_kind(lang: Lang, src: &str, node: Node) -> Option<&'static str> {
+    match role(lang, src, node) {
+        Role::Def { kind, .. } => Some(kind),
+        _ => None,
+    }
+}
+
+pub(crate) fn parse(lang: Lang, src: &str) -> Option<tree_sitter::Tree> {
+    let mut parser = Parser::new();
+    parser.set_language(&lang.grammar()).ok()?;
+    parser.parse(src, None)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 pub mod chunk;
 pub mod error;
 pub mod index;
+pub mod mine;
 pub mod search;
 pub mod store;
 pub mod walk;

@@ -129,6 +129,8 @@ pub trait Store: Send {
     fn finish(&mut self) -> Result<()>;
     /// Stored rows.
     fn count(&mut self) -> Result<usize>;
+    /// Compare every vector from now on, whatever the size (to measure the graph's recall).
+    fn set_exact(&mut self, exact: bool);
     /// The `k` rows most similar to `query` (a unit vector).
     fn search(&mut self, query: &[f32], k: usize, filter: &Filter) -> Result<(Vec<Hit>, Method)>;
     /// Every row, ordered by path and position (for comparing indexes).

@@ -30,6 +30,7 @@ pub struct PgStore {
     ann_threshold: usize,
     /// The settings, once read (every search needs the dimension).
     meta: Option<Meta>,
+    exact: bool,
 }
 
 impl PgStore {
@@ -54,6 +55,7 @@ impl PgStore {
             table: table.to_string(),
             ann_threshold: DEFAULT_ANN_THRESHOLD,
             meta: None,
+            exact: false,
         })
     }
 
@@ -470,6 +472,10 @@ impl Store for PgStore {
             .map_err(self.err())
     }
 
+    fn set_exact(&mut self, exact: bool) {
+        self.exact = exact;
+    }
+
     fn count(&mut self) -> Result<usize> {
         let t = self.table.clone();
         if self.meta()?.is_none() {
@@ -511,7 +517,7 @@ impl Store for PgStore {
         } else {
             estimate as usize
         };
-        let exact = rows < self.ann_threshold;
+        let exact = self.exact || rows < self.ann_threshold;
         let mut tx = self.client.transaction().map_err(self_err(&t))?;
         // Exact below the threshold (as the embedded store); above it the HNSW index, scanning on
         // until the filters are met (pgvector 0.8 iterative scans).

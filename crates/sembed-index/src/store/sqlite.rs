@@ -30,6 +30,7 @@ pub struct SqliteStore {
     ann_path: PathBuf,
     ann_threshold: usize,
     cache: Option<Loaded>,
+    exact: bool,
 }
 
 /// What searches keep between calls, valid for one revision of the index.
@@ -39,6 +40,9 @@ struct Loaded {
     ids: Vec<i64>,
     matrix: Vec<f32>,
     ann: Option<usearch::Index>,
+    /// Per stored file: its path, language and the vectors of its rows; read on the first filtered
+    /// search, so a filter is matched once per file, not once per row.
+    by_file: Option<Vec<(String, String, Vec<i64>)>>,
 }
 
 fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -130,6 +134,7 @@ impl SqliteStore {
             path: path.to_path_buf(),
             ann_threshold,
             cache: None,
+            exact: false,
         })
     }
 
@@ -228,7 +233,9 @@ impl SqliteStore {
             .and_then(|v| v.parse().ok());
         let dim = self.dimension()?;
         let mut ann = None;
-        if ann_revision == Some(revision) && self.ann_path.is_file() {
+        if self.exact {
+            // Asked to compare every vector.
+        } else if ann_revision == Some(revision) && self.ann_path.is_file() {
             let index = self.new_ann(dim)?;
             match index.view(&self.ann_path.to_string_lossy()) {
                 Ok(()) if index.dimensions() == dim => ann = Some(index),
@@ -253,6 +260,7 @@ impl SqliteStore {
             ids,
             matrix,
             ann,
+            by_file: None,
         });
         Ok(self.cache.as_ref().expect("just set"))
     }
@@ -289,36 +297,59 @@ impl SqliteStore {
         Ok(hits)
     }
 
-    /// Search among the rows passing a filter: the ids of those rows' vectors are found first (no
-    /// vector read); the graph then searches among them only, or, when they are few, each is compared.
+    /// Read which vectors each file's rows use (once per revision).
+    fn load_files(&mut self) -> Result<()> {
+        if self.cache.as_ref().is_some_and(|c| c.by_file.is_some()) {
+            return Ok(());
+        }
+        let mut files: Vec<(String, String, Vec<i64>)> = Vec::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT path, lang, vector_id FROM chunks ORDER BY path, lang")
+                .map_err(self.err())?;
+            let mut rows = stmt.query([]).map_err(self.err())?;
+            while let Some(r) = rows.next().map_err(self.err())? {
+                let path = r.get_ref(0).map_err(self.err())?.as_str().unwrap_or("");
+                let lang = r.get_ref(1).map_err(self.err())?.as_str().unwrap_or("");
+                let id: i64 = r.get(2).map_err(self.err())?;
+                match files.last_mut() {
+                    Some((p, l, ids)) if p == path && l == lang => ids.push(id),
+                    _ => files.push((path.to_string(), lang.to_string(), vec![id])),
+                }
+            }
+        }
+        if let Some(c) = self.cache.as_mut() {
+            c.by_file = Some(files);
+        }
+        Ok(())
+    }
+
+    /// Search among the rows passing a filter: the vectors of the matching files are found first
+    /// (no vector read); the graph then searches among them only, or, when they are few, each is
+    /// compared.
     fn search_filtered(
         &self,
         query: &[f32],
         k: usize,
         filter: &Filter,
-        ann: Option<&usearch::Index>,
     ) -> Result<(Vec<Hit>, Method)> {
         let dim = self.dimension()?;
-        let mut sql = "SELECT vector_id, path, lang FROM chunks".to_string();
-        if filter.lang.is_some() {
-            sql.push_str(" WHERE lang = ?1");
+        let cache = self.cache.as_ref().expect("loaded");
+        let by_file = cache.by_file.as_ref().expect("loaded with the files");
+        let ids: HashSet<i64> = by_file
+            .iter()
+            .filter(|(p, l, _)| filter.accepts(p, l))
+            .flat_map(|(_, _, ids)| ids.iter().copied())
+            .collect();
+        if ids.is_empty() {
+            return Ok((Vec::new(), Method::Exact));
         }
-        let mut stmt = self.conn.prepare_cached(&sql).map_err(self.err())?;
-        let mut rows = match &filter.lang {
-            Some(l) => stmt.query([l]),
-            None => stmt.query([]),
-        }
-        .map_err(self.err())?;
-        let mut ids: HashSet<i64> = HashSet::new();
-        while let Some(r) = rows.next().map_err(self.err())? {
-            let path: String = r.get(1).map_err(self.err())?;
-            let lang: String = r.get(2).map_err(self.err())?;
-            if filter.accepts(&path, &lang) {
-                ids.insert(r.get(0).map_err(self.err())?);
-            }
-        }
-        drop(rows);
-        if let Some(ann) = ann.filter(|_| ids.len() > self.ann_threshold) {
+        if let Some(ann) = cache
+            .ann
+            .as_ref()
+            .filter(|_| ids.len() > self.ann_threshold)
+        {
             let m = ann
                 .filtered_search(query, (k * 2).min(ids.len()), |key| {
                     ids.contains(&(key as i64))
@@ -335,20 +366,30 @@ impl SqliteStore {
                 return Ok((hits, Method::Ann));
             }
         }
+        // Compare each: from the graph's copy, the loaded matrix, or the table.
+        let mut v = vec![0f32; dim];
+        let mut sorted: Vec<i64> = ids.into_iter().collect();
+        sorted.sort_unstable();
+        let mut scored = Vec::with_capacity(sorted.len());
         let mut get = self
             .conn
             .prepare_cached("SELECT vector FROM vectors WHERE id = ?1")
             .map_err(self.err())?;
-        let mut v = Vec::with_capacity(dim);
-        let mut scored = Vec::with_capacity(ids.len());
-        let mut sorted: Vec<i64> = ids.into_iter().collect();
-        sorted.sort_unstable();
         for id in sorted {
-            let blob: Vec<u8> = get.query_row([id], |r| r.get(0)).map_err(self.err())?;
-            v.clear();
-            decode_into(&blob, dim, &mut v)
-                .map_err(|m| Error::Corrupt(format!("{}: {m}", self.path.display())))?;
-            scored.push((dot(query, &v), id));
+            let s = if let Some(ann) = &cache.ann {
+                ann.get(id as u64, &mut v)
+                    .map_err(|e| self.ann_err(e.to_string()))?;
+                dot(query, &v)
+            } else if let Ok(i) = cache.ids.binary_search(&id) {
+                dot(query, &cache.matrix[i * dim..(i + 1) * dim])
+            } else {
+                let blob: Vec<u8> = get.query_row([id], |r| r.get(0)).map_err(self.err())?;
+                v.clear();
+                decode_into(&blob, dim, &mut v)
+                    .map_err(|m| Error::Corrupt(format!("{}: {m}", self.path.display())))?;
+                dot(query, &v)
+            };
+            scored.push((s, id));
         }
         // Every one of these vectors has at least one row passing the filter.
         let best = top_k(scored.into_iter(), k);
@@ -780,6 +821,13 @@ impl Store for SqliteStore {
         self.update_ann()
     }
 
+    fn set_exact(&mut self, exact: bool) {
+        if self.exact != exact {
+            self.exact = exact;
+            self.cache = None;
+        }
+    }
+
     fn count(&mut self) -> Result<usize> {
         self.conn
             .query_row("SELECT count(*) FROM chunks", [], |r| r.get::<_, i64>(0))
@@ -802,10 +850,11 @@ impl Store for SqliteStore {
             return Ok((Vec::new(), Method::Exact));
         }
         self.load()?;
-        let cache = self.cache.as_ref().expect("loaded");
         if !filter.is_empty() {
-            return self.search_filtered(query, k, filter, cache.ann.as_ref());
+            self.load_files()?;
+            return self.search_filtered(query, k, filter);
         }
+        let cache = self.cache.as_ref().expect("loaded");
         if let Some(ann) = &cache.ann {
             // A vector may stand for several rows: ask for more than k.
             let m = ann
@@ -817,11 +866,8 @@ impl Store for SqliteStore {
                 .zip(&m.distances)
                 .map(|(&key, &d)| (1.0 - d, key as i64))
                 .collect();
-            let hits = self.rows_of_vectors(&scored, k, filter)?;
-            if hits.len() == k || m.keys.len() == ann.size() {
-                return Ok((hits, Method::Ann));
-            }
-            return self.search_filtered(query, k, filter, None);
+            // Each vector has at least one row: 2k vectors give k rows whenever the index holds k.
+            return Ok((self.rows_of_vectors(&scored, k, filter)?, Method::Ann));
         }
         let scored = top_k(
             cache

@@ -1,0 +1,155 @@
+//! Mining (documentation → code) pairs per language on small real files (tests/fixtures/mine): the
+//! exact pairs, with the rules each language's documentation follows.
+
+use sembed_index::mine::mine_file;
+
+fn pairs(name: &str) -> Vec<(String, String)> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/mine")
+        .join(name);
+    let src = std::fs::read_to_string(&p).unwrap();
+    mine_file(name, &src)
+        .into_iter()
+        .map(|e| (e.anchor, e.positive))
+        .collect()
+}
+
+fn expect(name: &str, want: &[(&str, &str)]) {
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(a, p)| (a.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(pairs(name), want, "{name}");
+}
+
+#[test]
+fn rust_doc_comments() {
+    expect(
+        "lib.rs",
+        &[
+            // The first paragraph; attributes are not code to find; a trait's bare signature and a
+            // two-word doc give nothing.
+            (
+                "Parse a duration such as `3s` or `250ms`.",
+                "pub fn parse_duration(s: &str) -> Option<u64> {\n    s.strip_suffix(\"ms\").and_then(|n| n.parse().ok())\n}",
+            ),
+            (
+                "Start the timer from zero again.",
+                "pub fn reset(&mut self) {\n    self.start = 0;\n}",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn python_docstrings() {
+    expect(
+        "util.py",
+        &[
+            (
+                "Turn a title into a URL slug.",
+                "def slugify(text):\n    return \"-\".join(text.lower().split())",
+            ),
+            // Decorated method: the definition without its decorator or docstring.
+            (
+                "Find a key in the cache.",
+                "def lookup(self, key):\n    return self.data.get(key)",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn elixir_doc_and_moduledoc() {
+    expect(
+        "repo.ex",
+        &[
+            (
+                "A shopping cart held in memory.",
+                "defmodule Shop.Cart do\n\n  @doc \"Add an item to the cart.\"\n  @spec add(map, term) :: map\n  def add(cart, item) do\n    Map.update(cart, item, 1, &(&1 + 1))\n  end\n\n  @doc false\n  def internal(x), do: x\n\n  @doc \"\"\"\n  Count the items in the cart.\n  \"\"\"\n  def count(cart), do: cart |> Map.values() |> Enum.sum()\nend",
+            ),
+            (
+                "Add an item to the cart.",
+                "def add(cart, item) do\n  Map.update(cart, item, 1, &(&1 + 1))\nend",
+            ),
+            // `@doc false` gives nothing; a keyword body counts.
+            (
+                "Count the items in the cart.",
+                "def count(cart), do: cart |> Map.values() |> Enum.sum()",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn jsdoc() {
+    expect(
+        "api.js",
+        &[
+            (
+                "Fetch a user by their id.",
+                "export async function fetchUser(id) {\n  return fetch(`/users/${id}`);\n}",
+            ),
+            (
+                "Save the record to disk.",
+                "save(record) {\n  this.records.push(record);\n}",
+            ),
+        ],
+    );
+    expect(
+        "types.ts",
+        &[(
+            "Merge two option objects, right wins.",
+            "export function merge<T>(a: T, b: Partial<T>): T {\n  return { ...a, ...b };\n}",
+        )],
+    );
+}
+
+#[test]
+fn go_comments() {
+    expect(
+        "server.go",
+        &[(
+            "Handle serves one HTTP request and writes the reply.",
+            "func (s *Server) Handle(w Writer, r *Request) {\n\tw.Write(s.reply(r))\n}",
+        )],
+    );
+}
+
+#[test]
+fn javadoc() {
+    expect(
+        "Queue.java",
+        &[(
+            "Remove and return the oldest element.",
+            "public Object poll() {\n    return items.remove(0);\n}",
+        )],
+    );
+}
+
+/// A tree: every language, gitignored files left out, duplicates kept once.
+#[test]
+fn tree_of_every_language() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mine");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::create_dir(tmp.path().join("vendor")).unwrap();
+    std::fs::copy(src.join("util.py"), tmp.path().join("vendor/copy.py")).unwrap();
+    std::fs::create_dir(tmp.path().join("ignored")).unwrap();
+    std::fs::copy(src.join("lib.rs"), tmp.path().join("ignored/lib.rs")).unwrap();
+    std::fs::write(tmp.path().join(".gitignore"), "ignored/\n").unwrap();
+    let mined = sembed_index::mine::mine_dir(tmp.path()).unwrap();
+    assert_eq!(mined.len(), 2 + 2 + 3 + 2 + 1 + 1 + 1, "{mined:#?}");
+    assert!(mined
+        .iter()
+        .all(|m| !m.file.starts_with(tmp.path().join("ignored"))));
+    assert!(
+        mined
+            .iter()
+            .all(|m| !m.file.starts_with(tmp.path().join("vendor"))),
+        "duplicates keep the first"
+    );
+}
