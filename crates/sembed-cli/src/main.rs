@@ -42,24 +42,7 @@ enum Command {
     Eval(EvalArgs),
     /// Mine (documentation → code) pairs into training data: Rust, Python, Elixir, JavaScript,
     /// TypeScript, Go and Java, cut by the same parser as `sembed index` (.gitignore respected).
-    Mine {
-        /// Source tree to read.
-        src: PathBuf,
-        /// Training pairs (JSONL).
-        #[arg(long)]
-        out: PathBuf,
-        /// Held-out pairs from other files (JSONL).
-        #[arg(long)]
-        heldout: Option<PathBuf>,
-        /// Fraction of files held out.
-        #[arg(long, default_value_t = 0.1)]
-        heldout_fraction: f64,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// No progress bar (it is shown on stderr only when stderr is a terminal).
-        #[arg(long, short = 'q')]
-        quiet: bool,
-    },
+    Mine(Box<MineArgs>),
     /// Measure: stages, throughput by batch size and length, latency, memory, int8, training and
     /// gradient cost, and the peers on the same texts; writes JSON, Markdown and SVG.
     Bench(Box<bench::BenchArgs>),
@@ -338,6 +321,42 @@ struct TrainArgs {
 }
 
 #[derive(clap::Args)]
+struct MineArgs {
+    /// Source tree to read.
+    src: PathBuf,
+    /// Training pairs (JSONL).
+    #[arg(long)]
+    out: PathBuf,
+    /// Held-out pairs from other files (JSONL).
+    #[arg(long)]
+    heldout: Option<PathBuf>,
+    /// Fraction of files held out.
+    #[arg(long, default_value_t = 0.1)]
+    heldout_fraction: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// No progress bar (it is shown on stderr only when stderr is a terminal).
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// Add N hard negatives to each training pair: the other functions a base model (-m) ranks
+    /// nearest to its documentation, near-duplicates of the positive and likely false negatives left
+    /// out. Mined within the training pairs only.
+    #[arg(long, default_value_t = 0)]
+    hard_negatives: usize,
+    /// The base model for --hard-negatives (default: all-MiniLM-L6-v2).
+    #[arg(long, short = 'm')]
+    model: Option<String>,
+    /// A candidate scoring above the positive's score × (1 − MARGIN) is taken for another right answer
+    /// and skipped (sentence-transformers' relative_margin).
+    #[arg(long, default_value_t = 0.05)]
+    margin: f32,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(clap::Args)]
 struct EvalArgs {
     #[arg(long, short = 'm')]
     model: Option<String>,
@@ -376,21 +395,7 @@ fn main() {
         Command::Serve(args) => serve(args),
         Command::Train(args) => train(*args),
         Command::Eval(args) => eval(args),
-        Command::Mine {
-            src,
-            out,
-            heldout,
-            heldout_fraction,
-            seed,
-            quiet,
-        } => mine(
-            &src,
-            &out,
-            heldout.as_deref(),
-            heldout_fraction,
-            seed,
-            quiet,
-        ),
+        Command::Mine(args) => mine(*args),
         Command::Bench(args) => bench::run(*args),
         Command::Index(args) => code::index(*args),
         Command::Search(args) => code::search(*args),
@@ -667,15 +672,16 @@ fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn mine(
-    src: &std::path::Path,
-    out: &std::path::Path,
-    heldout: Option<&std::path::Path>,
-    fraction: f64,
-    seed: u64,
-    quiet: bool,
-) -> Result<()> {
+fn mine(args: MineArgs) -> Result<()> {
     use std::io::Write as _;
+    let (src, out, heldout, fraction, seed, quiet) = (
+        args.src.as_path(),
+        args.out.as_path(),
+        args.heldout.as_deref(),
+        args.heldout_fraction,
+        args.seed,
+        args.quiet,
+    );
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mined = sembed_index::mine::mine_tree(&[src.to_path_buf()], &mut |done, total| {
         if done == 0 && total > 200 {
@@ -694,16 +700,44 @@ fn mine(
             src.display()
         );
     }
-    let (train, held) = match heldout {
+    let (mut train, held) = match heldout {
         Some(_) => sembed::train::mine::split_by_file(mined, fraction, seed),
         None => (mined, Vec::new()),
     };
+    if args.hard_negatives > 0 {
+        let refs: Vec<String> = args.model.iter().cloned().collect();
+        let model = sembed::fusion_config::load(
+            &refs,
+            sembed::DType::F32,
+            &sembed::device::cpu(),
+            args.engine.engine()?,
+        )
+        .context("loading the model for hard negatives")?;
+        let shown = progress::Progressed {
+            inner: model.as_ref(),
+            bar: progress::bar(0, "texts", quiet || train.len() < 256),
+        };
+        let opts = sembed::train::mine::HardNegatives {
+            count: args.hard_negatives,
+            relative_margin: args.margin,
+            batch_size: args.batch_size,
+            ..Default::default()
+        };
+        let r = sembed::train::mine::add_hard_negatives(&shown, &mut train, &opts)?;
+        eprintln!(
+            "sembed: {} hard negatives for {} pairs ({} with fewer than {}); skipped {} likely false negatives, {} near-duplicates",
+            r.negatives, r.pairs, r.short, args.hard_negatives, r.skipped_false_negatives, r.skipped_duplicates
+        );
+    }
     let write = |path: &std::path::Path, rows: &[sembed::train::mine::Mined]| -> Result<()> {
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
         );
         for m in rows {
-            let line = serde_json::json!({"anchor": m.example.anchor, "positive": m.example.positive, "file": m.file});
+            let mut line = serde_json::json!({"anchor": m.example.anchor, "positive": m.example.positive, "file": m.file});
+            if !m.example.negatives.is_empty() {
+                line["negatives"] = serde_json::json!(m.example.negatives);
+            }
             writeln!(f, "{line}")?;
         }
         f.flush()?;
