@@ -345,3 +345,65 @@ fn server_search_equals_cli_search() {
     assert_eq!(bad, 422, "{err}");
     assert!(err["error"].as_str().unwrap().contains("`k`"), "{err}");
 }
+
+/// `sembed mine` over every language, with hard negatives from a base model: each training pair gets
+/// them, never its own positive, always another pair's code.
+#[test]
+fn mine_every_language_with_hard_negatives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join("mine");
+    let out = tmp.path().join("pairs.jsonl");
+    let o = sembed_in(
+        tmp.path(),
+        &[
+            "mine",
+            src.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--hard-negatives",
+            "2",
+            // No false-negative rule: a tiny random model's scores mean nothing.
+            "--margin=-10",
+            "-m",
+            &tiny(),
+        ],
+    );
+    ok(&o);
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 12);
+    let exts: std::collections::BTreeSet<String> = rows
+        .iter()
+        .map(|r| {
+            r["file"]
+                .as_str()
+                .unwrap()
+                .rsplit('.')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        exts.into_iter().collect::<Vec<_>>(),
+        ["ex", "go", "java", "js", "py", "rs", "ts"]
+    );
+    let positives: Vec<&str> = rows
+        .iter()
+        .map(|r| r["positive"].as_str().unwrap())
+        .collect();
+    for r in &rows {
+        let negs = r["negatives"].as_array().unwrap();
+        assert_eq!(negs.len(), 2, "{r}");
+        for n in negs {
+            let n = n.as_str().unwrap();
+            assert_ne!(n, r["positive"].as_str().unwrap());
+            assert!(positives.contains(&n));
+        }
+    }
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("24 hard negatives for 12 pairs"), "{e}");
+}
