@@ -78,7 +78,7 @@ def main():
     report = {"src": a.src, "model": a.model or "all-MiniLM-L6-v2", "quantize": a.quantize}
     try:
         repo = os.path.join(work, "repo")
-        shutil.copytree(a.src, repo, ignore=shutil.ignore_patterns("__pycache__", ".git", "target", *a.exclude))
+        shutil.copytree(a.src, repo, ignore=shutil.ignore_patterns("__pycache__", ".git", ".venv*", "target", *a.exclude))
         db = os.path.join(work, "index.sqlite")
         p, secs = run([sembed, "index", repo, "--db", db, "-q", "--json", *model, *quant, *ann])
         first = json.loads(p.stdout)
@@ -89,8 +89,11 @@ def main():
               f"= {report['index']['chunks_per_s']} chunks/s", file=sys.stderr)
 
         # Touch one file: a new function at the end of the first Python (or any) file.
+        # A file the index holds (not under a hidden or ignored folder).
         files = sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(repo) for f in fs if f.endswith((".py", ".rs"))
+            os.path.join(d, f) for d, _, fs in os.walk(repo) for f in fs
+            if f.endswith((".py", ".rs")) and not any(
+                part.startswith(".") for part in os.path.relpath(d, repo).split(os.sep) if part != ".")
         )
         touched = files[len(files) // 2]
         with open(touched, "a") as f:

@@ -65,13 +65,7 @@ impl PgStore {
     }
 
     fn err(&self) -> impl Fn(postgres::Error) -> Error + '_ {
-        move |e| Error::Postgres {
-            table: self.table.clone(),
-            message: match e.as_db_error() {
-                Some(db) => format!("{}: {}", db.code().code(), db.message()),
-                None => e.to_string(),
-            },
-        }
+        self_err(&self.table)
     }
 
     fn halfvec(dim: usize) -> bool {
@@ -179,14 +173,7 @@ impl Store for PgStore {
             format!("vector({})", meta.dimension)
         };
         let json = serde_json::to_string(meta).expect("serialisable");
-        let table = t.clone();
-        let err = move |e: postgres::Error| Error::Postgres {
-            table: table.clone(),
-            message: match e.as_db_error() {
-                Some(db) => format!("{}: {}", db.code().code(), db.message()),
-                None => e.to_string(),
-            },
-        };
+        let err = self_err(&t);
         let mut tx = self.client.transaction().map_err(&err)?;
         // One creator at a time (several shards may start together).
         tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&t])
@@ -311,14 +298,7 @@ impl Store for PgStore {
         let dim = self.dim()?;
         let half = Self::halfvec(dim);
         let t = self.table.clone();
-        let table = t.clone();
-        let err = move |e: postgres::Error| Error::Postgres {
-            table: table.clone(),
-            message: match e.as_db_error() {
-                Some(db) => format!("{}: {}", db.code().code(), db.message()),
-                None => e.to_string(),
-            },
-        };
+        let err = self_err(&t);
         let mut tx = self.client.transaction().map_err(&err)?;
         // Vectors of reused chunks, read before the old rows (which may hold them) go.
         let mut have: HashMap<Hash, Vec<f32>> = vectors.iter().cloned().collect();
@@ -593,6 +573,7 @@ impl Store for PgStore {
     }
 }
 
+/// A PostgreSQL error as the index reports it: the table, and the server's SQLSTATE and message.
 fn self_err(table: &str) -> impl Fn(postgres::Error) -> Error + '_ {
     move |e| Error::Postgres {
         table: table.to_string(),

@@ -404,17 +404,19 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// The vectors of a path's rows (before they are deleted: candidates for [`Self::drop_orphans`]).
-    fn vectors_of(
+    /// Delete a path's rows, noting their vectors (the candidates for [`Self::drop_orphans`]).
+    fn delete_rows(
         tx: &rusqlite::Transaction,
         path: &str,
-        out: &mut Vec<i64>,
+        candidates: &mut Vec<i64>,
     ) -> rusqlite::Result<()> {
         let mut stmt =
             tx.prepare_cached("SELECT DISTINCT vector_id FROM chunks WHERE path = ?1")?;
         for id in stmt.query_map([path], |r| r.get(0))? {
-            out.push(id?);
+            candidates.push(id?);
         }
+        tx.prepare_cached("DELETE FROM chunks WHERE path = ?1")?
+            .execute([path])?;
         Ok(())
     }
 
@@ -730,9 +732,6 @@ impl Store for SqliteStore {
                     log.execute([tx.last_insert_rowid()]).map_err(&err)?;
                 }
             }
-            let mut del = tx
-                .prepare_cached("DELETE FROM chunks WHERE path = ?1")
-                .map_err(&err)?;
             let mut file = tx
                 .prepare_cached("INSERT OR REPLACE INTO files VALUES (?1, ?2)")
                 .map_err(&err)?;
@@ -747,8 +746,7 @@ impl Store for SqliteStore {
                 )
                 .map_err(&err)?;
             for f in files {
-                Self::vectors_of(&tx, &f.path, &mut candidates).map_err(&err)?;
-                del.execute([&f.path]).map_err(&err)?;
+                Self::delete_rows(&tx, &f.path, &mut candidates).map_err(&err)?;
                 file.execute(params![&f.path, &f.file_hash[..]])
                     .map_err(&err)?;
                 for r in &f.rows {
@@ -799,15 +797,11 @@ impl Store for SqliteStore {
         let tx = self.conn.transaction().map_err(&err)?;
         let mut candidates = Vec::new();
         {
-            let mut del_rows = tx
-                .prepare_cached("DELETE FROM chunks WHERE path = ?1")
-                .map_err(&err)?;
             let mut del_file = tx
                 .prepare_cached("DELETE FROM files WHERE path = ?1")
                 .map_err(&err)?;
             for p in paths {
-                Self::vectors_of(&tx, p, &mut candidates).map_err(&err)?;
-                del_rows.execute([p]).map_err(&err)?;
+                Self::delete_rows(&tx, p, &mut candidates).map_err(&err)?;
                 del_file.execute([p]).map_err(&err)?;
             }
         }
