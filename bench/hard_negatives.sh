@@ -18,9 +18,12 @@ heldout_tree=${3:-$(python3 -c 'import pip, os; print(os.path.dirname(pip.__file
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/src"
-for pkg in email json http urllib logging asyncio concurrent importlib xml unittest multiprocessing; do
-  rsync -a --exclude test --exclude tests --exclude __pycache__ "$stdlib/$pkg" "$work/src/"
-done
+python3 - "$stdlib" "$work/src" <<'EOF'
+import shutil, sys
+for pkg in "email json http urllib logging asyncio concurrent importlib xml unittest multiprocessing".split():
+    shutil.copytree(f"{sys.argv[1]}/{pkg}", f"{sys.argv[2]}/{pkg}",
+                    ignore=shutil.ignore_patterns("test", "tests", "__pycache__"))
+EOF
 "$sembed" mine "$work/src" --out "$work/with.jsonl" --hard-negatives 1 -q
 python3 - "$work/with.jsonl" "$work/without.jsonl" <<'EOF'
 import json, sys

@@ -148,7 +148,20 @@ pub fn index(args: IndexArgs) -> Result<()> {
     };
     let target = match &args.db {
         Some(t) => t.clone(),
-        None => index::default_target(&base).display().to_string(),
+        None => {
+            let target = index::default_target(&base);
+            // Like .pytest_cache: the folder ignores itself, so the index never shows up in git.
+            if let Some(dir) = target.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let ignore = dir.join(".gitignore");
+                if !ignore.exists() {
+                    std::fs::write(&ignore, "# Created by sembed index.\n*\n")
+                        .with_context(|| format!("writing {}", ignore.display()))?;
+                }
+            }
+            target.display().to_string()
+        }
     };
     let refs = absolute_refs(&args.models);
     let model = sembed::fusion_config::load(
@@ -218,7 +231,11 @@ pub fn index(args: IndexArgs) -> Result<()> {
         report.added.saturating_sub(report.embedded),
         report.removed,
         if report.split > 0 {
-            format!(", {} split to fit {} tokens", report.split, sembed_index::index::meta_for(model.as_ref(), &opts).chunker)
+            format!(
+                ", {} definitions split into windows to fit {} tokens",
+                report.split,
+                sembed_index::index::chunk_tokens(model.as_ref(), &opts)
+            )
         } else {
             String::new()
         },

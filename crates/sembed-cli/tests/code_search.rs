@@ -60,6 +60,14 @@ fn index_then_search_in_two_commands() {
     let o = sembed_in(dir, &["index", "-m", &model, "--json"]);
     let report: serde_json::Value = serde_json::from_str(ok(&o).trim()).unwrap();
     assert!(dir.join(".sembed/index.sqlite").is_file());
+    // The index folder ignores itself for git.
+    assert_eq!(
+        std::fs::read_to_string(dir.join(".sembed/.gitignore"))
+            .unwrap()
+            .lines()
+            .last(),
+        Some("*")
+    );
     let chunks = report["chunks"].as_u64().unwrap();
     assert_eq!(report["embedded"].as_u64(), Some(chunks));
     let stderr = String::from_utf8_lossy(&o.stderr);

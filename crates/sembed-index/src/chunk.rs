@@ -113,7 +113,8 @@ pub struct Budget<'a> {
 /// Cut one file.
 pub fn chunk_file(path: &str, src: &str, budget: &Budget) -> Vec<Chunk> {
     let pieces = match Lang::of_path(path) {
-        Some(lang) => syntax_pieces(lang, src),
+        Some(lang) => syntax_pieces(lang, src)
+            .unwrap_or_else(|| text_pieces(src, budget.window_lines, budget.overlap_lines)),
         None => text_pieces(src, budget.window_lines, budget.overlap_lines),
     };
     let mut out = Vec::new();
@@ -147,16 +148,16 @@ enum Role<'t> {
     Other,
 }
 
-fn syntax_pieces(lang: Lang, src: &str) -> Vec<Piece> {
-    let Some(tree) = parse(lang, src) else {
-        return text_pieces(src, 60, 5);
-    };
+/// Definitions and the code between them; `None` if the grammar does not load or the parser gives
+/// up (then the file is cut as text).
+fn syntax_pieces(lang: Lang, src: &str) -> Option<Vec<Piece>> {
+    let tree = parse(lang, src)?;
     let mut defs = Vec::new();
     collect(lang, src, tree.root_node(), &[], &mut defs);
     defs.sort_by_key(|p| (p.bytes.start, p.bytes.end));
     // Code outside every definition, by line.
-    let mut covered = vec![false; line_starts(src).len()];
     let starts = line_starts(src);
+    let mut covered = vec![false; starts.len()];
     for d in &defs {
         let (a, b) = line_span(&starts, d.bytes.clone());
         for c in &mut covered[a..=b] {
@@ -188,7 +189,7 @@ fn syntax_pieces(lang: Lang, src: &str) -> Vec<Piece> {
     defs.extend(gaps);
     defs.retain(|p| !p.kind.is_empty());
     defs.sort_by_key(|p| (p.bytes.start, p.bytes.end));
-    defs
+    Some(defs)
 }
 
 /// Walk `node`'s children, adding definitions to `out`.

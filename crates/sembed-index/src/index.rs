@@ -104,7 +104,8 @@ pub fn meta_for(model: &dyn Embed, opts: &IndexOptions) -> Meta {
     }
 }
 
-fn chunk_tokens(model: &dyn Embed, opts: &IndexOptions) -> usize {
+/// Most tokens in one chunk: `--chunk-tokens` (default 512), never above the model's maximum.
+pub fn chunk_tokens(model: &dyn Embed, opts: &IndexOptions) -> usize {
     opts.chunk_tokens
         .unwrap_or(512)
         .min(model.max_length())
