@@ -13,6 +13,7 @@ mod input;
 mod mimalloc_options;
 mod output;
 mod progress;
+mod tune;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -38,6 +39,9 @@ enum Command {
     Serve(ServeArgs),
     /// Fine-tune a model on pairs or triplets (JSONL) with real backpropagation.
     Train(Box<TrainArgs>),
+    /// Try training settings (learning rate, batch size, epochs, loss) on a slice of the data, each
+    /// scored on held-out pairs; writes the table and the best settings (tune.json, tune.md).
+    Tune(Box<tune::TuneArgs>),
     /// Retrieval metrics of a model on pairs (JSONL): each anchor a query, the positives the corpus.
     Eval(EvalArgs),
     /// Mine (documentation → code) pairs into training data: Rust, Python, Elixir, JavaScript,
@@ -395,6 +399,7 @@ fn main() {
         Command::Serve(args) => serve(args),
         Command::Train(args) => train(*args),
         Command::Eval(args) => eval(args),
+        Command::Tune(args) => tune::run(*args),
         Command::Mine(args) => mine(*args),
         Command::Bench(args) => bench::run(*args),
         Command::Index(args) => code::index(*args),

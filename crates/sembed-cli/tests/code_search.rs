@@ -415,3 +415,86 @@ fn mine_every_language_with_hard_negatives() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("24 hard negatives for 12 pairs"), "{e}");
 }
+
+/// `sembed tune` end to end on a tiny model: every setting of the grid trained and scored, the best
+/// picked by held-out NDCG@10, the table and the command written, no trial model left behind.
+#[test]
+fn tune_tries_each_setting_and_picks_the_best() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = |from: usize, n: usize| -> String {
+        (from..from + n)
+            .map(|i| {
+                serde_json::json!({
+                    "anchor": format!("Multiply the value by {i} and add {}.", i % 7),
+                    "positive": format!("def scale_{i}(x):\n    return x * {i} + {}", i % 7),
+                })
+                .to_string()
+                    + "\n"
+            })
+            .collect()
+    };
+    let data = tmp.path().join("train.jsonl");
+    let held = tmp.path().join("held.jsonl");
+    std::fs::write(&data, pairs(0, 40)).unwrap();
+    std::fs::write(&held, pairs(100, 20)).unwrap();
+    let out = tmp.path().join("tune");
+    let o = sembed_in(
+        tmp.path(),
+        &[
+            "tune",
+            "-m",
+            &tiny(),
+            "--data",
+            data.to_str().unwrap(),
+            "--eval",
+            held.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--lr",
+            "1e-4,3e-3",
+            "--batch-size",
+            "8,16",
+            "--max-trials",
+            "3",
+        ],
+    );
+    let table = ok(&o);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tune.json")).unwrap()).unwrap();
+    let trials = v["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 3, "bounded by --max-trials");
+    let settings: Vec<(f64, u64)> = trials
+        .iter()
+        .map(|t| (t["lr"].as_f64().unwrap(), t["batch_size"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(settings, vec![(1e-4, 8), (3e-3, 8), (1e-4, 16)]);
+    assert_eq!(trials[0]["steps"], 5);
+    let best = trials
+        .iter()
+        .map(|t| t["metrics"]["ndcg_at_10"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    assert_eq!(v["best"]["metrics"]["ndcg_at_10"].as_f64().unwrap(), best);
+    assert!(v["base"]["ndcg_at_10"].is_number());
+    assert!(v["command"]
+        .as_str()
+        .unwrap()
+        .starts_with("sembed train --data"));
+    // The trained models differ from the base and from each other: training happened.
+    let scores: std::collections::HashSet<String> = trials
+        .iter()
+        .map(|t| format!("{:.6}", t["metrics"]["mrr_at_10"].as_f64().unwrap()))
+        .collect();
+    assert!(scores.len() > 1, "{table}");
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| lr"))
+            .count(),
+        3,
+        "{table}"
+    );
+    assert!(std::fs::read_to_string(out.join("tune.md"))
+        .unwrap()
+        .contains("Best: `sembed train"));
+    assert!(!out.join("trial-0").exists());
+}
