@@ -143,6 +143,7 @@ pub fn index(args: IndexArgs) -> Result<()> {
         None if paths[0].is_dir() => paths[0].clone(),
         None => paths[0]
             .parent()
+            .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(".")),
     };
