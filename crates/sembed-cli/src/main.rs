@@ -710,14 +710,8 @@ fn mine(args: MineArgs) -> Result<()> {
         None => (mined, Vec::new()),
     };
     if args.hard_negatives > 0 {
-        let refs: Vec<String> = args.model.iter().cloned().collect();
-        let model = sembed::fusion_config::load(
-            &refs,
-            sembed::DType::F32,
-            &sembed::device::cpu(),
-            args.engine.engine()?,
-        )
-        .context("loading the model for hard negatives")?;
+        let model = load_f32(args.model.as_deref(), args.engine)
+            .context("loading the model for hard negatives")?;
         let shown = progress::Progressed {
             inner: model.as_ref(),
             bar: progress::bar(0, "texts", quiet || train.len() < 256),
@@ -768,15 +762,19 @@ fn mine(args: MineArgs) -> Result<()> {
     Ok(())
 }
 
-fn eval(args: EvalArgs) -> Result<()> {
-    let refs: Vec<String> = args.model.iter().cloned().collect();
-    let model = sembed::fusion_config::load(
+/// One `-m` reference (default: the default model) in f32 on the chosen engine.
+fn load_f32(model: Option<&str>, engine: EngineArgs) -> Result<Box<dyn Embed>> {
+    let refs: Vec<String> = model.map(str::to_string).into_iter().collect();
+    Ok(sembed::fusion_config::load(
         &refs,
         sembed::DType::F32,
         &sembed::device::cpu(),
-        args.engine.engine()?,
-    )
-    .context("loading the model")?;
+        engine.engine()?,
+    )?)
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let model = load_f32(args.model.as_deref(), args.engine).context("loading the model")?;
     let examples = sembed::train::data::read_examples(&args.data)?;
     let shown = progress::Progressed {
         inner: model.as_ref(),
