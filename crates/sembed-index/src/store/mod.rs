@@ -180,7 +180,9 @@ pub fn open(target: &str, ann_threshold: usize) -> Result<Box<dyn Store>> {
             Some((u, t)) => (u, t),
             None => (target, "sembed_chunks"),
         };
-        Ok(Box::new(pg::PgStore::connect(url, table)?))
+        Ok(Box::new(
+            pg::PgStore::connect(url, table)?.with_ann_threshold(ann_threshold),
+        ))
     } else {
         Ok(Box::new(sqlite::SqliteStore::open(
             std::path::Path::new(target),
