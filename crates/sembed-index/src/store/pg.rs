@@ -443,7 +443,9 @@ impl Store for PgStore {
         tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&t])
             .map_err(self_err(&t))?;
         tx.batch_execute(&format!(
-            "CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding {ops})"
+            // The embedded store's graph parameters (M 16, 128 candidates while building).
+            "CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding {ops}) \
+             WITH (m = 16, ef_construction = 128)"
         ))
         .map_err(self_err(&t))?;
         tx.commit().map_err(self_err(&t))?;
