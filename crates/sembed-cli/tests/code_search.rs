@@ -179,7 +179,7 @@ fn ctrl_c_keeps_progress_and_a_rerun_continues() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("repo");
     std::fs::create_dir(&dir).unwrap();
-    repo(&dir, 400, 12);
+    repo(&dir, 700, 12);
     let model = tiny();
     let db = tmp.path().join("cut.sqlite");
     let mut child = Command::new(env!("CARGO_BIN_EXE_sembed"))
