@@ -117,6 +117,15 @@ fn read_row(r: &postgres::Row, table: &str) -> Result<Row> {
 const ROW_COLUMNS: &str =
     "path, lang, kind, symbol, start_line, end_line, start_byte, end_byte, part, parts, hash, text";
 
+/// A vector as a statement parameter of the embedding column's type (`halfvec` or `vector`).
+fn param(v: &[f32], half: bool) -> Box<dyn ToSql + Sync> {
+    if half {
+        Box::new(HalfVector::from_f32_slice(v))
+    } else {
+        Box::new(Vector::from(v.to_vec()))
+    }
+}
+
 /// A stored embedding as f32 values.
 fn embedding(r: &postgres::Row, i: usize, half: bool) -> Vec<f32> {
     if half {
@@ -387,19 +396,22 @@ impl Store for PgStore {
                     r.parts as i32,
                 );
                 let hash = &r.hash[..];
-                let hv;
-                let fv;
-                let emb: &(dyn ToSql + Sync) = if half {
-                    hv = HalfVector::from_f32_slice(v);
-                    &hv
-                } else {
-                    fv = Vector::from(v.clone());
-                    &fv
-                };
+                let emb = param(v, half);
                 writer
                     .write(&[
-                        &r.path, &r.lang, &r.kind, &r.symbol, &sl, &el, &sb, &eb, &p, &n, &hash,
-                        &r.text, emb,
+                        &r.path,
+                        &r.lang,
+                        &r.kind,
+                        &r.symbol,
+                        &sl,
+                        &el,
+                        &sb,
+                        &eb,
+                        &p,
+                        &n,
+                        &hash,
+                        &r.text,
+                        emb.as_ref(),
                     ])
                     .map_err(&err)?;
             }
@@ -516,15 +528,8 @@ impl Store for PgStore {
         }
         let lang = filter.lang.clone();
         let like = filter.path.as_deref().map(crate::walk::glob_to_like);
-        let q_half;
-        let q_full;
-        let q: &(dyn ToSql + Sync) = if half {
-            q_half = HalfVector::from_f32_slice(query);
-            &q_half
-        } else {
-            q_full = Vector::from(query.to_vec());
-            &q_full
-        };
+        let q = param(query, half);
+        let q = q.as_ref();
         let rows = tx
             .query(
                 &format!(

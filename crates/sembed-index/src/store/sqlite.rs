@@ -31,6 +31,9 @@ pub struct SqliteStore {
     ann_threshold: usize,
     cache: Option<Loaded>,
     exact: bool,
+    /// The settings, read once at open and replaced by `init` (every search and commit needs the
+    /// dimension).
+    meta: Option<Meta>,
 }
 
 /// What searches keep between calls, valid for one revision of the index.
@@ -128,14 +131,17 @@ impl SqliteStore {
             ))
             .map_err(&err)?;
         }
-        Ok(SqliteStore {
+        let mut store = SqliteStore {
             conn,
             ann_path: path.with_extension("hnsw"),
             path: path.to_path_buf(),
             ann_threshold,
             cache: None,
             exact: false,
-        })
+            meta: None,
+        };
+        store.meta = store.read_meta()?;
+        Ok(store)
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -164,7 +170,7 @@ impl SqliteStore {
     }
 
     fn dimension(&self) -> Result<usize> {
-        Ok(self.read_meta()?.map_or(0, |m| m.dimension))
+        Ok(self.meta.as_ref().map_or(0, |m| m.dimension))
     }
 
     fn read_meta(&self) -> Result<Option<Meta>> {
@@ -626,7 +632,7 @@ fn hash_blob(r: &rusqlite::Row, i: usize) -> rusqlite::Result<Hash> {
 
 impl Store for SqliteStore {
     fn meta(&mut self) -> Result<Option<Meta>> {
-        self.read_meta()
+        Ok(self.meta.clone())
     }
 
     fn init(&mut self, meta: &Meta, replace: bool) -> Result<()> {
@@ -651,6 +657,7 @@ impl Store for SqliteStore {
         if replace {
             let _ = std::fs::remove_file(&self.ann_path);
         }
+        self.meta = Some(meta.clone());
         self.cache = None;
         Ok(())
     }
