@@ -72,7 +72,7 @@ pub fn retrieval_metrics(scores: &[Vec<f32>], relevant: &[Vec<usize>]) -> Retrie
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 

@@ -73,6 +73,7 @@ pub fn add_hard_negatives(
     pairs: &mut [Mined],
     opts: &HardNegatives,
 ) -> crate::error::Result<HardNegativeReport> {
+    use super::eval::dot;
     use crate::embed::{EmbedOptions, InputRole};
     let mut report = HardNegativeReport {
         pairs: pairs.len(),
@@ -99,7 +100,6 @@ pub fn add_hard_negatives(
         pairs.iter().map(|m| m.example.positive.clone()).collect(),
         InputRole::Document,
     )?;
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     for i in 0..pairs.len() {
         let positive_score = dot(&anchors[i], &docs[i]);
         let ceiling = positive_score * (1.0 - opts.relative_margin);
