@@ -288,16 +288,17 @@ pub fn open_for_search(
     } else {
         absolute_refs(models)
     };
-    // The precision the vectors were made in.
+    // The precision the vectors were made in (from the engine, not the model's name).
     use sembed::fast::{Engine, Precision};
-    let engine = if meta.model.contains("int8") {
+    let made_with = index::identity_engine(&meta.model);
+    let engine = if made_with.contains("int8") {
         Engine::Fast(Precision::Int8)
     } else {
         Engine::Auto
     };
-    let dtype = if meta.model.contains("bf16") {
+    let dtype = if made_with.contains("bf16") {
         sembed::DType::BF16
-    } else if meta.model.contains("f16") {
+    } else if made_with.contains("-f16") {
         sembed::DType::F16
     } else {
         sembed::DType::F32

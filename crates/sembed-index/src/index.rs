@@ -90,6 +90,15 @@ pub fn model_identity(model: &dyn Embed) -> String {
     format!("{name} [{}] {}-d", model.engine(), model.dimension())
 }
 
+/// The engine part of a [`model_identity`] (`fast-int8`, `fast-bf16`, `candle`, `+`-joined for a
+/// fusion): what the vectors were made with, whatever the model's name says.
+pub fn identity_engine(identity: &str) -> &str {
+    identity
+        .rsplit_once(" [")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map_or("", |(engine, _)| engine)
+}
+
 /// The settings an index of `model` is created with.
 pub fn meta_for(model: &dyn Embed, opts: &IndexOptions) -> Meta {
     let tokens = chunk_tokens(model, opts);
@@ -338,4 +347,20 @@ pub fn default_target(root: &Path) -> PathBuf {
 pub fn find_default(dir: &Path) -> Option<PathBuf> {
     let dir = dir.canonicalize().ok()?;
     dir.ancestors().map(default_target).find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn identity_engine_reads_the_brackets_not_the_name() {
+        assert_eq!(
+            super::identity_engine("my-bf16-model [fast-int8] 384-d"),
+            "fast-int8"
+        );
+        assert_eq!(
+            super::identity_engine("qodo+jina [fast-f32+fast-bf16] 2560-d"),
+            "fast-f32+fast-bf16"
+        );
+        assert_eq!(super::identity_engine("no engine"), "");
+    }
 }
