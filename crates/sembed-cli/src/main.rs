@@ -55,13 +55,44 @@ enum Command {
     Index(Box<code::IndexArgs>),
     /// Search an index: ranked chunks with score, path:lines, symbol and a snippet.
     Search(Box<code::SearchArgs>),
-    /// Print the header of a safetensors file (names, dtypes, shapes, parameter count, bytes), or
-    /// describe a model folder: architecture, widths, pooling, tasks, and which engine runs it (and
-    /// why) for each weight precision.
+    /// Print the header of a safetensors file (names, dtypes, shapes, parameter count, bytes),
+    /// describe an ONNX model (opset, inputs and outputs with their dynamic axes, every initializer
+    /// and where its bytes are, operator counts; external data checked), or describe a model folder:
+    /// architecture, widths, pooling, tasks, and which engine runs it (and why) for each precision.
     Inspect {
-        /// A .safetensors file or a model folder.
+        /// A .safetensors file, an .onnx file or a model folder.
         file: PathBuf,
     },
+    /// Export a model (folder, hf:ORG/NAME, or a PEFT LoRA folder from `sembed train --lora`) as an
+    /// ONNX graph in sentence-transformers' layout: OUT/onnx/model.onnx beside the tokenizer and the
+    /// sentence-transformers files, for ONNX Runtime and SentenceTransformer(OUT, backend="onnx").
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// The model. Default: all-MiniLM-L6-v2 (or the folder in $SEMBED_MODEL).
+    model: Option<String>,
+    /// The output folder.
+    #[arg(long)]
+    onnx: PathBuf,
+    /// jina-embeddings-v3: merge this task's adapter (retrieval.query, retrieval.passage,
+    /// separation, classification, text-matching). Without it, a scalar int64 `task_id` input selects
+    /// the adapter at run time.
+    #[arg(long)]
+    task: Option<String>,
+    /// Quantize the Linear layers: int8 weights per output channel, inputs quantized per call
+    /// (ONNX Runtime's dynamic quantization, in standard operators).
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeTo>,
+    /// Weights in onnx/model.onnx_data beside the graph (always used past 2 GiB of weights).
+    #[arg(long)]
+    external_data: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantizeTo {
+    Int8,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -405,6 +436,7 @@ fn main() {
         Command::Index(args) => code::index(*args),
         Command::Search(args) => code::search(*args),
         Command::Inspect { file } => inspect(&file),
+        Command::Export(args) => export(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -824,6 +856,10 @@ fn inspect(file: &std::path::Path) -> Result<()> {
     if file.is_dir() {
         return inspect_folder(file);
     }
+    if file.extension().is_some_and(|e| e == "onnx") {
+        print!("{}", sembed_onnx::inspect(file)?);
+        return Ok(());
+    }
     let st = sembed::weights::SafetensorsFile::open(file)?;
     let header = st.header();
     let mut params: u64 = 0;
@@ -855,6 +891,45 @@ fn inspect(file: &std::path::Path) -> Result<()> {
     }
     println!("data bytes: {bytes}");
     println!("header bytes: {}", header.data_start - 8);
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    let model = sembed::hub::resolve(args.model.as_deref().unwrap_or("")).context("resolving the model")?;
+    let opts = sembed_onnx::ExportOptions {
+        task: args.task,
+        quantize_int8: args.quantize.is_some(),
+        external_data: args.external_data.then_some(true),
+    };
+    let started = std::time::Instant::now();
+    let r = sembed_onnx::export(&model, &args.onnx, &opts)
+        .with_context(|| format!("exporting {} to ONNX", model.display()))?;
+    eprintln!(
+        "exported {} ({}{}{}) in {:.1} s: {} nodes, {} parameters, {} bytes of weights",
+        model.display(),
+        r.architecture,
+        if opts.quantize_int8 { ", int8" } else { "" },
+        if r.lora_merged { ", LoRA merged" } else { "" },
+        started.elapsed().as_secs_f64(),
+        r.nodes,
+        r.parameters,
+        r.weight_bytes
+    );
+    if !r.tasks.is_empty() {
+        eprintln!(
+            "task_id input (scalar int64) selects the adapter: {}",
+            r.tasks
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("{i}={t}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    println!("{}", r.model.display());
+    if let Some(d) = &r.external_data {
+        println!("{}", d.display());
+    }
     Ok(())
 }
 

@@ -689,6 +689,12 @@ impl Weights {
         }
     }
 
+    /// The full checkpoint name this view stands at (`encoder.layer.0.attention`), for writers
+    /// that name what they save after the checkpoint.
+    pub fn prefix_name(&self) -> String {
+        self.prefix.clone()
+    }
+
     /// The same weights under `prefix.sub`.
     pub fn pp(&self, sub: impl std::fmt::Display) -> Self {
         Weights {
