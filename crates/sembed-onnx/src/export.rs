@@ -13,7 +13,7 @@
 //!
 //! `--quantize int8` quantizes every Linear's weight per output channel (symmetric int8) and its input
 //! per call (`DynamicQuantizeLinear`, uint8), multiplying with `MatMulInteger`: ONNX Runtime's dynamic
-//! quantization, in standard operators.
+//! quantization, in standard operators. The token embedding table is stored in int8 per row too.
 
 use crate::error::{OnnxError, Result};
 use crate::graph::{attr_float, attr_int, attr_ints, Axis, Data, Graph};
@@ -421,6 +421,46 @@ impl Builder {
         self.op("Mul", &[&y, &sn])
     }
 
+    /// Rows of `table [rows, dim]` for `ids`. In int8, the table is stored per row (symmetric, one
+    /// scale each) and the gathered rows are scaled back: the file shrinks by the largest tensor of
+    /// most models (the vocabulary).
+    fn embedding(
+        &mut self,
+        name: &str,
+        table: Vec<f32>,
+        rows: usize,
+        dim: usize,
+        ids: &str,
+    ) -> String {
+        if !self.quant {
+            let n = self.g.init(name, &[rows, dim], Data::F32(table));
+            return self.g.op("Gather", &[&n, ids], vec![attr_int("axis", 0)]);
+        }
+        let mut scale = Vec::with_capacity(rows);
+        let mut q = Vec::with_capacity(rows * dim);
+        for row in table.chunks_exact(dim) {
+            let m = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let s = if m > 0.0 { m / 127.0 } else { 1.0 };
+            q.extend(row.iter().map(|v| (v / s).round().clamp(-127.0, 127.0) as i8));
+            scale.push(s);
+        }
+        drop(table);
+        let qn = self
+            .g
+            .init(&format!("{name}_quantized"), &[rows, dim], Data::I8(q));
+        let sn = self
+            .g
+            .init(&format!("{name}_scale"), &[rows], Data::F32(scale));
+        let g = self.g.op("Gather", &[&qn, ids], vec![attr_int("axis", 0)]);
+        let g = self
+            .g
+            .op("Cast", &[&g], vec![attr_int("to", DataType::Float as i64)]);
+        let s = self.g.op("Gather", &[&sn, ids], vec![attr_int("axis", 0)]);
+        let a = self.g.ints(&[-1]);
+        let s = self.op("Unsqueeze", &[&s, &a]);
+        self.op("Mul", &[&g, &s])
+    }
+
     fn layer_norm(&mut self, x: &str, w: &Weights, dim: usize, eps: f64) -> Result<String> {
         let gamma = host(&w.get(&[dim], "weight")?)?;
         let beta = host(&w.get(&[dim], "bias")?)?;
@@ -660,11 +700,6 @@ impl Builder {
         let tt = e.get(&[c.type_vocab_size, h], "token_type_embeddings.weight")?;
         // token_type_ids are all 0 for single sentences (as sembed): row 0 is a constant.
         let tt0 = host(&tt.narrow(0, 0, 1)?)?;
-        let wn = self.g.init(
-            &e.pp("word_embeddings.weight").prefix_name(),
-            &[c.vocab_size, h],
-            Data::F32(word),
-        );
         let pn = self.g.init(
             &e.pp("position_embeddings.weight").prefix_name(),
             &[c.max_position_embeddings, h],
@@ -675,7 +710,13 @@ impl Builder {
             &[h],
             Data::F32(tt0),
         );
-        let x = self.g.op("Gather", &[&wn, ids], vec![attr_int("axis", 0)]);
+        let x = self.embedding(
+            &e.pp("word_embeddings.weight").prefix_name(),
+            word,
+            c.vocab_size,
+            h,
+            ids,
+        );
         let p = self.positions(mask);
         let pe = self.g.op("Gather", &[&pn, &p], vec![attr_int("axis", 0)]);
         let x = self.op("Add", &[&x, &pe]);
@@ -724,12 +765,13 @@ impl Builder {
         let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let eps = c.rms_norm_eps;
         let emb = host(&w.get(&[c.vocab_size, h], "embed_tokens.weight")?)?;
-        let en = self.g.init(
+        let mut x = self.embedding(
             &w.pp("embed_tokens.weight").prefix_name(),
-            &[c.vocab_size, h],
-            Data::F32(emb),
+            emb,
+            c.vocab_size,
+            h,
+            ids,
         );
-        let mut x = self.g.op("Gather", &[&en, ids], vec![attr_int("axis", 0)]);
         let (cos, sin) = self.rope_tables(mask, d, c.rope_theta);
         let bias = self.attention_bias(ids, mask, c.causal, sembed::nn::MASK_VALUE);
         for i in 0..c.num_hidden_layers {
@@ -825,17 +867,11 @@ impl Builder {
         let mut x = match task {
             Some(t) => {
                 let merged = (&table + (a.get(t)?.matmul(&b.get(t)?)? * scale)?)?;
-                let n = self
-                    .g
-                    .init(&name, &[c.vocab_size, h], Data::F32(host(&merged)?));
-                self.g.op("Gather", &[&n, ids], vec![attr_int("axis", 0)])
+                self.embedding(&name, host(&merged)?, c.vocab_size, h, ids)
             }
             None => {
                 let task_id = self.task.clone().expect("task_id input");
-                let n = self
-                    .g
-                    .init(&name, &[c.vocab_size, h], Data::F32(host(&table)?));
-                let base = self.g.op("Gather", &[&n, ids], vec![attr_int("axis", 0)]);
+                let base = self.embedding(&name, host(&table)?, c.vocab_size, h, ids);
                 let an = self.g.init(
                     &format!("{name}.lora_A"),
                     &[nt, c.vocab_size, r],
