@@ -857,8 +857,13 @@ fn inspect(file: &std::path::Path) -> Result<()> {
         return inspect_folder(file);
     }
     if file.extension().is_some_and(|e| e == "onnx") {
-        print!("{}", sembed_onnx::inspect(file)?);
-        return Ok(());
+        let summary = sembed_onnx::inspect(file)?;
+        use std::io::Write;
+        // A closed pipe (`| head`) ends the listing quietly.
+        return match write!(std::io::stdout().lock(), "{summary}") {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => Ok(r?),
+        };
     }
     let st = sembed::weights::SafetensorsFile::open(file)?;
     let header = st.header();

@@ -369,7 +369,7 @@ fn initializer(
     };
     if offset > size {
         return Err(ext_err(format!(
-            "offset {offset} is past the end of the file ({size} bytes)"
+            "offset {offset} is past the end of the file ({size} bytes): the file is short or the offset is wrong"
         )));
     }
     let length = length.unwrap_or(size - offset);
