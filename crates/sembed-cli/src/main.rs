@@ -900,7 +900,8 @@ fn inspect(file: &std::path::Path) -> Result<()> {
 }
 
 fn export(args: ExportArgs) -> Result<()> {
-    let model = sembed::hub::resolve(args.model.as_deref().unwrap_or("")).context("resolving the model")?;
+    let model =
+        sembed::hub::resolve(args.model.as_deref().unwrap_or("")).context("resolving the model")?;
     let opts = sembed_onnx::ExportOptions {
         task: args.task,
         quantize_int8: args.quantize.is_some(),

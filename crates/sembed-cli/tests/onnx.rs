@@ -84,7 +84,10 @@ fn clear_errors() {
     ]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("--task applies to jina-embeddings-v3 only"), "{e}");
+    assert!(
+        e.contains("--task applies to jina-embeddings-v3 only"),
+        "{e}"
+    );
     let o = sembed(&[
         "export",
         p(&fixture("jina-v3-tiny")),
@@ -95,7 +98,10 @@ fn clear_errors() {
     ]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("unknown task `nope`") && e.contains("text-matching"), "{e}");
+    assert!(
+        e.contains("unknown task `nope`") && e.contains("text-matching"),
+        "{e}"
+    );
     let o = sembed(&["export", p(&dir.path().join("missing")), "--onnx", p(&out)]);
     assert!(!o.status.success());
     let bad = dir.path().join("bad.onnx");

@@ -57,12 +57,14 @@ fn main() {
     let mut tensors = Vec::new();
     for (name, shape) in shapes.requested() {
         let v = random.get(&shape, &name).unwrap();
-        tensors.push((name, Dtype::BF16, shape, tensor_bytes(&v, Dtype::BF16).unwrap()));
+        tensors.push((
+            name,
+            Dtype::BF16,
+            shape,
+            tensor_bytes(&v, Dtype::BF16).unwrap(),
+        ));
     }
-    let params: usize = tensors
-        .iter()
-        .map(|t| t.2.iter().product::<usize>())
-        .sum();
+    let params: usize = tensors.iter().map(|t| t.2.iter().product::<usize>()).sum();
     write_safetensors(
         &model.join("model.safetensors"),
         &tensors,
@@ -80,7 +82,10 @@ fn main() {
     let out = work.join("onnx-export");
     let t = Instant::now();
     let r = sembed_onnx::export(&model, &out, &Default::default()).unwrap();
-    let data = r.external_data.clone().expect("past 2 GiB the weights go to external data");
+    let data = r
+        .external_data
+        .clone()
+        .expect("past 2 GiB the weights go to external data");
     println!(
         "exported in {:.1} s: model.onnx {} bytes, model.onnx_data {} bytes, {} nodes",
         t.elapsed().as_secs_f64(),
@@ -132,7 +137,12 @@ fn main() {
     let got: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&outp).unwrap()).unwrap();
     let mut diff = 0f64;
-    for (g, w) in got["sentence_embedding"].as_array().unwrap().iter().zip(&want) {
+    for (g, w) in got["sentence_embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&want)
+    {
         for (a, b) in g.as_array().unwrap().iter().zip(w) {
             diff = diff.max((a.as_f64().unwrap() - *b as f64).abs());
         }

@@ -210,12 +210,12 @@ const COPIED: &[&str] = &[
 ];
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v).expect("json") + "\n").map_err(
-        |source| OnnxError::Write {
+    std::fs::write(path, serde_json::to_string_pretty(v).expect("json") + "\n").map_err(|source| {
+        OnnxError::Write {
             path: path.to_path_buf(),
             source,
-        },
-    )
+        }
+    })
 }
 
 /// sentence-transformers' layout around `onnx/model.onnx`: tokenizer, config, modules, pooling.
@@ -356,14 +356,22 @@ impl Builder {
             // A as [tasks, in, r], B as [tasks, r, out]: gather the task's pair, two small matmuls.
             let at = host(&l.a.transpose(1, 2)?.contiguous()?)?;
             let bt = host(&l.b.transpose(1, 2)?.contiguous()?)?;
-            let an = self
+            let an = self.g.init(
+                &format!("{name}.lora_A"),
+                &[tasks, in_dim, r],
+                Data::F32(at),
+            );
+            let bn = self.g.init(
+                &format!("{name}.lora_B"),
+                &[tasks, r, out_dim],
+                Data::F32(bt),
+            );
+            let ag = self
                 .g
-                .init(&format!("{name}.lora_A"), &[tasks, in_dim, r], Data::F32(at));
-            let bn = self
+                .op("Gather", &[&an, &task], vec![attr_int("axis", 0)]);
+            let bg = self
                 .g
-                .init(&format!("{name}.lora_B"), &[tasks, r, out_dim], Data::F32(bt));
-            let ag = self.g.op("Gather", &[&an, &task], vec![attr_int("axis", 0)]);
-            let bg = self.g.op("Gather", &[&bn, &task], vec![attr_int("axis", 0)]);
+                .op("Gather", &[&bn, &task], vec![attr_int("axis", 0)]);
             let xa = self.op("MatMul", &[x, &ag]);
             let xab = self.op("MatMul", &[&xa, &bg]);
             let s = self.g.scalar(l.scale as f32);
@@ -406,17 +414,21 @@ impl Builder {
                     .map(|(v, s)| (v / s).round().clamp(-127.0, 127.0) as i8)
             })
             .collect();
-        let qn = self
-            .g
-            .init(&format!("{name}_quantized"), &[in_dim, out_dim], Data::I8(q));
+        let qn = self.g.init(
+            &format!("{name}_quantized"),
+            &[in_dim, out_dim],
+            Data::I8(q),
+        );
         let sn = self
             .g
             .init(&format!("{name}_scale"), &[out_dim], Data::F32(scale));
         let xq = self.g.op_n("DynamicQuantizeLinear", &[x], 3, vec![]);
         let acc = self.op("MatMulInteger", &[&xq[0], &qn, &xq[2]]);
-        let accf = self
-            .g
-            .op("Cast", &[&acc], vec![attr_int("to", DataType::Float as i64)]);
+        let accf = self.g.op(
+            "Cast",
+            &[&acc],
+            vec![attr_int("to", DataType::Float as i64)],
+        );
         let y = self.op("Mul", &[&accf, &xq[1]]);
         self.op("Mul", &[&y, &sn])
     }
@@ -441,7 +453,10 @@ impl Builder {
         for row in table.chunks_exact(dim) {
             let m = row.iter().fold(0f32, |m, x| m.max(x.abs()));
             let s = if m > 0.0 { m / 127.0 } else { 1.0 };
-            q.extend(row.iter().map(|v| (v / s).round().clamp(-127.0, 127.0) as i8));
+            q.extend(
+                row.iter()
+                    .map(|v| (v / s).round().clamp(-127.0, 127.0) as i8),
+            );
             scale.push(s);
         }
         drop(table);
@@ -544,8 +559,11 @@ impl Builder {
 
     /// The mask as float `[B, S]`.
     fn mask_f(&mut self, mask: &str) -> String {
-        self.g
-            .op("Cast", &[mask], vec![attr_int("to", DataType::Float as i64)])
+        self.g.op(
+            "Cast",
+            &[mask],
+            vec![attr_int("to", DataType::Float as i64)],
+        )
     }
 
     /// Additive attention bias: `(1 - mask)·value` as `[B, 1, 1, S]`, plus the causal part `[S, S]`.
@@ -575,7 +593,9 @@ impl Builder {
     fn range(&mut self, ids: &str) -> String {
         let shape = self.op("Shape", &[ids]);
         let i1 = self.g.int(1);
-        let s = self.g.op("Gather", &[&shape, &i1], vec![attr_int("axis", 0)]);
+        let s = self
+            .g
+            .op("Gather", &[&shape, &i1], vec![attr_int("axis", 0)]);
         let zero = self.g.int(0);
         let one = self.g.int(1);
         self.op("Range", &[&zero, &s, &one])
@@ -589,9 +609,11 @@ impl Builder {
             .collect();
         let inv = self.g.init("rope_inv_freq", &[half], Data::F32(inv_freq));
         let pos = self.positions(mask);
-        let pos = self
-            .g
-            .op("Cast", &[&pos], vec![attr_int("to", DataType::Float as i64)]);
+        let pos = self.g.op(
+            "Cast",
+            &[&pos],
+            vec![attr_int("to", DataType::Float as i64)],
+        );
         let a2 = self.g.ints(&[2]);
         let pos = self.op("Unsqueeze", &[&pos, &a2]); // [B, S, 1]
         let freqs = self.op("Mul", &[&pos, &inv]); // [B, S, half]
@@ -671,9 +693,7 @@ impl Builder {
             scores = self.op("Reshape", &[&scores, &s]);
         }
         let scores = self.op("Add", &[&scores, bias]);
-        let mut probs = self
-            .g
-            .op("Softmax", &[&scores], vec![attr_int("axis", -1)]);
+        let mut probs = self.g.op("Softmax", &[&scores], vec![attr_int("axis", -1)]);
         if grouped {
             let s = self.g.ints(&[0, nkv_, -1, 0]);
             probs = self.op("Reshape", &[&probs, &s]);
@@ -727,11 +747,35 @@ impl Builder {
         let heads = c.num_attention_heads;
         for i in 0..c.num_hidden_layers {
             let l = w.pp(format!("encoder.layer.{i}"));
-            let q = self.linear(&x, &l.pp("attention.self.query"), h, h, true, "weight", None)?;
+            let q = self.linear(
+                &x,
+                &l.pp("attention.self.query"),
+                h,
+                h,
+                true,
+                "weight",
+                None,
+            )?;
             let k = self.linear(&x, &l.pp("attention.self.key"), h, h, true, "weight", None)?;
-            let v = self.linear(&x, &l.pp("attention.self.value"), h, h, true, "weight", None)?;
+            let v = self.linear(
+                &x,
+                &l.pp("attention.self.value"),
+                h,
+                h,
+                true,
+                "weight",
+                None,
+            )?;
             let a = self.attention(&q, &k, &v, heads, heads, h / heads, &bias, None, None)?;
-            let a = self.linear(&a, &l.pp("attention.output.dense"), h, h, true, "weight", None)?;
+            let a = self.linear(
+                &a,
+                &l.pp("attention.output.dense"),
+                h,
+                h,
+                true,
+                "weight",
+                None,
+            )?;
             let r = self.op("Add", &[&a, &x]);
             x = self.layer_norm(&r, &l.pp("attention.output.LayerNorm"), h, c.layer_norm_eps)?;
             let m = self.linear(
@@ -1004,9 +1048,11 @@ impl Builder {
                     vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)],
                 ); // [B, 1]
                 let hot = self.op("Equal", &[&rf, &last]); // [B, S]
-                let hot = self
-                    .g
-                    .op("Cast", &[&hot], vec![attr_int("to", DataType::Float as i64)]);
+                let hot = self.g.op(
+                    "Cast",
+                    &[&hot],
+                    vec![attr_int("to", DataType::Float as i64)],
+                );
                 let hot = self.op("Unsqueeze", &[&hot, &a2]);
                 let xh = self.op("Mul", &[x, &hot]);
                 self.g

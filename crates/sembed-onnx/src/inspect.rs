@@ -146,7 +146,10 @@ fn summarize(model: &ModelProto, path: &Path) -> Result<Summary> {
         ));
     }
     let graph = model.graph.as_ref().ok_or_else(|| {
-        OnnxError::invalid(path, "the model has no graph; the file is not an ONNX model")
+        OnnxError::invalid(
+            path,
+            "the model has no graph; the file is not an ONNX model",
+        )
     })?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut initializers = Vec::with_capacity(graph.initializer.len());
@@ -212,7 +215,10 @@ fn count_ops(
     path: &Path,
 ) -> Result<()> {
     if depth > 64 {
-        return Err(OnnxError::invalid(path, "subgraphs nested more than 64 deep"));
+        return Err(OnnxError::invalid(
+            path,
+            "subgraphs nested more than 64 deep",
+        ));
     }
     for n in &g.node {
         *ops.entry(op_name(&n.domain, &n.op_type)).or_insert(0) += 1;
@@ -447,7 +453,10 @@ impl std::fmt::Display for Summary {
             None => "(no shape)".to_string(),
             Some(d) => format!(
                 "[{}]",
-                d.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                d.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         };
         writeln!(f, "inputs:")?;

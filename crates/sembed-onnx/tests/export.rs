@@ -177,7 +177,13 @@ fn every_architecture_matches_onnx_runtime() {
         let out = tmp.path().join(name);
         let r = export(&fixture(name), &out, &ExportOptions::default()).unwrap();
         assert!(r.external_data.is_none());
-        let p = compare(&py, &fixture(name), &onnx_of(&out), &EmbedOptions::default(), None);
+        let p = compare(
+            &py,
+            &fixture(name),
+            &onnx_of(&out),
+            &EmbedOptions::default(),
+            None,
+        );
         println!("{name}: {p:?}");
         assert!(p.sentence <= 1e-5 && p.tokens <= 1e-5, "{name}: {p:?}");
     }
@@ -232,7 +238,9 @@ fn jina_tasks_merged_or_selected_match_onnx_runtime() {
     }
     // The task_id graph takes it as an input; a merged one does not.
     let e = Embedder::load(&model, DType::F32, &sembed::device::cpu()).unwrap();
-    let ids = e.tokenize(&["a".to_string()], &EmbedOptions::default()).unwrap();
+    let ids = e
+        .tokenize(&["a".to_string()], &EmbedOptions::default())
+        .unwrap();
     let got = ort(&py, &onnx_of(&all), &ids, false, Some(0));
     assert_eq!(got.inputs, ["input_ids", "attention_mask", "task_id"]);
 }
@@ -245,7 +253,13 @@ fn real_minilm_matches_onnx_runtime_f32_and_int8() {
     let tmp = tempfile::tempdir().unwrap();
     let f32_dir = tmp.path().join("f32");
     export(&model, &f32_dir, &ExportOptions::default()).unwrap();
-    let p = compare(&py, &model, &onnx_of(&f32_dir), &EmbedOptions::default(), None);
+    let p = compare(
+        &py,
+        &model,
+        &onnx_of(&f32_dir),
+        &EmbedOptions::default(),
+        None,
+    );
     println!("all-MiniLM-L6-v2 f32: {p:?}");
     assert!(p.sentence <= 1e-5 && p.tokens <= 1e-5, "{p:?}");
     let int8_dir = tmp.path().join("int8");
@@ -262,7 +276,13 @@ fn real_minilm_matches_onnx_runtime_f32_and_int8() {
     let int8_size = std::fs::metadata(&r.model).unwrap().len();
     println!("model.onnx: f32 {f32_size} bytes, int8 {int8_size} bytes");
     assert!(int8_size * 3 < f32_size);
-    let p = compare(&py, &model, &onnx_of(&int8_dir), &EmbedOptions::default(), None);
+    let p = compare(
+        &py,
+        &model,
+        &onnx_of(&int8_dir),
+        &EmbedOptions::default(),
+        None,
+    );
     println!("all-MiniLM-L6-v2 int8 vs sembed f32: {p:?}");
     // Activations are quantized per tensor (DynamicQuantizeLinear), as ONNX Runtime's own dynamic
     // quantization does; MiniLM's outlier features cost it most there (measured: cosine ≥ 0.98,
@@ -286,7 +306,13 @@ fn int8_exports_run_in_onnx_runtime() {
             },
         )
         .unwrap();
-        let p = compare(&py, &fixture(name), &onnx_of(&out), &EmbedOptions::default(), None);
+        let p = compare(
+            &py,
+            &fixture(name),
+            &onnx_of(&out),
+            &EmbedOptions::default(),
+            None,
+        );
         println!("{name} int8 vs sembed f32: {p:?}");
         assert!(p.min_cos >= 0.98, "{name}: {p:?}");
     }

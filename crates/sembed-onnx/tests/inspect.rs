@@ -55,7 +55,8 @@ fn describes_an_exported_bert() {
     assert_eq!(s.operators["Softmax"], 2);
     assert_eq!(s.operators["LayerNormalization"], 5);
     // Every weight taken from the checkpoint has its size there (token types: row 0 only).
-    let st = sembed::weights::SafetensorsFile::open(fixture("bert-tiny/model.safetensors")).unwrap();
+    let st =
+        sembed::weights::SafetensorsFile::open(fixture("bert-tiny/model.safetensors")).unwrap();
     let mut from_checkpoint = 0;
     for i in &s.initializers {
         if let Some(t) = st.info(&i.name) {
@@ -212,7 +213,10 @@ fn damaged_models_are_clear_errors() {
     let e = inspect(&dir.path().join("absent.onnx"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("absent.onnx") && e.contains("cannot read"), "{e}");
+    assert!(
+        e.contains("absent.onnx") && e.contains("cannot read"),
+        "{e}"
+    );
 }
 
 fn small_model() -> &'static (tempfile::TempDir, Vec<u8>, PathBuf) {
