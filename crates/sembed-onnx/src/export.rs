@@ -315,6 +315,7 @@ impl Builder {
 
     /// `x · Wᵀ + b` for the Linear at `w` (`weight [out, in]`, optional `bias [out]`), with any PEFT
     /// LoRA adapter merged, and a Jina task adapter merged (`merge`) or selected by `task_id` (`side`).
+    #[allow(clippy::too_many_arguments)]
     fn linear(
         &mut self,
         x: &str,
