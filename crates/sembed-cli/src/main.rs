@@ -439,9 +439,23 @@ fn main() {
         Command::Export(args) => export(args),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, `: `-joined, leaving out a cause whose text the message already holds
+/// (the library's errors quote their I/O source; `{:#}` would print it twice).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
 }
 
 fn embed(args: EmbedArgs) -> Result<()> {

@@ -415,3 +415,81 @@ fn trained_models_round_trip() {
         assert!(p.sentence <= 1e-5 && p.tokens <= 1e-5, "{what}: {p:?}");
     }
 }
+
+/// The `onnx` package's checker (structure, operator schemas, full shape inference) accepts every
+/// export; its own writer re-saves one with external data, and `inspect` reads the same locations,
+/// offsets and lengths the `onnx` package reads back; ONNX Runtime runs the re-saved file unchanged.
+#[test]
+fn onnx_checker_accepts_exports_and_inspect_reads_its_external_data() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let int8 = ExportOptions {
+        quantize_int8: true,
+        ..Default::default()
+    };
+    let jina_task = ExportOptions {
+        task: Some("text-matching".into()),
+        ..Default::default()
+    };
+    for (name, opts) in [
+        ("bert-tiny", ExportOptions::default()),
+        ("bert-tiny", int8.clone()),
+        ("qwen2-bidir-tiny", ExportOptions::default()),
+        ("qwen3-causal-tiny", int8),
+        ("jina-v3-tiny", ExportOptions::default()),
+        ("jina-v3-tiny", jina_task),
+    ] {
+        let out = tmp.path().join(format!("{name}-{}", opts.quantize_int8));
+        let r = export(&fixture(name), &out, &opts).unwrap();
+        let resaved = out.join("onnx/resaved.onnx");
+        let o = Command::new(&py)
+            .arg(root().join("tools/onnx/onnx_check.py"))
+            .args([&r.model, &resaved])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "onnx checker on {name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let theirs: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(theirs["ir_version"], 8);
+        let ours = sembed_onnx::inspect(&resaved).unwrap();
+        let inits = theirs["initializers"].as_array().unwrap();
+        assert_eq!(inits.len(), ours.initializers.len(), "{name}");
+        let mut external = 0;
+        for (t, i) in inits.iter().zip(&ours.initializers) {
+            assert_eq!(t["name"], i.name.as_str());
+            match &i.location {
+                sembed_onnx::inspect::Location::External {
+                    file,
+                    offset,
+                    length,
+                } => {
+                    assert_eq!(t["location"], file.as_str(), "{}", i.name);
+                    assert_eq!(t["offset"], *offset, "{}", i.name);
+                    assert_eq!(t["length"], *length, "{}", i.name);
+                    external += 1;
+                }
+                sembed_onnx::inspect::Location::Inline => {
+                    assert!(t["location"].is_null(), "{}", i.name)
+                }
+            }
+        }
+        assert!(external > 5, "{name}: {external} external tensors");
+        assert_eq!(
+            ours.parameters(),
+            sembed_onnx::inspect(&r.model).unwrap().parameters()
+        );
+        if name == "qwen2-bidir-tiny" {
+            let p = compare(
+                &py,
+                &fixture(name),
+                &resaved,
+                &EmbedOptions::default(),
+                None,
+            );
+            assert!(p.sentence <= 1e-5, "{p:?}");
+        }
+    }
+}
