@@ -342,6 +342,11 @@ struct TrainArgs {
     /// sentence-transformers training); 0 switches dropout off, e.g. for deterministic gradient dumps.
     #[arg(long)]
     dropout: Option<f64>,
+    /// GradCache (as sentence-transformers' Cached losses): embed each batch in mini-batches of N
+    /// texts without keeping their graph, then back-propagate the loss's gradient one mini-batch at a
+    /// time. Same gradients; memory grows with N, not with --batch-size.
+    #[arg(long, value_name = "N")]
+    cache_mini_batch: Option<usize>,
     /// Stop after this many optimiser steps (saving a resumable checkpoint).
     #[arg(long)]
     max_steps: Option<u64>,
@@ -676,6 +681,7 @@ fn train(args: TrainArgs) -> Result<()> {
         max_length: args.max_length,
         max_steps: args.max_steps,
         dropout: args.dropout,
+        cache_mini_batch: args.cache_mini_batch,
         lora: args.lora.then(|| sembed::train::trainer::LoraConfig {
             rank: args.lora_rank,
             alpha: args.lora_alpha,

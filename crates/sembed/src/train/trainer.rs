@@ -48,6 +48,12 @@ pub struct TrainConfig {
     /// Dropout probability for every dropout of the model; None keeps the model config's
     /// (`hidden_dropout_prob`, `attention_probs_dropout_prob`, ...). `Some(0.0)` switches it off.
     pub dropout: Option<f64>,
+    /// GradCache (sentence-transformers' Cached* losses): embed each batch in mini-batches of this
+    /// many texts without keeping the graph, take the loss and its gradient with respect to the
+    /// embeddings over the whole batch, then re-run each mini-batch with the graph and push those
+    /// gradients through. Same gradients as the plain loss; memory bounded by the mini-batch.
+    #[serde(default)]
+    pub cache_mini_batch: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -79,6 +85,7 @@ impl Default for TrainConfig {
             max_steps: None,
             lora: None,
             dropout: None,
+            cache_mini_batch: None,
         }
     }
 }
@@ -298,19 +305,18 @@ impl Trainer {
         }
     }
 
-    /// The loss of one batch of examples (a differentiable scalar).
-    pub fn batch_loss(&self, examples: &[&Example]) -> Result<Tensor> {
+    /// The texts a batch embeds, by column (anchors as queries; positives and negatives as
+    /// documents), as the loss reads them.
+    fn columns(&self, examples: &[&Example]) -> Result<Vec<(Vec<String>, EmbedOptions)>> {
         let col =
             |f: &dyn Fn(&Example) -> String| examples.iter().map(|e| f(e)).collect::<Vec<_>>();
         let q = self.options(InputRole::Query);
         let d = self.options(InputRole::Document);
-        let a = self
-            .embedder
-            .embed_tensor(&col(&|e| e.anchor.clone()), &q)?;
-        let p = self
-            .embedder
-            .embed_tensor(&col(&|e| e.positive.clone()), &d)?;
-        let embeddings = match self.config.loss {
+        let mut cols = vec![
+            (col(&|e| e.anchor.clone()), q),
+            (col(&|e| e.positive.clone()), d.clone()),
+        ];
+        match self.config.loss {
             LossKind::Triplet { .. } => {
                 if let Some(e) = examples.iter().find(|e| e.negatives.is_empty()) {
                     return Err(Error::InvalidInput(format!(
@@ -318,23 +324,23 @@ impl Trainer {
                         e.anchor
                     )));
                 }
-                let n = self
-                    .embedder
-                    .embed_tensor(&col(&|e| e.negatives[0].clone()), &d)?;
-                vec![a, p, n]
+                cols.push((col(&|e| e.negatives[0].clone()), d));
             }
             LossKind::Mnrl { .. } => {
                 let negs: Vec<String> = examples
                     .iter()
                     .flat_map(|e| e.negatives.iter().cloned())
                     .collect();
-                let mut v = vec![a, p];
                 if !negs.is_empty() {
-                    v.push(self.embedder.embed_tensor(&negs, &d)?);
+                    cols.push((negs, d));
                 }
-                v
             }
-        };
+        }
+        Ok(cols)
+    }
+
+    /// The configured loss over embeddings by column (see [`Trainer::columns`]).
+    fn loss_on(&self, embeddings: &[Tensor]) -> Result<Tensor> {
         let loss_of = |e: &[Tensor]| -> Result<Tensor> {
             match self.config.loss {
                 LossKind::Triplet { cosine, margin } => {
@@ -349,19 +355,101 @@ impl Trainer {
             }
         };
         if self.config.matryoshka_dims.is_empty() {
-            loss_of(&embeddings)
+            loss_of(embeddings)
         } else {
             let w = vec![1.0; self.config.matryoshka_dims.len()];
-            matryoshka(&embeddings, &self.config.matryoshka_dims, &w, loss_of)
+            matryoshka(embeddings, &self.config.matryoshka_dims, &w, loss_of)
         }
+    }
+
+    /// The loss of one batch of examples (a differentiable scalar).
+    pub fn batch_loss(&self, examples: &[&Example]) -> Result<Tensor> {
+        let embeddings = self
+            .columns(examples)?
+            .iter()
+            .map(|(texts, opts)| self.embedder.embed_tensor(texts, opts))
+            .collect::<Result<Vec<_>>>()?;
+        self.loss_on(&embeddings)
+    }
+
+    /// The dropout seed of micro-batch `micro` of the current step.
+    fn dropout_seed(&self, micro: usize) -> u64 {
+        self.config.seed
+            ^ (self.state.step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (micro as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+    }
+
+    /// The loss (times `scale`) of one batch and the gradient of every variable, in training mode:
+    /// plainly, or through GradCache when `cache_mini_batch` is set.
+    pub fn loss_and_gradients(
+        &self,
+        examples: &[&Example],
+        micro: usize,
+        scale: f64,
+    ) -> Result<(f64, Vec<Option<Tensor>>)> {
+        match self.config.cache_mini_batch {
+            Some(m) => self.cached_loss_and_gradients(examples, micro, scale, m.max(1)),
+            None => {
+                let loss = (self.training_loss(examples, micro)? * scale)?;
+                let grads = collect(&self.vars, &loss.backward()?);
+                Ok((value(&loss)?, grads))
+            }
+        }
+    }
+
+    /// GradCache: (1) embed every column in mini-batches of `m` texts and keep only the embeddings,
+    /// detached; (2) the loss over the whole batch on those, and its gradient with respect to each
+    /// embedding; (3) re-run each mini-batch with the graph and back-propagate `Σ e·∂L/∂e` from it,
+    /// summing the parameter gradients. Each mini-batch draws the same dropout masks in (1) and (3)
+    /// (its own seeded generator), so the gradients are those of the loss computed in (2).
+    fn cached_loss_and_gradients(
+        &self,
+        examples: &[&Example],
+        micro: usize,
+        scale: f64,
+        m: usize,
+    ) -> Result<(f64, Vec<Option<Tensor>>)> {
+        let columns = self.columns(examples)?;
+        let seed = self.dropout_seed(micro);
+        let embed_chunk = |col: usize, k: usize, texts: &[String], opts: &EmbedOptions| {
+            let s = seed
+                ^ ((col as u64 + 1) << 32 | (k as u64 + 1)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+            let ctx = std::sync::Arc::new(crate::nn::DropoutCtx::new(self.config.dropout, s));
+            crate::nn::with_dropout(ctx, || self.embedder.embed_tensor(texts, opts))
+        };
+        let mut reps = Vec::with_capacity(columns.len());
+        for (c, (texts, opts)) in columns.iter().enumerate() {
+            let mut parts = Vec::new();
+            for (k, chunk) in texts.chunks(m).enumerate() {
+                // Detached: the mini-batch's graph (its activations) is freed right here.
+                parts.push(embed_chunk(c, k, chunk, opts)?.detach());
+            }
+            reps.push(candle_core::Var::from_tensor(&Tensor::cat(&parts, 0)?)?);
+        }
+        let embeddings: Vec<Tensor> = reps.iter().map(|v| v.as_tensor().clone()).collect();
+        let loss = (self.loss_on(&embeddings)? * scale)?;
+        let rep_grads = loss.backward()?;
+        let loss_value = value(&loss)?;
+        drop(loss);
+        let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        for (c, (texts, opts)) in columns.iter().enumerate() {
+            let Some(g) = rep_grads.get(reps[c].as_tensor()) else {
+                continue;
+            };
+            for (k, chunk) in texts.chunks(m).enumerate() {
+                let gk = g.narrow(0, k * m, chunk.len())?.detach();
+                let e = embed_chunk(c, k, chunk, opts)?;
+                let surrogate = (e * gk)?.sum_all()?;
+                accumulate(&mut acc, collect(&self.vars, &surrogate.backward()?))?;
+            }
+        }
+        Ok((loss_value, acc))
     }
 
     /// [`Trainer::batch_loss`] with the model's dropout on, its masks drawn from a generator seeded
     /// by (seed, step, micro-batch): the same step gives the same masks, so resuming reproduces a run.
     pub fn training_loss(&self, examples: &[&Example], micro: usize) -> Result<Tensor> {
-        let seed = self.config.seed
-            ^ (self.state.step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ (micro as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let seed = self.dropout_seed(micro);
         let ctx = std::sync::Arc::new(crate::nn::DropoutCtx::new(self.config.dropout, seed));
         crate::nn::with_dropout(ctx, || self.batch_loss(examples))
     }
@@ -369,9 +457,7 @@ impl Trainer {
     /// Loss and the gradient of every variable for one batch (dropout as in training), without
     /// updating anything.
     pub fn gradients(&self, examples: &[&Example]) -> Result<(f64, Vec<Option<Tensor>>)> {
-        let loss = self.training_loss(examples, 0)?;
-        let grads = loss.backward()?;
-        Ok((value(&loss)?, collect(&self.vars, &grads)))
+        self.loss_and_gradients(examples, 0, 1.0)
     }
 
     /// Write the loss and gradients of the first batch of epoch 0 to `path` (safetensors keyed by the
@@ -459,11 +545,10 @@ impl Trainer {
 
     /// One optimiser step on one batch (loss, backward, clipping, AdamW at `lr`); returns the loss.
     pub fn step(&mut self, examples: &[&Example], lr: f64) -> Result<f64> {
-        let loss = self.training_loss(examples, 0)?;
-        let grads = collect(&self.vars, &loss.backward()?);
+        let (loss, grads) = self.loss_and_gradients(examples, 0, 1.0)?;
         self.update(grads, lr)?;
         self.state.step += 1;
-        value(&loss)
+        Ok(loss)
     }
 
     /// One optimiser step like [`Trainer::step`], timing each part and measuring the bytes of the
@@ -691,10 +776,10 @@ impl Trainer {
                 for (micro, b) in batches[self.state.next_batch..group_end].iter().enumerate() {
                     let ex: Vec<&Example> = b.iter().map(|&i| &examples[i]).collect();
                     texts_seen += ex.len();
-                    let loss = (self.training_loss(&ex, micro)?
-                        / (group_end - self.state.next_batch) as f64)?;
-                    group_loss += value(&loss)?;
-                    accumulate(&mut acc, collect(&self.vars, &loss.backward()?))?;
+                    let scale = 1.0 / (group_end - self.state.next_batch) as f64;
+                    let (loss, grads) = self.loss_and_gradients(&ex, micro, scale)?;
+                    group_loss += loss;
+                    accumulate(&mut acc, grads)?;
                 }
                 let lr = schedule.lr(self.state.step);
                 self.update(acc, lr)?;
