@@ -2,7 +2,10 @@
 //! the real Qodo-Embed-1 shape (its published config.json), LoRA rank 8 on q_proj/v_proj, a few MNRL
 //! steps on `pairs` anchor/positive sequences of `len` tokens, peak resident memory against the formula.
 //!
-//!     cargo run --release -p sembed --example lora_memory -- ../shared/real-configs/qodo-embed-1-1.5b/config.json [PAIRS] [LEN] [STEPS]
+//!     cargo run --release -p sembed --example lora_memory -- ../shared/real-configs/qodo-embed-1-1.5b/config.json [PAIRS] [LEN] [STEPS] [CACHE]
+//!
+//! With CACHE, each step runs GradCache (`sembed train --cache-mini-batch CACHE`): the sequences are
+//! embedded CACHE at a time, and activations are held for CACHE sequences only.
 
 use candle_core::{DType, Tensor};
 use sembed::config::{Architecture, Pooling};
@@ -33,6 +36,7 @@ fn main() -> sembed::Result<()> {
     let pairs: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2);
     let len: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(256);
     let steps: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let cache: Option<usize> = args.get(5).and_then(|s| s.parse().ok());
     let arch = Architecture::from_file(&config)?;
     let Architecture::Qwen(cfg) = &arch else {
         panic!("expects a Qwen2 config")
@@ -93,14 +97,26 @@ fn main() -> sembed::Result<()> {
                 Pooling::LastToken,
             )
         };
-        let a = embed(&ids(pairs))?;
-        let p = embed(&ids(pairs))?;
-        let loss = mnrl_loss(&a, &p, &[], 20.0)?;
-        let grads = collect(&vars, &loss.backward()?);
+        let (anchors, positives) = (ids(pairs), ids(pairs));
+        let (loss, grads) = match cache {
+            None => {
+                let a = embed(&anchors)?;
+                let p = embed(&positives)?;
+                let loss = mnrl_loss(&a, &p, &[], 20.0)?;
+                let grads = collect(&vars, &loss.backward()?);
+                (sembed::train::loss::value(&loss)?, grads)
+            }
+            Some(m) => sembed::train::cache::grad_cache(
+                &[anchors.as_slice(), positives.as_slice()],
+                m,
+                &|_, _, rows| embed(rows),
+                &|e| mnrl_loss(&e[0], &e[1], &[], 20.0),
+                &vars,
+            )?,
+        };
         opt.step(&grads, 1e-4)?;
         println!(
-            "step {step}: loss {:.4}, {:.1}s, peak RSS {:.2} GiB",
-            sembed::train::loss::value(&loss)?,
+            "step {step}: loss {loss:.4}, {:.1}s, peak RSS {:.2} GiB",
             t.elapsed().as_secs_f64(),
             gib(sembed::train::trainer::peak_rss_bytes().unwrap_or(0))
         );
@@ -109,7 +125,8 @@ fn main() -> sembed::Result<()> {
     let weights_b = base_params * 4;
     let lora_b = lora_params * 4;
     let opt_b = lora_params * 8;
-    let tokens = 2 * pairs * len;
+    // Activations are held for one mini-batch with GradCache, for both columns without.
+    let tokens = cache.map_or(2 * pairs, |m| m.min(pairs)) * len;
     println!("formula: weights {:.2} GiB (f32) + LoRA {:.3} GiB + gradients {:.3} GiB + AdamW {:.3} GiB = {:.2} GiB before activations",
         gib(weights_b), gib(lora_b), gib(lora_b), gib(opt_b), gib(weights_b + 2 * lora_b + opt_b));
     println!("measured peak RSS {:.2} GiB → activations and workspace {:.2} GiB for {tokens} tokens ({:.1} KiB per token per layer)",

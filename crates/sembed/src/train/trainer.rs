@@ -397,11 +397,8 @@ impl Trainer {
         }
     }
 
-    /// GradCache: (1) embed every column in mini-batches of `m` texts and keep only the embeddings,
-    /// detached; (2) the loss over the whole batch on those, and its gradient with respect to each
-    /// embedding; (3) re-run each mini-batch with the graph and back-propagate `Σ e·∂L/∂e` from it,
-    /// summing the parameter gradients. Each mini-batch draws the same dropout masks in (1) and (3)
-    /// (its own seeded generator), so the gradients are those of the loss computed in (2).
+    /// GradCache over the batch's columns (see [`super::cache::grad_cache`]); each mini-batch draws
+    /// its dropout masks from its own seeded generator, the same in both passes.
     fn cached_loss_and_gradients(
         &self,
         examples: &[&Example],
@@ -411,39 +408,15 @@ impl Trainer {
     ) -> Result<(f64, Vec<Option<Tensor>>)> {
         let columns = self.columns(examples)?;
         let seed = self.dropout_seed(micro);
-        let embed_chunk = |col: usize, k: usize, texts: &[String], opts: &EmbedOptions| {
+        let texts: Vec<&[String]> = columns.iter().map(|(t, _)| t.as_slice()).collect();
+        let embed = |col: usize, k: usize, chunk: &[String]| {
             let s = seed
-                ^ ((col as u64 + 1) << 32 | (k as u64 + 1)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+                ^ (((col as u64 + 1) << 32) | (k as u64 + 1)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
             let ctx = std::sync::Arc::new(crate::nn::DropoutCtx::new(self.config.dropout, s));
-            crate::nn::with_dropout(ctx, || self.embedder.embed_tensor(texts, opts))
+            crate::nn::with_dropout(ctx, || self.embedder.embed_tensor(chunk, &columns[col].1))
         };
-        let mut reps = Vec::with_capacity(columns.len());
-        for (c, (texts, opts)) in columns.iter().enumerate() {
-            let mut parts = Vec::new();
-            for (k, chunk) in texts.chunks(m).enumerate() {
-                // Detached: the mini-batch's graph (its activations) is freed right here.
-                parts.push(embed_chunk(c, k, chunk, opts)?.detach());
-            }
-            reps.push(candle_core::Var::from_tensor(&Tensor::cat(&parts, 0)?)?);
-        }
-        let embeddings: Vec<Tensor> = reps.iter().map(|v| v.as_tensor().clone()).collect();
-        let loss = (self.loss_on(&embeddings)? * scale)?;
-        let rep_grads = loss.backward()?;
-        let loss_value = value(&loss)?;
-        drop(loss);
-        let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
-        for (c, (texts, opts)) in columns.iter().enumerate() {
-            let Some(g) = rep_grads.get(reps[c].as_tensor()) else {
-                continue;
-            };
-            for (k, chunk) in texts.chunks(m).enumerate() {
-                let gk = g.narrow(0, k * m, chunk.len())?.detach();
-                let e = embed_chunk(c, k, chunk, opts)?;
-                let surrogate = (e * gk)?.sum_all()?;
-                accumulate(&mut acc, collect(&self.vars, &surrogate.backward()?))?;
-            }
-        }
-        Ok((loss_value, acc))
+        let loss = |e: &[Tensor]| Ok((self.loss_on(e)? * scale)?);
+        super::cache::grad_cache(&texts, m, &embed, &loss, &self.vars)
     }
 
     /// [`Trainer::batch_loss`] with the model's dropout on, its masks drawn from a generator seeded
