@@ -347,6 +347,10 @@ struct TrainArgs {
     /// time. Same gradients; memory grows with N, not with --batch-size.
     #[arg(long, value_name = "N")]
     cache_mini_batch: Option<usize>,
+    /// Activation checkpointing: each layer keeps only its input and is recomputed in the backward
+    /// pass (same gradients, about one forward pass more of time, far less activation memory).
+    #[arg(long)]
+    checkpoint_activations: bool,
     /// Stop after this many optimiser steps (saving a resumable checkpoint).
     #[arg(long)]
     max_steps: Option<u64>,
@@ -682,6 +686,7 @@ fn train(args: TrainArgs) -> Result<()> {
         max_steps: args.max_steps,
         dropout: args.dropout,
         cache_mini_batch: args.cache_mini_batch,
+        checkpoint_activations: args.checkpoint_activations,
         lora: args.lora.then(|| sembed::train::trainer::LoraConfig {
             rank: args.lora_rank,
             alpha: args.lora_alpha,

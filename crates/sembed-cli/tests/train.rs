@@ -58,8 +58,8 @@ fn dump_gradients_match_upstream() {
         ("qwen2-bidir-tiny", vec![]),
         ("jina-v3-tiny", vec!["--task", "retrieval.passage"]),
     ] {
-        // The cached (GradCache) MNRL must give the same gradients as upstream's plain MNRL; the
-        // golden batch of 3 runs in mini-batches of 2 + 1.
+        // The cached (GradCache) MNRL must give the same gradients as upstream's plain MNRL (the
+        // golden batch of 3 runs in mini-batches of 2 + 1); so must checkpointed layers.
         for (run, loss, flags) in [
             (
                 "triplet",
@@ -78,6 +78,19 @@ fn dump_gradients_match_upstream() {
                 "mnrl-cached",
                 "mnrl",
                 vec!["--loss", "mnrl", "--cache-mini-batch", "2"],
+            ),
+            (
+                "triplet-checkpointed",
+                "triplet",
+                vec![
+                    "--loss",
+                    "triplet",
+                    "--distance",
+                    "cosine",
+                    "--margin",
+                    "0.5",
+                    "--checkpoint-activations",
+                ],
             ),
         ] {
             let out = dir.path().join(format!("{model}-{run}.safetensors"));

@@ -69,6 +69,169 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     Ok((x * mask)?)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Activation checkpointing
+
+/// Gradients of the parameters inside checkpointed layers, by tensor id, summed over every
+/// recomputation of a [`with_checkpointing`] run.
+pub type CheckpointGrads = std::collections::HashMap<candle_core::TensorId, Tensor>;
+
+thread_local! {
+    static CHECKPOINT: std::cell::RefCell<Option<CheckpointGrads>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` (a training forward pass and its backward) with activation checkpointing: each layer that
+/// goes through [`checkpoint`] keeps only its input; its activations are recomputed, one layer at a
+/// time, in the backward pass. Returns `f`'s result and the gradients of the parameters inside the
+/// checkpointed layers, which the outer backward does not see: add them to its gradients.
+pub fn with_checkpointing<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, CheckpointGrads)> {
+    let previous = CHECKPOINT.with(|c| c.replace(Some(CheckpointGrads::new())));
+    let out = f();
+    let grads = CHECKPOINT.with(|c| c.replace(previous)).expect("set above");
+    Ok((out?, grads))
+}
+
+static RECOMPUTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many checkpointed layers this process has recomputed in backward passes (reports, tests).
+pub fn recomputed_layers() -> usize {
+    RECOMPUTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether layers are checkpointed on this thread (inside [`with_checkpointing`]).
+pub fn checkpointing() -> bool {
+    CHECKPOINT.with(|c| c.borrow().is_some())
+}
+
+/// A layer as a function of its input, owning what else it reads (weights, mask, rotary tables).
+pub type LayerFn = std::sync::Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// `layer(x)`; inside [`with_checkpointing`], without keeping the layer's activations: they are
+/// recomputed from `x` when the backward pass reaches the layer, with the same dropout masks.
+pub fn checkpoint(x: &Tensor, layer: LayerFn) -> Result<Tensor> {
+    if !checkpointing() {
+        return layer(x);
+    }
+    // The backward pass only reaches an op whose input records gradients. With frozen embeddings
+    // (LoRA) the first layer's input does not: tie it to a zero variable.
+    let x = if x.track_op() {
+        x.clone()
+    } else {
+        let zero = candle_core::Var::zeros((), x.dtype(), x.device())?;
+        x.broadcast_add(zero.as_tensor())?
+    };
+    let dropout = DROPOUT.with(|d| d.borrow().clone()).map(|ctx| {
+        let state = ctx.rng.lock().expect("not poisoned").0;
+        (ctx.p_override, state)
+    });
+    Ok(x.apply_op1(Checkpoint { layer, dropout })?)
+}
+
+struct Checkpoint {
+    layer: LayerFn,
+    /// The dropout override and generator state when the layer first ran, to replay its masks.
+    dropout: Option<(Option<f64>, u64)>,
+}
+
+impl Checkpoint {
+    /// The layer again, with the masks it drew the first time.
+    fn replay(&self, x: &Tensor) -> Result<Tensor> {
+        let ctx = self.dropout.map(|(p, state)| {
+            std::sync::Arc::new(DropoutCtx {
+                p_override: p,
+                rng: std::sync::Mutex::new(crate::rng::SplitMix64(state)),
+            })
+        });
+        let previous = DROPOUT.with(|d| d.replace(ctx));
+        let out = (self.layer)(x);
+        DROPOUT.with(|d| *d.borrow_mut() = previous);
+        out
+    }
+}
+
+fn candle_err(e: crate::error::Error) -> candle_core::Error {
+    match e {
+        crate::error::Error::Candle(c) => c,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
+}
+
+impl candle_core::CustomOp1 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "checkpoint"
+    }
+
+    /// The layer on the input; its graph (the activations) is dropped with the result's.
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        fn run<T: candle_core::WithDType>(
+            s: &[T],
+            layout: &candle_core::Layout,
+            layer: &LayerFn,
+        ) -> candle_core::Result<(Vec<T>, candle_core::Shape)> {
+            let Some((a, b)) = layout.contiguous_offsets() else {
+                return Err(candle_core::Error::Msg(
+                    "checkpoint: non-contiguous input".into(),
+                ));
+            };
+            let x = Tensor::from_slice(&s[a..b], layout.shape(), &Device::Cpu)?;
+            let y = layer(&x).map_err(candle_err)?;
+            let shape = y.shape().clone();
+            Ok((y.flatten_all()?.to_vec1::<T>()?, shape))
+        }
+        Ok(match storage {
+            S::F32(s) => {
+                let (v, sh) = run(s, layout, &self.layer)?;
+                (S::F32(v), sh)
+            }
+            S::F64(s) => {
+                let (v, sh) = run(s, layout, &self.layer)?;
+                (S::F64(v), sh)
+            }
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "checkpoint: training runs in f32 or f64".into(),
+                ))
+            }
+        })
+    }
+
+    /// Recompute the layer with its graph from the saved input, back-propagate the output's
+    /// gradient through it: the input's gradient goes on; the parameters' go to the store.
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        RECOMPUTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let x = candle_core::Var::from_tensor(&arg.detach())?;
+        let y = self.replay(x.as_tensor()).map_err(candle_err)?;
+        let grads = (y * grad_res.detach())?.sum_all()?.backward()?;
+        let gx = grads.get(x.as_tensor()).cloned();
+        CHECKPOINT.with(|c| -> candle_core::Result<()> {
+            if let Some(store) = c.borrow_mut().as_mut() {
+                for id in grads.get_ids() {
+                    if *id == x.as_tensor().id() {
+                        continue;
+                    }
+                    let g = grads.get_id(*id).expect("listed").detach();
+                    match store.remove(id) {
+                        Some(prev) => store.insert(*id, (prev + g)?.detach()),
+                        None => store.insert(*id, g),
+                    };
+                }
+            }
+            Ok(())
+        })?;
+        Ok(gx)
+    }
+}
+
 thread_local! {
     static FAST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }

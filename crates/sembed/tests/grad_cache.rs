@@ -1,6 +1,7 @@
-//! GradCache (`cache_mini_batch`): the cached loss equals the plain loss in value and in the gradient
-//! of every parameter, for every architecture, both losses, uneven mini-batches, full and LoRA
-//! training. (The CLI test `dump_gradients_match_upstream` also checks it against upstream PyTorch.)
+//! GradCache (`cache_mini_batch`) and activation checkpointing (`checkpoint_activations`): each gives
+//! the plain loss's value and the gradient of every parameter, for every architecture, both losses,
+//! uneven mini-batches, full and LoRA training, with dropout on for checkpointing (its masks are
+//! replayed). (The CLI test `dump_gradients_match_upstream` also checks both against upstream PyTorch.)
 
 use sembed::train::data::Example;
 use sembed::train::trainer::{LoraConfig, LossKind, TrainConfig, Trainer};
@@ -55,12 +56,22 @@ fn gradients(
 
 /// Worst per-tensor `max|a − b| / max(max|b|, 1e-3 · global max)` and the loss difference.
 fn compare(model: &str, config: TrainConfig, cache: usize, dtype: DType) -> (f64, f64) {
-    let (plain_loss, plain) = gradients(model, config.clone(), dtype);
     let cached_config = TrainConfig {
         cache_mini_batch: Some(cache),
-        ..config
+        ..config.clone()
     };
-    let (cached_loss, cached) = gradients(model, cached_config, dtype);
+    compare_configs(model, config, cached_config, dtype)
+}
+
+/// [`compare`] for any two settings that must give the same gradients.
+fn compare_configs(
+    model: &str,
+    config: TrainConfig,
+    other: TrainConfig,
+    dtype: DType,
+) -> (f64, f64) {
+    let (plain_loss, plain) = gradients(model, config, dtype);
+    let (cached_loss, cached) = gradients(model, other, dtype);
     let global = plain
         .iter()
         .filter_map(|(_, g)| g.as_ref())
@@ -151,4 +162,75 @@ fn cached_equals_plain_with_lora_and_matryoshka() {
     };
     let (dl, dg) = compare("bert-tiny", mat, 7, DType::F32);
     assert!(dl <= 1e-5 && dg <= 1e-4, "matryoshka: {dl} {dg}");
+}
+
+/// Checkpointed layers give the plain gradients, dropout included: each layer's masks are drawn once
+/// and replayed in its recomputation.
+// One test function: it counts recomputations in a process-wide counter.
+#[test]
+fn checkpointed_equals_plain_with_dropout() {
+    for (model, task) in [
+        ("bert-tiny", None),
+        ("qwen2-bidir-tiny", None),
+        ("qwen3-causal-tiny", None),
+        ("jina-v3-tiny", Some("retrieval.passage")),
+    ] {
+        let config = TrainConfig {
+            task: task.map(str::to_string),
+            dropout: Some(0.1),
+            ..base(MNRL)
+        };
+        let checkpointed = TrainConfig {
+            checkpoint_activations: true,
+            ..config.clone()
+        };
+        let before = sembed::nn::recomputed_layers();
+        let (dl, dg) = compare_configs(model, config.clone(), checkpointed.clone(), DType::F32);
+        // 2 layers, each recomputed once per column (anchors, positives, negatives).
+        assert_eq!(
+            sembed::nn::recomputed_layers() - before,
+            6,
+            "{model}: layers recomputed"
+        );
+        println!("{model} checkpointed: loss {dl:.1e}, gradients {dg:.1e}");
+        assert!(dl <= 1e-6 && dg <= 1e-5, "{model}: {dl} {dg}");
+        // Both at once: GradCache over checkpointed layers (dropout off: GradCache draws its masks
+        // per mini-batch, the plain loss per batch).
+        let plain = TrainConfig {
+            dropout: Some(0.0),
+            ..config
+        };
+        let both = TrainConfig {
+            dropout: Some(0.0),
+            cache_mini_batch: Some(3),
+            ..checkpointed
+        };
+        let (dl, dg) = compare_configs(model, plain, both, DType::F32);
+        assert!(
+            dl <= 1e-5 && dg <= 1e-4,
+            "{model} cached + checkpointed: {dl} {dg}"
+        );
+    }
+    // LoRA: the first layer's input comes from frozen embeddings.
+    let lora = TrainConfig {
+        lora: Some(LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: vec![],
+        }),
+        dropout: Some(0.1),
+        ..base(TRIPLET)
+    };
+    let (dl, dg) = compare_configs(
+        "qwen2-bidir-tiny",
+        lora.clone(),
+        TrainConfig {
+            checkpoint_activations: true,
+            ..lora
+        },
+        DType::F64,
+    );
+    println!("qwen2 LoRA f64 checkpointed: loss {dl:.1e}, gradients {dg:.1e}");
+    assert!(dl <= 1e-12 && dg <= 1e-9, "lora: {dl} {dg}");
 }

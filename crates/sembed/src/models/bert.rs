@@ -35,6 +35,7 @@ impl Activation {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     query: Linear,
     key: Linear,
@@ -102,6 +103,39 @@ impl Bert {
     }
 }
 
+/// What every layer of one batch reads besides its input.
+#[derive(Clone)]
+struct LayerCtx {
+    packing: nn::Packing,
+    bias: Tensor,
+    heads: usize,
+    act: Activation,
+    hidden_dropout: f64,
+    attention_dropout: f64,
+}
+
+fn layer(l: &Layer, x: &Tensor, c: &LayerCtx) -> Result<Tensor> {
+    let (q, k, v) = (l.query.forward(x)?, l.key.forward(x)?, l.value.forward(x)?);
+    let a = nn::attention_packed(
+        &q,
+        &k,
+        &v,
+        &c.packing,
+        c.heads,
+        c.heads,
+        &c.bias,
+        None,
+        c.attention_dropout,
+    )?;
+    let a = nn::dropout(&l.attn_out.forward(&a)?, c.hidden_dropout)?;
+    let x = l.attn_norm.forward(&(a + x)?)?;
+    let m = l
+        .output
+        .forward(&c.act.apply(&l.intermediate.forward(&x)?)?)?;
+    let m = nn::dropout(&m, c.hidden_dropout)?;
+    l.out_norm.forward(&(m + &x)?)
+}
+
 impl Encoder for Bert {
     fn forward(&self, batch: &Batch) -> Result<Tensor> {
         let s = batch.packing.s;
@@ -119,31 +153,21 @@ impl Encoder for Bert {
             &self.emb_norm.forward(&(words + pos)?.broadcast_add(&tt)?)?,
             self.hidden_dropout,
         )?;
-        let bias = nn::attention_bias(&batch.attention_mask, false, nn::MASK_VALUE)?;
+        let c = LayerCtx {
+            packing: batch.packing.clone(),
+            bias: nn::attention_bias(&batch.attention_mask, false, nn::MASK_VALUE)?,
+            heads: self.heads,
+            act: self.act,
+            hidden_dropout: self.hidden_dropout,
+            attention_dropout: self.attention_dropout,
+        };
         for l in &self.layers {
-            let (q, k, v) = (
-                l.query.forward(&x)?,
-                l.key.forward(&x)?,
-                l.value.forward(&x)?,
-            );
-            let a = nn::attention_packed(
-                &q,
-                &k,
-                &v,
-                &batch.packing,
-                self.heads,
-                self.heads,
-                &bias,
-                None,
-                self.attention_dropout,
-            )?;
-            let a = nn::dropout(&l.attn_out.forward(&a)?, self.hidden_dropout)?;
-            x = l.attn_norm.forward(&(a + &x)?)?;
-            let m = l
-                .output
-                .forward(&self.act.apply(&l.intermediate.forward(&x)?)?)?;
-            let m = nn::dropout(&m, self.hidden_dropout)?;
-            x = l.out_norm.forward(&(m + &x)?)?;
+            x = if nn::checkpointing() {
+                let (l, c) = (l.clone(), c.clone());
+                nn::checkpoint(&x, std::sync::Arc::new(move |x| layer(&l, x, &c)))?
+            } else {
+                layer(l, &x, &c)?
+            };
         }
         debug_assert_eq!(x.dims(), &[batch.packing.tokens, self.hidden]);
         Ok(x)

@@ -14,6 +14,7 @@ use candle_core::Tensor;
 /// Jina masks padded keys with this value (not -inf); kept for parity.
 const JINA_MASK: f32 = -10000.0;
 
+#[derive(Clone)]
 struct LoraLinear {
     base: Linear,
     /// `[tasks, rank, in]`
@@ -90,6 +91,7 @@ impl LoraEmbedding {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     wqkv: LoraLinear,
     out_proj: LoraLinear,
@@ -144,6 +146,48 @@ impl Jina {
     }
 }
 
+/// What every layer of one batch reads besides its input.
+#[derive(Clone)]
+struct LayerCtx {
+    packing: nn::Packing,
+    bias: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    task: Option<usize>,
+    heads: usize,
+    hidden: usize,
+    act: Activation,
+    hidden_dropout: f64,
+    attention_dropout: f64,
+}
+
+fn layer(l: &Layer, x: &Tensor, c: &LayerCtx) -> Result<Tensor> {
+    let (t, h, task) = (c.packing.tokens, c.hidden, c.task);
+    // Wqkv output splits as (3, heads, head_dim).
+    let qkv = l.wqkv.forward(x, task)?.reshape((t, 3, h))?;
+    let q = qkv.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+    let k = qkv.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?;
+    let v = qkv.narrow(1, 2, 1)?.squeeze(1)?.contiguous()?;
+    let a = nn::attention_packed(
+        &q,
+        &k,
+        &v,
+        &c.packing,
+        c.heads,
+        c.heads,
+        &c.bias,
+        Some((&c.cos, &c.sin)),
+        c.attention_dropout,
+    )?;
+    let a = nn::dropout(&l.out_proj.forward(&a, task)?, c.hidden_dropout)?;
+    let x = l.norm1.forward(&(x + a)?)?;
+    let m = l
+        .fc2
+        .forward(&c.act.apply(&l.fc1.forward(&x, task)?)?, task)?;
+    let m = nn::dropout(&m, c.hidden_dropout)?;
+    l.norm2.forward(&(x + m)?)
+}
+
 impl Encoder for Jina {
     fn forward(&self, batch: &Batch) -> Result<Tensor> {
         let task = batch.adapter;
@@ -157,7 +201,6 @@ impl Encoder for Jina {
         let heads = self.cfg.num_attention_heads;
         let h = self.cfg.hidden_size;
         let hd = h / heads;
-        let t = batch.packing.tokens;
         let words = self.word.forward(&batch.packed_ids, task)?;
         let tt = self
             .token_type
@@ -168,31 +211,25 @@ impl Encoder for Jina {
         )?;
         let (cos, sin) =
             nn::rope_tables(&batch.positions, hd, self.cfg.rotary_emb_base, x.dtype())?;
-        let bias = nn::attention_bias(&batch.attention_mask, false, JINA_MASK)?;
+        let c = LayerCtx {
+            packing: batch.packing.clone(),
+            bias: nn::attention_bias(&batch.attention_mask, false, JINA_MASK)?,
+            cos,
+            sin,
+            task,
+            heads,
+            hidden: h,
+            act: self.act,
+            hidden_dropout: self.cfg.hidden_dropout_prob,
+            attention_dropout: self.cfg.attention_probs_dropout_prob,
+        };
         for l in &self.layers {
-            // Wqkv output splits as (3, heads, head_dim).
-            let qkv = l.wqkv.forward(&x, task)?.reshape((t, 3, h))?;
-            let q = qkv.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
-            let k = qkv.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?;
-            let v = qkv.narrow(1, 2, 1)?.squeeze(1)?.contiguous()?;
-            let a = nn::attention_packed(
-                &q,
-                &k,
-                &v,
-                &batch.packing,
-                heads,
-                heads,
-                &bias,
-                Some((&cos, &sin)),
-                self.cfg.attention_probs_dropout_prob,
-            )?;
-            let a = nn::dropout(&l.out_proj.forward(&a, task)?, self.cfg.hidden_dropout_prob)?;
-            x = l.norm1.forward(&(x + a)?)?;
-            let m = l
-                .fc2
-                .forward(&self.act.apply(&l.fc1.forward(&x, task)?)?, task)?;
-            let m = nn::dropout(&m, self.cfg.hidden_dropout_prob)?;
-            x = l.norm2.forward(&(x + m)?)?;
+            x = if nn::checkpointing() {
+                let (l, c) = (l.clone(), c.clone());
+                nn::checkpoint(&x, std::sync::Arc::new(move |x| layer(&l, x, &c)))?
+            } else {
+                layer(l, &x, &c)?
+            };
         }
         Ok(x)
     }

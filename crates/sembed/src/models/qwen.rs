@@ -9,6 +9,7 @@ use crate::nn::{self, Linear, RmsNorm};
 use crate::weights::Weights;
 use candle_core::Tensor;
 
+#[derive(Clone)]
 struct Layer {
     input_norm: RmsNorm,
     q: Linear,
@@ -73,46 +74,73 @@ impl Qwen {
     }
 }
 
+/// What every layer of one batch reads besides its input.
+#[derive(Clone)]
+struct LayerCtx {
+    cfg: QwenConfig,
+    packing: nn::Packing,
+    bias: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn layer(l: &Layer, x: &Tensor, c: &LayerCtx) -> Result<Tensor> {
+    let cfg = &c.cfg;
+    let (nq, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let t = c.packing.tokens;
+    let hs = l.input_norm.forward(x)?;
+    let mut q = l.q.forward(&hs)?;
+    let mut k = l.k.forward(&hs)?;
+    let v = l.v.forward(&hs)?;
+    if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+        q = qn
+            .forward(&q.reshape((t, nq, hd))?)?
+            .reshape((t, nq * hd))?;
+        k = kn
+            .forward(&k.reshape((t, nkv, hd))?)?
+            .reshape((t, nkv * hd))?;
+    }
+    let a = nn::attention_packed(
+        &q,
+        &k,
+        &v,
+        &c.packing,
+        nq,
+        nkv,
+        &c.bias,
+        Some((&c.cos, &c.sin)),
+        cfg.attention_dropout,
+    )?;
+    let x = (x + l.o.forward(&a)?)?;
+    let hs = l.post_norm.forward(&x)?;
+    let m = (l.gate.forward(&hs)?.silu()? * l.up.forward(&hs)?)?;
+    Ok((x + l.down.forward(&m)?)?)
+}
+
 impl Encoder for Qwen {
     fn forward(&self, batch: &Batch) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (nq, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let t = batch.packing.tokens;
         let mut x = nn::embedding(&self.embed, &batch.packed_ids)?;
-        let (cos, sin) = nn::rope_tables(&batch.positions, hd, cfg.rope_theta, x.dtype())?;
-        let bias = nn::attention_bias(&batch.attention_mask, cfg.causal, nn::MASK_VALUE)?;
+        let (cos, sin) =
+            nn::rope_tables(&batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype())?;
+        let c = LayerCtx {
+            cfg: cfg.clone(),
+            packing: batch.packing.clone(),
+            bias: nn::attention_bias(&batch.attention_mask, cfg.causal, nn::MASK_VALUE)?,
+            cos,
+            sin,
+        };
         for l in &self.layers {
-            let hs = l.input_norm.forward(&x)?;
-            let mut q = l.q.forward(&hs)?;
-            let mut k = l.k.forward(&hs)?;
-            let v = l.v.forward(&hs)?;
-            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                q = qn
-                    .forward(&q.reshape((t, nq, hd))?)?
-                    .reshape((t, nq * hd))?;
-                k = kn
-                    .forward(&k.reshape((t, nkv, hd))?)?
-                    .reshape((t, nkv * hd))?;
-            }
-            let a = nn::attention_packed(
-                &q,
-                &k,
-                &v,
-                &batch.packing,
-                nq,
-                nkv,
-                &bias,
-                Some((&cos, &sin)),
-                cfg.attention_dropout,
-            )?;
-            x = (x + l.o.forward(&a)?)?;
-            let hs = l.post_norm.forward(&x)?;
-            let m = (l.gate.forward(&hs)?.silu()? * l.up.forward(&hs)?)?;
-            x = (x + l.down.forward(&m)?)?;
+            x = if nn::checkpointing() {
+                let (l, c) = (l.clone(), c.clone());
+                nn::checkpoint(&x, std::sync::Arc::new(move |x| layer(&l, x, &c)))?
+            } else {
+                layer(l, &x, &c)?
+            };
         }
         self.norm.forward(&x)
     }

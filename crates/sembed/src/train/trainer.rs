@@ -54,6 +54,11 @@ pub struct TrainConfig {
     /// gradients through. Same gradients as the plain loss; memory bounded by the mini-batch.
     #[serde(default)]
     pub cache_mini_batch: Option<usize>,
+    /// Activation checkpointing: each transformer layer keeps only its input in the forward pass
+    /// and is recomputed, with the same dropout masks, when the backward pass reaches it. Same
+    /// gradients; activation memory of one layer instead of all.
+    #[serde(default)]
+    pub checkpoint_activations: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -86,6 +91,7 @@ impl Default for TrainConfig {
             lora: None,
             dropout: None,
             cache_mini_batch: None,
+            checkpoint_activations: false,
         }
     }
 }
@@ -382,6 +388,27 @@ impl Trainer {
     /// The loss (times `scale`) of one batch and the gradient of every variable, in training mode:
     /// plainly, or through GradCache when `cache_mini_batch` is set.
     pub fn loss_and_gradients(
+        &self,
+        examples: &[&Example],
+        micro: usize,
+        scale: f64,
+    ) -> Result<(f64, Vec<Option<Tensor>>)> {
+        if !self.config.checkpoint_activations {
+            return self.loss_and_gradients_of(examples, micro, scale);
+        }
+        let ((loss, mut grads), inside) =
+            crate::nn::with_checkpointing(|| self.loss_and_gradients_of(examples, micro, scale))?;
+        // The parameters inside the checkpointed layers got their gradients in the recomputations.
+        let inner: Vec<Option<Tensor>> = self
+            .vars
+            .iter()
+            .map(|(_, v)| inside.get(&v.as_tensor().id()).cloned())
+            .collect();
+        accumulate(&mut grads, inner)?;
+        Ok((loss, grads))
+    }
+
+    fn loss_and_gradients_of(
         &self,
         examples: &[&Example],
         micro: usize,
