@@ -5,7 +5,9 @@
 //!     cargo run --release -p sembed --example lora_memory -- ../shared/real-configs/qodo-embed-1-1.5b/config.json [PAIRS] [LEN] [STEPS] [CACHE]
 //!
 //! With CACHE, each step runs GradCache (`sembed train --cache-mini-batch CACHE`): the sequences are
-//! embedded CACHE at a time, and activations are held for CACHE sequences only.
+//! embedded CACHE at a time, and activations are held for CACHE sequences only. With
+//! `SEMBED_CHECKPOINT=1`, layers are checkpointed too (`--checkpoint-activations`): each keeps its
+//! input, and one layer's activations at a time are recomputed in the backward pass.
 
 use candle_core::{DType, Tensor};
 use sembed::config::{Architecture, Pooling};
@@ -37,6 +39,7 @@ fn main() -> sembed::Result<()> {
     let len: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(256);
     let steps: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(3);
     let cache: Option<usize> = args.get(5).and_then(|s| s.parse().ok());
+    let checkpoint = std::env::var("SEMBED_CHECKPOINT").is_ok_and(|v| v == "1");
     let arch = Architecture::from_file(&config)?;
     let Architecture::Qwen(cfg) = &arch else {
         panic!("expects a Qwen2 config")
@@ -98,21 +101,37 @@ fn main() -> sembed::Result<()> {
             )
         };
         let (anchors, positives) = (ids(pairs), ids(pairs));
-        let (loss, grads) = match cache {
-            None => {
-                let a = embed(&anchors)?;
-                let p = embed(&positives)?;
-                let loss = mnrl_loss(&a, &p, &[], 20.0)?;
-                let grads = collect(&vars, &loss.backward()?);
-                (sembed::train::loss::value(&loss)?, grads)
+        let run = || -> sembed::Result<(f64, Vec<Option<Tensor>>)> {
+            Ok(match cache {
+                None => {
+                    let a = embed(&anchors)?;
+                    let p = embed(&positives)?;
+                    let loss = mnrl_loss(&a, &p, &[], 20.0)?;
+                    let grads = collect(&vars, &loss.backward()?);
+                    (sembed::train::loss::value(&loss)?, grads)
+                }
+                Some(m) => sembed::train::cache::grad_cache(
+                    &[anchors.as_slice(), positives.as_slice()],
+                    m,
+                    &|_, _, rows| embed(rows),
+                    &|e| mnrl_loss(&e[0], &e[1], &[], 20.0),
+                    &vars,
+                )?,
+            })
+        };
+        let (loss, grads) = if checkpoint {
+            let ((loss, mut grads), inside) = sembed::nn::with_checkpointing(run)?;
+            for (g, (_, v)) in grads.iter_mut().zip(&vars) {
+                if let Some(extra) = inside.get(&v.as_tensor().id()) {
+                    *g = Some(match g.take() {
+                        Some(a) => (a + extra)?,
+                        None => extra.clone(),
+                    });
+                }
             }
-            Some(m) => sembed::train::cache::grad_cache(
-                &[anchors.as_slice(), positives.as_slice()],
-                m,
-                &|_, _, rows| embed(rows),
-                &|e| mnrl_loss(&e[0], &e[1], &[], 20.0),
-                &vars,
-            )?,
+            (loss, grads)
+        } else {
+            run()?
         };
         opt.step(&grads, 1e-4)?;
         println!(
@@ -127,6 +146,11 @@ fn main() -> sembed::Result<()> {
     let opt_b = lora_params * 8;
     // Activations are held for one mini-batch with GradCache, for both columns without.
     let tokens = cache.map_or(2 * pairs, |m| m.min(pairs)) * len;
+    if checkpoint {
+        let inputs = tokens * cfg.num_hidden_layers * cfg.hidden_size * 4;
+        println!("checkpointed: layer inputs {:.3} GiB ({tokens} tokens × {} layers × {} × 4 bytes); the rest is one layer's activations and workspace",
+            gib(inputs), cfg.num_hidden_layers, cfg.hidden_size);
+    }
     println!("formula: weights {:.2} GiB (f32) + LoRA {:.3} GiB + gradients {:.3} GiB + AdamW {:.3} GiB = {:.2} GiB before activations",
         gib(weights_b), gib(lora_b), gib(lora_b), gib(opt_b), gib(weights_b + 2 * lora_b + opt_b));
     println!("measured peak RSS {:.2} GiB → activations and workspace {:.2} GiB for {tokens} tokens ({:.1} KiB per token per layer)",
