@@ -33,6 +33,13 @@ mod mimalloc_options;
 
 fn main() -> sembed::Result<()> {
     mimalloc_options::tune();
+    if let Some(ms) = std::env::var("SEMBED_PURGE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        // SAFETY: a plain setter of mimalloc's global options (15 = purge_delay, ms).
+        unsafe { libmimalloc_sys::mi_option_set(15, ms) };
+    }
     let args: Vec<String> = std::env::args().collect();
     let config = std::path::PathBuf::from(args.get(1).expect("path to config.json"));
     let pairs: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2);

@@ -211,18 +211,26 @@ impl candle_core::CustomOp1 for Checkpoint {
         RECOMPUTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let x = candle_core::Var::from_tensor(&arg.detach())?;
         let y = self.replay(x.as_tensor()).map_err(candle_err)?;
+        // The trainable tensors this layer reads. The backward pass also leaves gradients for the
+        // constants it met (frozen weights, tables, masks); keeping those would hold memory per layer.
+        let params: Vec<candle_core::TensorId> = y
+            .sorted_nodes()
+            .into_iter()
+            .filter(|t| t.is_variable() && t.id() != x.as_tensor().id())
+            .map(|t| t.id())
+            .collect();
         let grads = (y * grad_res.detach())?.sum_all()?.backward()?;
-        let gx = grads.get(x.as_tensor()).cloned();
+        // Detached: the gradient would otherwise carry the recomputed layer's whole backward graph
+        // into the outer pass, and every layer's would stay alive until it ends.
+        let gx = grads.get(x.as_tensor()).map(Tensor::detach);
         CHECKPOINT.with(|c| -> candle_core::Result<()> {
             if let Some(store) = c.borrow_mut().as_mut() {
-                for id in grads.get_ids() {
-                    if *id == x.as_tensor().id() {
-                        continue;
-                    }
-                    let g = grads.get_id(*id).expect("listed").detach();
-                    match store.remove(id) {
-                        Some(prev) => store.insert(*id, (prev + g)?.detach()),
-                        None => store.insert(*id, g),
+                for id in params {
+                    let Some(g) = grads.get_id(id) else { continue };
+                    let g = g.detach();
+                    match store.remove(&id) {
+                        Some(prev) => store.insert(id, (prev + g)?.detach()),
+                        None => store.insert(id, g),
                     };
                 }
             }
