@@ -24,11 +24,10 @@ fn examples() -> Vec<Example> {
         .collect()
 }
 
-fn gradients(
-    model: &str,
-    config: TrainConfig,
-    dtype: DType,
-) -> (f64, Vec<(String, Option<Vec<f64>>)>) {
+/// Each variable's name and gradient (None: the loss does not reach it).
+type Named = Vec<(String, Option<Vec<f64>>)>;
+
+fn gradients(model: &str, config: TrainConfig, dtype: DType) -> (f64, Named) {
     let t = Trainer::new(&fixture(model), config, dtype, false).unwrap();
     let ex = examples();
     let refs: Vec<&Example> = ex.iter().collect();

@@ -6,6 +6,9 @@ use crate::error::Result;
 use crate::weights::NamedVars;
 use candle_core::{Tensor, Var};
 
+/// Embeds mini-batch `k` of column `c`: `(c, k, inputs)` → `[inputs, d]`.
+pub type EmbedChunk<'a, T> = &'a dyn Fn(usize, usize, &[T]) -> Result<Tensor>;
+
 /// The loss over `columns` (each a list of inputs embedded together, e.g. anchors, positives) and
 /// the gradient of every variable in `vars`, in three passes:
 ///
@@ -20,7 +23,7 @@ use candle_core::{Tensor, Var};
 pub fn grad_cache<T>(
     columns: &[&[T]],
     m: usize,
-    embed: &dyn Fn(usize, usize, &[T]) -> Result<Tensor>,
+    embed: EmbedChunk<'_, T>,
     loss: &dyn Fn(&[Tensor]) -> Result<Tensor>,
     vars: &NamedVars,
 ) -> Result<(f64, Vec<Option<Tensor>>)> {
