@@ -167,36 +167,8 @@ impl candle_core::CustomOp1 for Checkpoint {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        fn run<T: candle_core::WithDType>(
-            s: &[T],
-            layout: &candle_core::Layout,
-            layer: &LayerFn,
-        ) -> candle_core::Result<(Vec<T>, candle_core::Shape)> {
-            let Some((a, b)) = layout.contiguous_offsets() else {
-                return Err(candle_core::Error::Msg(
-                    "checkpoint: non-contiguous input".into(),
-                ));
-            };
-            let x = Tensor::from_slice(&s[a..b], layout.shape(), &Device::Cpu)?;
-            let y = layer(&x).map_err(candle_err)?;
-            let shape = y.shape().clone();
-            Ok((y.flatten_all()?.to_vec1::<T>()?, shape))
-        }
-        Ok(match storage {
-            S::F32(s) => {
-                let (v, sh) = run(s, layout, &self.layer)?;
-                (S::F32(v), sh)
-            }
-            S::F64(s) => {
-                let (v, sh) = run(s, layout, &self.layer)?;
-                (S::F64(v), sh)
-            }
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "checkpoint: training runs in f32 or f64".into(),
-                ))
-            }
+        cpu_apply("checkpoint", storage, layout, &|x| {
+            (self.layer)(x).map_err(candle_err)
         })
     }
 
@@ -288,6 +260,50 @@ pub struct FrozenMatmul {
     weight: Tensor,
 }
 
+/// A custom op's CPU forward as tensor code: `f` on the (contiguous) input, its result as storage.
+fn cpu_apply(
+    op: &str,
+    storage: &candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    use candle_core::CpuStorage as S;
+    fn run<T: candle_core::WithDType>(
+        op: &str,
+        s: &[T],
+        layout: &candle_core::Layout,
+        f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<(Vec<T>, candle_core::Shape)> {
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            return Err(candle_core::Error::Msg(format!(
+                "{op}: non-contiguous input"
+            )));
+        };
+        let y = f(&Tensor::from_slice(&s[a..b], layout.shape(), &Device::Cpu)?)?;
+        let shape = y.shape().clone();
+        Ok((y.flatten_all()?.to_vec1::<T>()?, shape))
+    }
+    Ok(match storage {
+        S::F32(s) => {
+            let (v, sh) = run(op, s, layout, f)?;
+            (S::F32(v), sh)
+        }
+        S::F64(s) => {
+            let (v, sh) = run(op, s, layout, f)?;
+            (S::F64(v), sh)
+        }
+        S::F16(s) => {
+            let (v, sh) = run(op, s, layout, f)?;
+            (S::F16(v), sh)
+        }
+        S::BF16(s) => {
+            let (v, sh) = run(op, s, layout, f)?;
+            (S::BF16(v), sh)
+        }
+        _ => return Err(candle_core::Error::Msg(format!("{op}: unsupported dtype"))),
+    })
+}
+
 impl candle_core::CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -298,46 +314,8 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        fn run<T: candle_core::WithDType>(
-            s: &[T],
-            layout: &candle_core::Layout,
-            w: &Tensor,
-        ) -> candle_core::Result<(Vec<T>, candle_core::Shape)> {
-            let x = match layout.contiguous_offsets() {
-                Some((a, b)) => Tensor::from_slice(&s[a..b], layout.shape(), &Device::Cpu)?,
-                None => {
-                    return Err(candle_core::Error::Msg(
-                        "frozen-matmul: non-contiguous input".into(),
-                    ))
-                }
-            };
-            let y = x.matmul(&w.t()?)?;
-            let shape = y.shape().clone();
-            Ok((y.flatten_all()?.to_vec1::<T>()?, shape))
-        }
-        Ok(match storage {
-            S::F32(s) => {
-                let (v, sh) = run(s, layout, &self.weight)?;
-                (S::F32(v), sh)
-            }
-            S::F64(s) => {
-                let (v, sh) = run(s, layout, &self.weight)?;
-                (S::F64(v), sh)
-            }
-            S::F16(s) => {
-                let (v, sh) = run(s, layout, &self.weight)?;
-                (S::F16(v), sh)
-            }
-            S::BF16(s) => {
-                let (v, sh) = run(s, layout, &self.weight)?;
-                (S::BF16(v), sh)
-            }
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "frozen-matmul: unsupported dtype".into(),
-                ))
-            }
+        cpu_apply("frozen-matmul", storage, layout, &|x| {
+            x.matmul(&self.weight.t()?)
         })
     }
 
