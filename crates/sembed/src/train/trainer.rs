@@ -386,7 +386,8 @@ impl Trainer {
     }
 
     /// The loss (times `scale`) of one batch and the gradient of every variable, in training mode:
-    /// plainly, or through GradCache when `cache_mini_batch` is set.
+    /// plainly, or through GradCache when `cache_mini_batch` is set, with checkpointed layers when
+    /// `checkpoint_activations` is.
     pub fn loss_and_gradients(
         &self,
         examples: &[&Example],
