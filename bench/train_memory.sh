@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Training memory and time, MiniLM, side by side in one run: 640 (docstring → function) pairs mined
-# from the Python standard library, MNRL, batch 32, max length 128, one epoch, 2 threads; sembed plain
-# and with GradCache (--cache-mini-batch), sentence-transformers' MNRL and CachedMNRL.
+# from the Python standard library, MNRL, batch 32, max length 128, one epoch, 2 threads; sembed plain,
+# with GradCache (--cache-mini-batch), with checkpointed layers and with both; sentence-transformers'
+# MNRL and CachedMNRL.
 #   bench/train_memory.sh PYTHON   (a Python with bench/requirements.txt installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +24,7 @@ sembed_run() {
 grep -m1 "model name" /proc/cpuinfo
 RAYON_NUM_THREADS=2 sembed_run "sembed MNRL"
 RAYON_NUM_THREADS=2 sembed_run "sembed MNRL --cache-mini-batch 8" --cache-mini-batch 8
+RAYON_NUM_THREADS=2 sembed_run "sembed MNRL --checkpoint-activations" --checkpoint-activations
+RAYON_NUM_THREADS=2 sembed_run "sembed MNRL --cache-mini-batch 8 --checkpoint-activations" --cache-mini-batch 8 --checkpoint-activations
 "$PY" bench/train_epoch_st.py "$work/pairs.jsonl" "$model" 2 2>/dev/null
 "$PY" bench/train_epoch_st.py "$work/pairs.jsonl" "$model" 2 8 2>/dev/null
