@@ -5,7 +5,7 @@
 //! attention mask values, the model's own pooling and normalisation. Inputs are `input_ids` and
 //! `attention_mask` (int64, `[batch, sequence]`); outputs are `last_hidden_state`
 //! (`[batch, sequence, hidden]`, what sentence-transformers' ONNX backend pools) and
-//! `sentence_embedding` (`[batch, hidden]`, pooled and normalised as the model says).
+//! `sentence_embedding` (`[batch, hidden]`, pooled as the model says and L2-normalised).
 //!
 //! LoRA adapters (a PEFT folder from `sembed train --lora`) are merged into the weights. Jina v3's task
 //! adapters are merged for `--task T`; without it every task stays selectable by a scalar int64
@@ -124,12 +124,10 @@ pub fn export(model: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportRe
         Axis::Fixed(hidden),
     ];
     b.g.output(&x, "last_hidden_state", DataType::Float, &dyn3);
+    // Normalised always, as sembed's vectors are by default (and TEI's); sentence-transformers, which
+    // pools `last_hidden_state` itself, normalises when the model's modules say so.
     let pooled = b.pool(&x, &mask, folder.sentence.pooling);
-    let pooled = if folder.sentence.normalize {
-        b.normalize(&pooled)
-    } else {
-        pooled
-    };
+    let pooled = b.normalize(&pooled);
     b.g.output(
         &pooled,
         "sentence_embedding",
@@ -165,10 +163,6 @@ pub fn export(model: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportRe
         (
             "sembed.pooling".to_string(),
             format!("{:?}", folder.sentence.pooling),
-        ),
-        (
-            "sembed.normalize".to_string(),
-            folder.sentence.normalize.to_string(),
         ),
         (
             "sembed.precision".to_string(),
@@ -1005,8 +999,24 @@ impl Builder {
         let m3 = self.op("Unsqueeze", &[&m, &a2]); // [B, S, 1]
         match pooling {
             Pooling::Cls => {
-                let zero = self.g.int(0);
-                self.g.op("Gather", &[x, &zero], vec![attr_int("axis", 1)])
+                // The first real token of each row (position 0 when padded on the right, as
+                // sentence-transformers takes it; sembed takes the first real token on either side).
+                let r = self.range(mask);
+                let rf = self
+                    .g
+                    .op("Cast", &[&r], vec![attr_int("to", DataType::Float as i64)]);
+                let one = self.g.scalar(1.0);
+                let pad = self.op("Sub", &[&one, &m]);
+                let big = self.g.scalar(1e9);
+                let pad = self.op("Mul", &[&pad, &big]);
+                let idx = self.op("Mul", &[&m, &rf]);
+                let idx = self.op("Add", &[&idx, &pad]);
+                let first = self.g.op(
+                    "ReduceMin",
+                    &[&idx],
+                    vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)],
+                ); // [B, 1]
+                self.one_hot_sum(x, &rf, &first)
             }
             Pooling::Mean | Pooling::MeanSqrtLen => {
                 let xm = self.op("Mul", &[x, &m3]);
@@ -1048,18 +1058,26 @@ impl Builder {
                     &[&idx],
                     vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)],
                 ); // [B, 1]
-                let hot = self.op("Equal", &[&rf, &last]); // [B, S]
-                let hot = self.g.op(
-                    "Cast",
-                    &[&hot],
-                    vec![attr_int("to", DataType::Float as i64)],
-                );
-                let hot = self.op("Unsqueeze", &[&hot, &a2]);
-                let xh = self.op("Mul", &[x, &hot]);
-                self.g
-                    .op("ReduceSum", &[&xh, &a1], vec![attr_int("keepdims", 0)])
+                self.one_hot_sum(x, &rf, &last)
             }
         }
+    }
+
+    /// `x [B, S, H]` at sequence position `pos [B, 1]` (float) of each row, as a one-hot sum over
+    /// `positions [S]` (exact: one term is the row, the others are zeros).
+    fn one_hot_sum(&mut self, x: &str, positions: &str, pos: &str) -> String {
+        let hot = self.op("Equal", &[positions, pos]); // [B, S]
+        let hot = self.g.op(
+            "Cast",
+            &[&hot],
+            vec![attr_int("to", DataType::Float as i64)],
+        );
+        let a2 = self.g.ints(&[2]);
+        let a1 = self.g.ints(&[1]);
+        let hot = self.op("Unsqueeze", &[&hot, &a2]);
+        let xh = self.op("Mul", &[x, &hot]);
+        self.g
+            .op("ReduceSum", &[&xh, &a1], vec![attr_int("keepdims", 0)])
     }
 
     /// `x / max(‖x‖₂, 1e-12)` per row (`torch.nn.functional.normalize`).

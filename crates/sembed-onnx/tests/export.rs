@@ -493,3 +493,63 @@ fn onnx_checker_accepts_exports_and_inspect_reads_its_external_data() {
         }
     }
 }
+
+/// Every pooling sentence-transformers offers that sembed runs (CLS, max, mean over √length, and
+/// no normalisation), on copies of the tiny BERT with its 1_Pooling and modules.json changed.
+#[test]
+fn every_pooling_matches_onnx_runtime() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    for (mode, normalize) in [
+        ("cls", true),
+        ("max", true),
+        ("mean_sqrt_len_tokens", true),
+        ("mean", false),
+    ] {
+        let model = tmp.path().join(format!("bert-{mode}-{normalize}"));
+        std::fs::create_dir_all(model.join("1_Pooling")).unwrap();
+        for f in std::fs::read_dir(fixture("bert-tiny")).unwrap() {
+            let f = f.unwrap();
+            if f.file_type().unwrap().is_file() {
+                std::fs::copy(f.path(), model.join(f.file_name())).unwrap();
+            }
+        }
+        std::fs::write(
+            model.join("1_Pooling/config.json"),
+            json!({"word_embedding_dimension": 32, "pooling_mode": mode}).to_string(),
+        )
+        .unwrap();
+        let mut modules = json!([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
+        ]);
+        if normalize {
+            modules.as_array_mut().unwrap().push(json!({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}));
+        }
+        std::fs::write(model.join("modules.json"), modules.to_string()).unwrap();
+        let out = tmp.path().join(format!("onnx-{mode}-{normalize}"));
+        export(&model, &out, &ExportOptions::default()).unwrap();
+        let p = compare(&py, &model, &onnx_of(&out), &EmbedOptions::default(), None);
+        println!("pooling {mode}, normalize {normalize}: {p:?}");
+        assert!(p.sentence <= 1e-5 && p.tokens <= 1e-5, "{mode}: {p:?}");
+        // The written pooling config says the same.
+        let pool: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("1_Pooling/config.json")).unwrap(),
+        )
+        .unwrap();
+        let key = format!(
+            "pooling_mode_{}",
+            if mode == "mean" {
+                "mean_tokens"
+            } else if mode == "cls" {
+                "cls_token"
+            } else if mode == "max" {
+                "max_tokens"
+            } else {
+                mode
+            }
+        );
+        assert_eq!(pool[&key], true, "{key}");
+        assert_eq!(out.join("2_Normalize").is_dir(), normalize);
+    }
+}
