@@ -139,6 +139,25 @@ fn external_error(dir: &Path, model: &Path) -> String {
     }
 }
 
+/// Rewrite `key` of the first externally stored initializer of the model `bytes` into `model`.
+fn set_external(model: &Path, bytes: &[u8], key: &str, value: &str) {
+    let mut m = sembed_onnx::inspect::decode(bytes, model).unwrap();
+    let t = m
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| !t.external_data.is_empty())
+        .unwrap();
+    for kv in t.external_data.iter_mut() {
+        if kv.key == key {
+            kv.value = value.into();
+        }
+    }
+    std::fs::write(model, m.encode_to_vec()).unwrap();
+}
+
 #[test]
 fn damaged_external_data_is_a_clear_error() {
     // Missing file.
@@ -157,34 +176,10 @@ fn damaged_external_data_is_a_clear_error() {
     // An offset past the end of the file.
     let (dir, model) = exported("qwen3-causal-tiny", true);
     let bytes = std::fs::read(&model).unwrap();
-    let mut m = sembed_onnx::inspect::decode(&bytes, &model).unwrap();
-    let g = m.graph.as_mut().unwrap();
-    let t = g
-        .initializer
-        .iter_mut()
-        .find(|t| !t.external_data.is_empty())
-        .unwrap();
-    for kv in t.external_data.iter_mut() {
-        if kv.key == "offset" {
-            kv.value = "999999999".into();
-        }
-    }
-    std::fs::write(&model, m.encode_to_vec()).unwrap();
+    set_external(&model, &bytes, "offset", "999999999");
     assert!(external_error(dir.path(), &model).contains("past the end"));
     // A location outside the model's folder.
-    let mut m = sembed_onnx::inspect::decode(&bytes, &model).unwrap();
-    let g = m.graph.as_mut().unwrap();
-    let t = g
-        .initializer
-        .iter_mut()
-        .find(|t| !t.external_data.is_empty())
-        .unwrap();
-    for kv in t.external_data.iter_mut() {
-        if kv.key == "location" {
-            kv.value = "../../etc/passwd".into();
-        }
-    }
-    std::fs::write(&model, m.encode_to_vec()).unwrap();
+    set_external(&model, &bytes, "location", "../../etc/passwd");
     let e = inspect(&model).unwrap_err().to_string();
     assert!(e.contains("inside the model's folder"), "{e}");
 }
