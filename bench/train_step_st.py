@@ -1,5 +1,10 @@
-"""One sentence-transformers training step (forward, backward, clip, AdamW) on 16 triplets,
-TripletLoss (euclidean, margin 5), max length 128 — the peer of sembed's train_step example."""
+"""sentence-transformers' training steps (forward, backward, clip, AdamW), the peer of sembed's
+train_step example: `mnrl` (MultipleNegativesRankingLoss, batch 32 pairs, the default) or `triplet`
+(TripletLoss, euclidean, margin 5, 16 triplets), max length 128, dropout on. Batch i is rows
+[i·B, (i+1)·B); batch 0 warms up, batches 1..=STEPS are timed, as in the example.
+
+    python bench/train_step_st.py DATA.jsonl MODEL_DIR THREADS [mnrl|triplet] [STEPS]
+"""
 import json
 import sys
 import time
@@ -11,31 +16,35 @@ from sentence_transformers import SentenceTransformer, losses
 def main():
     data, model_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else torch.get_num_threads())
-    rows = [json.loads(l) for l in open(data)][:16]
+    mode = sys.argv[4] if len(sys.argv) > 4 else "mnrl"
+    steps = int(sys.argv[5]) if len(sys.argv) > 5 else 3
+    rows = [json.loads(l) for l in open(data)]
     model = SentenceTransformer(model_dir, device="cpu")
     model.max_seq_length = 128
-    loss_fn = losses.TripletLoss(model)
+    if mode == "triplet":
+        size, keys, loss_fn = 16, ["anchor", "positive", "negative"], losses.TripletLoss(model)
+    else:
+        size, keys, loss_fn = 32, ["anchor", "positive"], losses.MultipleNegativesRankingLoss(model)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
     model.train()
 
-    def features(texts):
-        return model.tokenize(texts)
+    def batch(i):
+        b = rows[i * size : (i + 1) * size]
+        return [model.tokenize([r[k] for r in b]) for k in keys]
 
-    cols = [features([r["anchor"] for r in rows]), features([r["positive"] for r in rows]), features([r["negative"] for r in rows])]
-
-    def step():
+    def step(cols):
         opt.zero_grad()
         loss = loss_fn(cols, None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    step()
-    n = 3
+    step(batch(0))
     t = time.perf_counter()
-    for _ in range(n):
-        step()
-    print(json.dumps({"engine": "sentence-transformers", "seconds_per_step": (time.perf_counter() - t) / n, "triplets": len(rows), "torch": torch.__version__}))
+    for i in range(1, steps + 1):
+        step(batch(i))
+    print(json.dumps({"engine": "sentence-transformers", "mode": mode, "batch": size, "steps": steps,
+                      "seconds_per_step": (time.perf_counter() - t) / steps, "torch": torch.__version__}))
 
 
 if __name__ == "__main__":

@@ -19,34 +19,60 @@ mod mimalloc_options;
 fn main() -> sembed::Result<()> {
     mimalloc_options::tune();
     let args: Vec<String> = std::env::args().collect();
-    let data = std::path::PathBuf::from(args.get(1).expect("triplets jsonl"));
+    let data = std::path::PathBuf::from(args.get(1).expect("pairs or triplets jsonl"));
     let dir = match args.get(2) {
         Some(d) => std::path::PathBuf::from(d),
         None => sembed::hub::default_model_dir()?,
     };
+    // `mnrl` (the default: in-batch negatives, batch 32) or `triplet` (16 triplets, euclidean).
+    let mode = args.get(3).map(String::as_str).unwrap_or("mnrl");
+    let steps: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(3);
     let examples = read_examples(&data)?;
-    let batch: Vec<_> = examples.iter().take(16).collect();
+    let (loss, batch_size) = match mode {
+        "triplet" => (
+            LossKind::Triplet {
+                cosine: false,
+                margin: 5.0,
+            },
+            16,
+        ),
+        _ => (LossKind::Mnrl { scale: 20.0 }, 32),
+    };
     let config = TrainConfig {
-        loss: LossKind::Triplet {
-            cosine: false,
-            margin: 5.0,
-        },
+        loss,
         max_length: Some(128),
-        batch_size: 16,
+        batch_size,
         ..Default::default()
     };
     let mut trainer = Trainer::new(&dir, config, sembed::DType::F32, false)?;
-    trainer.step(&batch, 2e-5)?; // warm-up
-    let n = 3;
+    // Batch i is examples [i·B, (i+1)·B): the warm-up step runs batch 0, the timed ones 1..=steps.
+    let batch = |i: usize| -> Vec<_> {
+        examples
+            .iter()
+            .skip(i * batch_size)
+            .take(batch_size)
+            .collect()
+    };
+    trainer.step(&batch(0), 2e-5)?; // warm-up
+    let (mut fwd, mut bwd, mut opt) = (0.0, 0.0, 0.0);
     let t = Instant::now();
-    for _ in 0..n {
-        trainer.step(&batch, 2e-5)?;
+    for i in 1..=steps {
+        let p = trainer.profile_step(&batch(i), 2e-5)?;
+        fwd += p.forward_s;
+        bwd += p.backward_s;
+        opt += p.clip_s + p.adamw_s;
     }
-    let per_step = t.elapsed().as_secs_f64() / n as f64;
+    let n = steps as f64;
+    let per_step = t.elapsed().as_secs_f64() / n;
     println!(
-        "{{\"engine\": \"sembed\", \"seconds_per_step\": {per_step:.4}, \"triplets\": {}}}",
-        batch.len()
+        "{{\"engine\": \"sembed\", \"mode\": \"{mode}\", \"batch\": {batch_size}, \"steps\": {steps}, \"seconds_per_step\": {per_step:.4}, \"forward_s\": {:.4}, \"backward_s\": {:.4}, \"optimizer_s\": {:.4}}}",
+        fwd / n,
+        bwd / n,
+        opt / n
     );
+    if std::env::var_os("SEMBED_STEP_ONLY").is_some() {
+        return Ok(());
+    }
 
     // Autodiff vs finite differences on the tiny models: one backward against 2 forwards per
     // parameter (timed on a sample of parameters, extrapolated to all).

@@ -44,6 +44,34 @@ pub fn with_dropout<T>(ctx: std::sync::Arc<DropoutCtx>, f: impl FnOnce() -> T) -
     out
 }
 
+/// The probability [`dropout`] would use for a configured `p` on this thread: None when dropout is
+/// off (no generator), else the override or `p`.
+pub(crate) fn dropout_probability(p: f64) -> Option<f64> {
+    DROPOUT.with(|d| d.borrow().as_ref().map(|ctx| ctx.p_override.unwrap_or(p)))
+}
+
+/// The dropout generator's state on this thread (None when dropout is off): the fast training pass
+/// computes candle's masks from it.
+pub(crate) fn dropout_state() -> Option<u64> {
+    DROPOUT.with(|d| {
+        d.borrow()
+            .as_ref()
+            .map(|ctx| ctx.rng.lock().expect("not poisoned").0)
+    })
+}
+
+/// Advance this thread's dropout generator by `draws` values, as if [`dropout`] had drawn them.
+pub(crate) fn advance_dropout(draws: u64) {
+    DROPOUT.with(|d| {
+        if let Some(ctx) = d.borrow().as_ref() {
+            let mut rng = ctx.rng.lock().expect("not poisoned");
+            rng.0 = rng
+                .0
+                .wrapping_add(draws.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+    })
+}
+
 /// Inverted dropout with the configured probability `p` (or the override); identity when dropout is
 /// not enabled or the probability is 0. Differentiable: the mask is a constant.
 pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
@@ -96,6 +124,11 @@ static RECOMPUTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 /// How many checkpointed layers this process has recomputed in backward passes (reports, tests).
 pub fn recomputed_layers() -> usize {
     RECOMPUTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Count one recomputed layer (the fast training pass recomputes its own).
+pub(crate) fn count_recomputed_layer() {
+    RECOMPUTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Whether layers are checkpointed on this thread (inside [`with_checkpointing`]).

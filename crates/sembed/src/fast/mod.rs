@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod linear;
 pub mod load;
 pub mod quant;
+pub mod train;
 pub mod transformer;
 
 pub use transformer::release_scratch;

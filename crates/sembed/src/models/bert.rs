@@ -136,6 +136,112 @@ fn layer(l: &Layer, x: &Tensor, c: &LayerCtx) -> Result<Tensor> {
     l.out_norm.forward(&(m + &x)?)
 }
 
+impl Bert {
+    /// The layers through the fast engine's training pass ([`crate::fast::train`]) when it can run
+    /// them: every layer parameter a trained f32 CPU variable (full fine-tuning, not LoRA), a GELU or
+    /// ReLU MLP. None: run candle's layers.
+    fn fast_training(&self, x: &Tensor, batch: &Batch) -> Result<Option<Tensor>> {
+        use crate::fast::train;
+        let act = match self.act {
+            Activation::GeluErf => train::Act::GeluErf,
+            Activation::Relu => train::Act::Relu,
+            _ => return Ok(None),
+        };
+        let mut params = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let lins = [
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attn_out,
+                &l.intermediate,
+                &l.output,
+            ];
+            if lins.iter().any(|p| p.lora.is_some() || p.frozen) {
+                return Ok(None);
+            }
+            let wb =
+                |p: &Linear| -> Option<[Tensor; 2]> { Some([p.weight.clone(), p.bias.clone()?]) };
+            let (Some(q), Some(k), Some(v), Some(o), Some(i), Some(out)) = (
+                wb(&l.query),
+                wb(&l.key),
+                wb(&l.value),
+                wb(&l.attn_out),
+                wb(&l.intermediate),
+                wb(&l.output),
+            ) else {
+                return Ok(None);
+            };
+            let [qw, qb] = q;
+            let [kw, kb] = k;
+            let [vw, vb] = v;
+            let [ow, ob] = o;
+            let [iw, ib] = i;
+            let [dw, db] = out;
+            params.push([
+                qw,
+                qb,
+                kw,
+                kb,
+                vw,
+                vb,
+                ow,
+                ob,
+                l.attn_norm.weight.clone(),
+                l.attn_norm.bias.clone(),
+                iw,
+                ib,
+                dw,
+                db,
+                l.out_norm.weight.clone(),
+                l.out_norm.bias.clone(),
+            ]);
+        }
+        let eps = self.layers.first().map_or(1e-12, |l| l.attn_norm.eps);
+        if params.is_empty()
+            || !train::supports(&params)
+            || self.layers.iter().any(|l| l.out_norm.eps != eps)
+        {
+            return Ok(None);
+        }
+        let p_attention = nn::dropout_probability(self.attention_dropout).unwrap_or(0.0);
+        let p_hidden = nn::dropout_probability(self.hidden_dropout).unwrap_or(0.0);
+        if p_attention >= 1.0 || p_hidden >= 1.0 {
+            return Ok(None);
+        }
+        let mut seqs = Vec::with_capacity(batch.mask_rows.len());
+        let mut start = 0;
+        for (row, m) in batch.mask_rows.iter().enumerate() {
+            let len = m.iter().filter(|&&v| v != 0).count();
+            let col0 = m.iter().position(|&v| v != 0).unwrap_or(0);
+            seqs.push(train::Seq {
+                start,
+                len,
+                row,
+                col0,
+            });
+            start += len;
+        }
+        let dims = train::Dims {
+            hidden: self.hidden,
+            heads: self.heads,
+            inter: self.layers[0].intermediate.weight.dim(0)?,
+            eps: eps as f32,
+            act,
+        };
+        let grid = (batch.packing.b, batch.packing.s);
+        Ok(Some(train::encoder(
+            x,
+            &params,
+            dims,
+            seqs,
+            grid,
+            p_attention,
+            p_hidden,
+        )?))
+    }
+}
+
 impl Encoder for Bert {
     fn forward(&self, batch: &Batch) -> Result<Tensor> {
         let s = batch.packing.s;
@@ -153,6 +259,9 @@ impl Encoder for Bert {
             &self.emb_norm.forward(&(words + pos)?.broadcast_add(&tt)?)?,
             self.hidden_dropout,
         )?;
+        if let Some(y) = self.fast_training(&x, batch)? {
+            return Ok(y);
+        }
         let c = LayerCtx {
             packing: batch.packing.clone(),
             bias: nn::attention_bias(&batch.attention_mask, false, nn::MASK_VALUE)?,

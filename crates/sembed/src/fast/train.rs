@@ -1,0 +1,1231 @@
+//! The BERT encoder's training pass on the fast engine's kernels: forward and backward written by
+//! hand on host buffers, the tokens packed (no padding), attention per sequence at its exact length,
+//! bias + dropout + residual + LayerNorm fused into one pass per row, GEMMs through the `gemm` crate
+//! on every thread.
+//!
+//! candle's op-by-op graph stays the reference (and runs every other architecture, f64, LoRA): this
+//! pass computes the same function with the same dropout masks. candle's dropout draws element `i` of
+//! a call from `SplitMix64` as the `i`-th value after the generator's state at the call; this pass
+//! reserves the same number of draws per call, in the same order (attention probabilities on the
+//! padded `[B, heads, S, S]` grid, attention output, MLP output, layer after layer), and computes
+//! each element's value from its index, so the masks are the ones the candle layers would draw.
+//!
+//! Into candle's autograd it enters as one custom op, `y = encoder(x, sink)`: its backward runs the
+//! hand-written backward pass and returns the gradient of `x`; `sink` is the sum of one scalar
+//! [`ParamSink`] per parameter, whose backward hands candle that parameter's gradient. candle
+//! back-propagates an op before its inputs, so the encoder's backward has run by then.
+
+use super::kernels::{self, multiversion};
+use super::linear::matmul_acc;
+use crate::error::{Error, Result};
+use candle_core::{DType, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+// ---------------------------------------------------------------------------------------------
+// Switch
+
+thread_local! {
+    static CANDLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with training on candle's op-by-op graph even where this pass could run (tests compare
+/// the two; `SEMBED_TRAIN_KERNELS=candle` does the same for a whole process).
+pub fn with_candle_kernels<T>(f: impl FnOnce() -> T) -> T {
+    let previous = CANDLE_ONLY.with(|c| c.replace(true));
+    let out = f();
+    CANDLE_ONLY.with(|c| c.set(previous));
+    out
+}
+
+/// Whether training may use this pass on this thread.
+pub fn enabled() -> bool {
+    !CANDLE_ONLY.with(|c| c.get())
+        && std::env::var("SEMBED_TRAIN_KERNELS").map_or(true, |v| v != "candle")
+}
+
+static LAYER_PASSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many layer forward passes this pass has run in this process (tests check it was taken).
+pub fn layer_passes() -> usize {
+    LAYER_PASSES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shapes, weights, dropout
+
+/// The activations this pass differentiates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    GeluErf,
+    Relu,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub inter: usize,
+    pub eps: f32,
+    pub act: Act,
+}
+
+/// One sequence of the packed batch and where it sits on candle's padded grid.
+#[derive(Clone, Copy, Debug)]
+pub struct Seq {
+    /// First packed row.
+    pub start: usize,
+    pub len: usize,
+    /// Row of the padded grid.
+    pub row: usize,
+    /// Grid column of the first real token (the left padding).
+    pub col0: usize,
+}
+
+/// One layer's weights, host copies in PyTorch's layout (`[out, in]`); Q, K and V stacked.
+pub struct LayerWeights {
+    pub wqkv: Vec<f32>,
+    pub bqkv: Vec<f32>,
+    pub wo: Vec<f32>,
+    pub bo: Vec<f32>,
+    pub ln1_g: Vec<f32>,
+    pub ln1_b: Vec<f32>,
+    pub w1: Vec<f32>,
+    pub b1: Vec<f32>,
+    pub w2: Vec<f32>,
+    pub b2: Vec<f32>,
+    pub ln2_g: Vec<f32>,
+    pub ln2_b: Vec<f32>,
+}
+
+/// Gradients of one layer, in the same layout as [`LayerWeights`].
+pub type LayerGrads = LayerWeights;
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// One dropout call: the generator state it starts from, its probability, and the scale of kept
+/// values. `p == 0` drops nothing (and drew nothing).
+#[derive(Clone, Copy, Debug)]
+pub struct Stream {
+    state: u64,
+    /// `p · 2^53`: element `i` is dropped when its 53-bit draw is below this (as `next_f64() < p`).
+    threshold: f64,
+    keep: f32,
+    on: bool,
+}
+
+impl Stream {
+    pub fn off() -> Self {
+        Stream {
+            state: 0,
+            threshold: 0.0,
+            keep: 1.0,
+            on: false,
+        }
+    }
+
+    fn new(state: u64, p: f64) -> Self {
+        Stream {
+            state,
+            threshold: p * (1u64 << 53) as f64,
+            keep: (1.0 / (1.0 - p)) as f32,
+            on: p > 0.0,
+        }
+    }
+
+    /// The mask value of element `i`: 0 or `1 / (1 - p)`.
+    #[inline(always)]
+    fn mask(&self, i: u64) -> f32 {
+        let mut z = self
+            .state
+            .wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        if ((z >> 11) as f64) < self.threshold {
+            0.0
+        } else {
+            self.keep
+        }
+    }
+}
+
+/// A layer's three dropout calls, in candle's order.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerDropout {
+    pub attention: Stream,
+    pub attn_out: Stream,
+    pub mlp_out: Stream,
+}
+
+/// Reserve the draws of every layer's dropout calls from the generator state `state`, in the order
+/// candle's layers make them. Returns the streams and the number of draws taken.
+pub fn reserve_dropout(
+    state: u64,
+    layers: usize,
+    p_attention: f64,
+    p_hidden: f64,
+    grid: (usize, usize),
+    heads: usize,
+    tokens: usize,
+    hidden: usize,
+) -> (Vec<LayerDropout>, u64) {
+    let mut used = 0u64;
+    let mut take = |p: f64, n: usize| {
+        if p <= 0.0 {
+            return Stream::off();
+        }
+        let s = Stream::new(state.wrapping_add(used.wrapping_mul(GOLDEN)), p);
+        used += n as u64;
+        s
+    };
+    let (b, s) = grid;
+    let out = (0..layers)
+        .map(|_| LayerDropout {
+            attention: take(p_attention, b * heads * s * s),
+            attn_out: take(p_hidden, tokens * hidden),
+            mlp_out: take(p_hidden, tokens * hidden),
+        })
+        .collect();
+    (out, used)
+}
+
+/// Everything a layer's pass reads besides its input and weights.
+pub struct Ctx<'a> {
+    pub dims: Dims,
+    pub seqs: &'a [Seq],
+    pub tokens: usize,
+    /// Columns of candle's padded grid (attention dropout indexes it).
+    pub grid_cols: usize,
+}
+
+/// What the backward pass of a layer reads.
+pub struct Saved {
+    x: Vec<f32>,
+    qkv: Vec<f32>,
+    /// Softmax probabilities (before dropout), `[heads, len, len]` per sequence, sequence after sequence.
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
+    xhat1: Vec<f32>,
+    rstd1: Vec<f32>,
+    h1: Vec<f32>,
+    u: Vec<f32>,
+    g: Vec<f32>,
+    xhat2: Vec<f32>,
+    rstd2: Vec<f32>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM and row helpers
+
+fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+fn par_for(m: usize, n: usize, k: usize) -> Parallelism {
+    if m * n * k >= 1 << 18 && threads() > 1 {
+        Parallelism::Rayon(threads())
+    } else {
+        Parallelism::None
+    }
+}
+
+/// `y[t, out] (+)= x[t, in] · w[out, in]ᵀ`.
+fn linear(x: &[f32], w: &[f32], t: usize, inp: usize, out: usize, y: &mut [f32], acc: bool) {
+    matmul_acc(
+        t,
+        out,
+        inp,
+        x,
+        (inp as isize, 1),
+        w,
+        (1, inp as isize),
+        y,
+        (out as isize, 1),
+        acc,
+        par_for(t, out, inp),
+    );
+}
+
+/// `dx[t, in] (+)= dy[t, out] · w[out, in]`.
+fn linear_dx(dy: &[f32], w: &[f32], t: usize, inp: usize, out: usize, dx: &mut [f32], acc: bool) {
+    matmul_acc(
+        t,
+        inp,
+        out,
+        dy,
+        (out as isize, 1),
+        w,
+        (inp as isize, 1),
+        dx,
+        (inp as isize, 1),
+        acc,
+        par_for(t, inp, out),
+    );
+}
+
+/// `dw[out, in] = dy[t, out]ᵀ · x[t, in]`.
+fn linear_dw(dy: &[f32], x: &[f32], t: usize, inp: usize, out: usize) -> Vec<f32> {
+    let mut dw = vec![0f32; out * inp];
+    matmul_acc(
+        out,
+        inp,
+        t,
+        dy,
+        (1, out as isize),
+        x,
+        (inp as isize, 1),
+        &mut dw,
+        (inp as isize, 1),
+        false,
+        par_for(out, inp, t),
+    );
+    dw
+}
+
+/// Rows per parallel block of a `[t, width]` pass: a few blocks per thread.
+fn block_rows(t: usize, width: usize) -> usize {
+    let per = t.div_ceil(threads() * 4).max(1);
+    per.max((4096 / width.max(1)).max(1))
+}
+
+/// Column sums of `x[t, n]`.
+fn col_sums(x: &[f32], n: usize) -> Vec<f32> {
+    let t = x.len() / n;
+    let rows = block_rows(t, n);
+    x.par_chunks(rows * n)
+        .map(|c| {
+            let mut s = vec![0f32; n];
+            for r in c.chunks_exact(n) {
+                kernels::axpy(&mut s, 1.0, r);
+            }
+            s
+        })
+        .reduce(
+            || vec![0f32; n],
+            |mut a, b| {
+                kernels::axpy(&mut a, 1.0, &b);
+                a
+            },
+        )
+}
+
+multiversion! {
+    /// One row of `LayerNorm(z)` with `z = a·mask + bias + res` written back into `a`: returns
+    /// `x̂` into `xhat`, `y` into `y`, and `1/σ`.
+    fn residual_ln_row(a: &mut [f32], mask: &[f32], bias: &[f32], res: &[f32], g: &[f32], b: &[f32],
+                       eps: f32, xhat: &mut [f32], y: &mut [f32]) -> f32 {
+        let n = a.len();
+        let mut mean = 0f32;
+        for i in 0..n {
+            let z = (a[i] + bias[i]) * mask[i] + res[i];
+            a[i] = z;
+            mean += z;
+        }
+        mean /= n as f32;
+        let mut var = 0f32;
+        for z in a.iter() {
+            let c = *z - mean;
+            var += c * c;
+        }
+        var /= n as f32;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for i in 0..n {
+            let h = (a[i] - mean) * rstd;
+            xhat[i] = h;
+            y[i] = h * g[i] + b[i];
+        }
+        rstd
+    }
+}
+
+multiversion! {
+    /// LayerNorm backward for one row: `dz` from `dy`, `x̂`, `1/σ`, `γ`; adds to `dg`, `db`.
+    fn ln_backward_row(dy: &[f32], xhat: &[f32], rstd: f32, g: &[f32], dz: &mut [f32],
+                       dg: &mut [f32], db: &mut [f32]) {
+        let n = dy.len();
+        let mut m1 = 0f32;
+        let mut m2 = 0f32;
+        for i in 0..n {
+            let d = dy[i] * g[i];
+            m1 += d;
+            m2 += d * xhat[i];
+            dg[i] += dy[i] * xhat[i];
+            db[i] += dy[i];
+        }
+        m1 /= n as f32;
+        m2 /= n as f32;
+        for i in 0..n {
+            dz[i] = rstd * (dy[i] * g[i] - m1 - xhat[i] * m2);
+        }
+    }
+}
+
+multiversion! {
+    /// `u += bias; g = act(u)` over rows of `bias.len()`.
+    fn bias_act_keep(u: &mut [f32], g: &mut [f32], bias: &[f32], relu: bool) {
+        let n = bias.len();
+        for (ur, gr) in u.chunks_exact_mut(n).zip(g.chunks_exact_mut(n)) {
+            for i in 0..n {
+                let y = ur[i] + bias[i];
+                ur[i] = y;
+                gr[i] = if relu {
+                    y.max(0.0)
+                } else {
+                    0.5 * y * (1.0 + kernels::erf(y * std::f32::consts::FRAC_1_SQRT_2))
+                };
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `dg *= act'(u)` elementwise.
+    fn act_backward(dg: &mut [f32], u: &[f32], relu: bool) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for (d, &x) in dg.iter_mut().zip(u) {
+            let slope = if relu {
+                if x > 0.0 { 1.0 } else { 0.0 }
+            } else {
+                0.5 * (1.0 + kernels::erf(x * std::f32::consts::FRAC_1_SQRT_2))
+                    + x * INV_SQRT_2PI * kernels::exp(-0.5 * x * x)
+            };
+            *d *= slope;
+        }
+    }
+}
+
+multiversion! {
+    /// Softmax of `x · scale` over each row of `n`, in place.
+    fn softmax_rows(x: &mut [f32], n: usize, scale: f32) {
+        for row in x.chunks_exact_mut(n) {
+            let mut m = f32::NEG_INFINITY;
+            for v in row.iter_mut() {
+                *v *= scale;
+                m = m.max(*v);
+            }
+            let mut s = 0f32;
+            for v in row.iter_mut() {
+                *v = kernels::exp(*v - m);
+                s += *v;
+            }
+            let inv = 1.0 / s;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Softmax backward in place: `dp ← scale · p ⊙ (dp − Σ_j dp ⊙ p)` per row of `n`.
+    fn softmax_backward_rows(dp: &mut [f32], p: &[f32], n: usize, scale: f32) {
+        for (dr, pr) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+            let mut dot = 0f32;
+            for i in 0..n {
+                dot += dr[i] * pr[i];
+            }
+            for i in 0..n {
+                dr[i] = scale * pr[i] * (dr[i] - dot);
+            }
+        }
+    }
+}
+
+/// Split `buf` into consecutive pieces of the given lengths.
+fn split_mut<'a>(mut buf: &'a mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::new();
+    for n in lens {
+        let (a, b) = std::mem::take(&mut buf).split_at_mut(n);
+        out.push(a);
+        buf = b;
+    }
+    out
+}
+
+/// The hidden-state dropout mask of rows `r0..r0 + rows` (`[rows, h]`).
+fn hidden_mask(s: &Stream, r0: usize, rows: usize, h: usize, out: &mut Vec<f32>) {
+    out.clear();
+    if !s.on {
+        out.resize(rows * h, 1.0);
+        return;
+    }
+    let base = (r0 * h) as u64;
+    out.extend((0..(rows * h) as u64).map(|i| s.mask(base + i)));
+}
+
+/// The attention dropout mask of sequence `q`, head `head`: `[len, len]`.
+fn attention_mask(s: &Stream, q: &Seq, head: usize, heads: usize, cols: usize, out: &mut [f32]) {
+    let l = q.len;
+    for i in 0..l {
+        let base = (((q.row * heads + head) * cols + q.col0 + i) * cols + q.col0) as u64;
+        for j in 0..l {
+            out[i * l + j] = s.mask(base + j as u64);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+/// Attention of one sequence: `qkv [len, 3H]` → `ctx [len, H]`, probabilities into `probs`.
+fn attention_forward(
+    c: &Ctx,
+    q: &Seq,
+    st: &Stream,
+    qkv: &[f32],
+    probs: &mut [f32],
+    ctx: &mut [f32],
+) {
+    let (h, nh) = (c.dims.hidden, c.dims.heads);
+    let d = h / nh;
+    let l = q.len;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut dropped = if st.on { vec![0f32; l * l] } else { Vec::new() };
+    for head in 0..nh {
+        let p = &mut probs[head * l * l..(head + 1) * l * l];
+        matmul_acc(
+            l,
+            l,
+            d,
+            &qkv[head * d..],
+            ((3 * h) as isize, 1),
+            &qkv[h + head * d..],
+            (1, (3 * h) as isize),
+            p,
+            (l as isize, 1),
+            false,
+            Parallelism::None,
+        );
+        softmax_rows(p, l, scale);
+        let r: &[f32] = if st.on {
+            attention_mask(st, q, head, nh, c.grid_cols, &mut dropped);
+            for (m, &pv) in dropped.iter_mut().zip(p.iter()) {
+                *m *= pv;
+            }
+            &dropped
+        } else {
+            p
+        };
+        matmul_acc(
+            l,
+            d,
+            l,
+            r,
+            (l as isize, 1),
+            &qkv[2 * h + head * d..],
+            ((3 * h) as isize, 1),
+            &mut ctx[head * d..],
+            (h as isize, 1),
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// Backward of [`attention_forward`]: `dctx [len, H]` → `dqkv [len, 3H]`.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward(
+    c: &Ctx,
+    q: &Seq,
+    st: &Stream,
+    qkv: &[f32],
+    probs: &[f32],
+    dctx: &[f32],
+    dqkv: &mut [f32],
+) {
+    let (h, nh) = (c.dims.hidden, c.dims.heads);
+    let d = h / nh;
+    let l = q.len;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut mask = if st.on { vec![0f32; l * l] } else { Vec::new() };
+    let mut r = if st.on { vec![0f32; l * l] } else { Vec::new() };
+    let mut dp = vec![0f32; l * l];
+    for head in 0..nh {
+        let p = &probs[head * l * l..(head + 1) * l * l];
+        // d(dropped probabilities) = dctx · vᵀ
+        matmul_acc(
+            l,
+            l,
+            d,
+            &dctx[head * d..],
+            (h as isize, 1),
+            &qkv[2 * h + head * d..],
+            (1, (3 * h) as isize),
+            &mut dp,
+            (l as isize, 1),
+            false,
+            Parallelism::None,
+        );
+        let rr: &[f32] = if st.on {
+            attention_mask(st, q, head, nh, c.grid_cols, &mut mask);
+            for ((rv, &m), &pv) in r.iter_mut().zip(&mask).zip(p) {
+                *rv = m * pv;
+            }
+            for (g, &m) in dp.iter_mut().zip(&mask) {
+                *g *= m;
+            }
+            &r
+        } else {
+            p
+        };
+        // dv = rᵀ · dctx
+        matmul_acc(
+            l,
+            d,
+            l,
+            rr,
+            (1, l as isize),
+            &dctx[head * d..],
+            (h as isize, 1),
+            &mut dqkv[2 * h + head * d..],
+            ((3 * h) as isize, 1),
+            false,
+            Parallelism::None,
+        );
+        softmax_backward_rows(&mut dp, p, l, scale);
+        // dq = ds · k, dk = dsᵀ · q
+        matmul_acc(
+            l,
+            d,
+            l,
+            &dp,
+            (l as isize, 1),
+            &qkv[h + head * d..],
+            ((3 * h) as isize, 1),
+            &mut dqkv[head * d..],
+            ((3 * h) as isize, 1),
+            false,
+            Parallelism::None,
+        );
+        matmul_acc(
+            l,
+            d,
+            l,
+            &dp,
+            (1, l as isize),
+            &qkv[head * d..],
+            ((3 * h) as isize, 1),
+            &mut dqkv[h + head * d..],
+            ((3 * h) as isize, 1),
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer
+
+/// Post-LN BERT layer forward on packed rows `x [T, H]`: returns the output and what backward reads.
+pub fn layer_forward(
+    w: &LayerWeights,
+    x: Vec<f32>,
+    c: &Ctx,
+    dr: &LayerDropout,
+) -> (Vec<f32>, Saved) {
+    LAYER_PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let Dims {
+        hidden: h,
+        heads: nh,
+        inter,
+        eps,
+        act,
+    } = c.dims;
+    let t = c.tokens;
+    let mut qkv = vec![0f32; t * 3 * h];
+    linear(&x, &w.wqkv, t, h, 3 * h, &mut qkv, false);
+    kernels::add_bias(&mut qkv, &w.bqkv);
+
+    let mut probs = vec![0f32; c.seqs.iter().map(|q| nh * q.len * q.len).sum()];
+    let mut ctx = vec![0f32; t * h];
+    {
+        let ctx_parts = split_mut(&mut ctx, c.seqs.iter().map(|q| q.len * h));
+        let prob_parts = split_mut(&mut probs, c.seqs.iter().map(|q| nh * q.len * q.len));
+        c.seqs
+            .par_iter()
+            .zip(ctx_parts)
+            .zip(prob_parts)
+            .for_each(|((q, cx), pr)| {
+                let rows = &qkv[q.start * 3 * h..(q.start + q.len) * 3 * h];
+                attention_forward(c, q, &dr.attention, rows, pr, cx);
+            });
+    }
+
+    // a = ctx · Woᵀ; h1 = LN(dropout(a + bo) + x)
+    let mut a = vec![0f32; t * h];
+    linear(&ctx, &w.wo, t, h, h, &mut a, false);
+    let (xhat1, rstd1, h1) =
+        residual_ln(&mut a, &w.bo, &x, &w.ln1_g, &w.ln1_b, &dr.attn_out, h, eps);
+    drop(a);
+
+    // u = h1 · W1ᵀ + b1; g = act(u)
+    let mut u = vec![0f32; t * inter];
+    linear(&h1, &w.w1, t, h, inter, &mut u, false);
+    let mut g = vec![0f32; t * inter];
+    let rows = block_rows(t, inter);
+    u.par_chunks_mut(rows * inter)
+        .zip(g.par_chunks_mut(rows * inter))
+        .for_each(|(uc, gc)| bias_act_keep(uc, gc, &w.b1, act == Act::Relu));
+
+    // out = LN(dropout(g · W2ᵀ + b2) + h1)
+    let mut m = vec![0f32; t * h];
+    linear(&g, &w.w2, t, inter, h, &mut m, false);
+    let (xhat2, rstd2, out) =
+        residual_ln(&mut m, &w.b2, &h1, &w.ln2_g, &w.ln2_b, &dr.mlp_out, h, eps);
+    let saved = Saved {
+        x,
+        qkv,
+        probs,
+        ctx,
+        xhat1,
+        rstd1,
+        h1,
+        u,
+        g,
+        xhat2,
+        rstd2,
+    };
+    (out, saved)
+}
+
+/// `LayerNorm(dropout(a + bias) + res)` over rows of `h`: `(x̂, 1/σ, y)`; `a` is overwritten.
+#[allow(clippy::too_many_arguments)]
+fn residual_ln(
+    a: &mut [f32],
+    bias: &[f32],
+    res: &[f32],
+    g: &[f32],
+    b: &[f32],
+    st: &Stream,
+    h: usize,
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let t = a.len() / h;
+    let mut xhat = vec![0f32; t * h];
+    let mut rstd = vec![0f32; t];
+    let mut y = vec![0f32; t * h];
+    let rows = block_rows(t, h);
+    a.par_chunks_mut(rows * h)
+        .zip(xhat.par_chunks_mut(rows * h))
+        .zip(y.par_chunks_mut(rows * h))
+        .zip(rstd.par_chunks_mut(rows))
+        .enumerate()
+        .for_each(|(blk, (((ac, xc), yc), rc))| {
+            let r0 = blk * rows;
+            let n = rc.len();
+            let mut mask = Vec::new();
+            hidden_mask(st, r0, n, h, &mut mask);
+            for i in 0..n {
+                let sl = i * h..(i + 1) * h;
+                rc[i] = residual_ln_row(
+                    &mut ac[sl.clone()],
+                    &mask[sl.clone()],
+                    bias,
+                    &res[(r0 + i) * h..(r0 + i + 1) * h],
+                    g,
+                    b,
+                    eps,
+                    &mut xc[sl.clone()],
+                    &mut yc[sl],
+                );
+            }
+        });
+    (xhat, rstd, y)
+}
+
+/// LayerNorm backward over rows, then through the dropout: returns `(dz, d(before dropout), dγ, dβ)`
+/// where `dz` is the gradient of the LayerNorm input (the residual's) and the second the gradient of
+/// the dropped branch (`dz ⊙ mask`).
+fn ln_dropout_backward(
+    dy: &[f32],
+    xhat: &[f32],
+    rstd: &[f32],
+    g: &[f32],
+    st: &Stream,
+    h: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let t = rstd.len();
+    let mut dz = vec![0f32; t * h];
+    let mut dbranch = vec![0f32; t * h];
+    let rows = block_rows(t, h);
+    let (dg, db) = dz
+        .par_chunks_mut(rows * h)
+        .zip(dbranch.par_chunks_mut(rows * h))
+        .enumerate()
+        .map(|(blk, (zc, bc))| {
+            let r0 = blk * rows;
+            let n = zc.len() / h;
+            let mut dg = vec![0f32; h];
+            let mut db = vec![0f32; h];
+            for i in 0..n {
+                let r = r0 + i;
+                ln_backward_row(
+                    &dy[r * h..(r + 1) * h],
+                    &xhat[r * h..(r + 1) * h],
+                    rstd[r],
+                    g,
+                    &mut zc[i * h..(i + 1) * h],
+                    &mut dg,
+                    &mut db,
+                );
+            }
+            let mut mask = Vec::new();
+            hidden_mask(st, r0, n, h, &mut mask);
+            for ((o, &z), &m) in bc.iter_mut().zip(zc.iter()).zip(&mask) {
+                *o = z * m;
+            }
+            (dg, db)
+        })
+        .reduce(
+            || (vec![0f32; h], vec![0f32; h]),
+            |(mut ag, mut ab), (bg, bb)| {
+                kernels::axpy(&mut ag, 1.0, &bg);
+                kernels::axpy(&mut ab, 1.0, &bb);
+                (ag, ab)
+            },
+        );
+    (dz, dbranch, dg, db)
+}
+
+/// Backward of [`layer_forward`]: the gradient of the layer's input and of its weights.
+pub fn layer_backward(
+    w: &LayerWeights,
+    s: Saved,
+    dout: &[f32],
+    c: &Ctx,
+    dr: &LayerDropout,
+) -> (Vec<f32>, LayerGrads) {
+    let Dims {
+        hidden: h,
+        heads: nh,
+        inter,
+        act,
+        ..
+    } = c.dims;
+    let t = c.tokens;
+    // out = LN2(dropout(m) + h1)
+    let (mut dh1, dm, ln2_g, ln2_b) =
+        ln_dropout_backward(dout, &s.xhat2, &s.rstd2, &w.ln2_g, &dr.mlp_out, h);
+    let b2 = col_sums(&dm, h);
+    let w2 = linear_dw(&dm, &s.g, t, inter, h);
+    drop(s.g);
+    let mut dg = vec![0f32; t * inter];
+    linear_dx(&dm, &w.w2, t, inter, h, &mut dg, false);
+    drop(dm);
+    let rows = block_rows(t, inter);
+    dg.par_chunks_mut(rows * inter)
+        .zip(s.u.par_chunks(rows * inter))
+        .for_each(|(d, u)| act_backward(d, u, act == Act::Relu));
+    drop(s.u);
+    let b1 = col_sums(&dg, inter);
+    let w1 = linear_dw(&dg, &s.h1, t, h, inter);
+    linear_dx(&dg, &w.w1, t, h, inter, &mut dh1, true);
+    drop(dg);
+
+    // h1 = LN1(dropout(a) + x)
+    let (mut dx, da, ln1_g, ln1_b) =
+        ln_dropout_backward(&dh1, &s.xhat1, &s.rstd1, &w.ln1_g, &dr.attn_out, h);
+    drop(dh1);
+    let bo = col_sums(&da, h);
+    let wo = linear_dw(&da, &s.ctx, t, h, h);
+    let mut dctx = vec![0f32; t * h];
+    linear_dx(&da, &w.wo, t, h, h, &mut dctx, false);
+    drop(da);
+
+    let mut dqkv = vec![0f32; t * 3 * h];
+    {
+        let parts = split_mut(&mut dqkv, c.seqs.iter().map(|q| q.len * 3 * h));
+        let mut offsets = Vec::with_capacity(c.seqs.len());
+        let mut o = 0;
+        for q in c.seqs {
+            offsets.push(o);
+            o += nh * q.len * q.len;
+        }
+        c.seqs
+            .par_iter()
+            .zip(parts)
+            .zip(offsets)
+            .for_each(|((q, dq), off)| {
+                let rows = q.start * 3 * h..(q.start + q.len) * 3 * h;
+                attention_backward(
+                    c,
+                    q,
+                    &dr.attention,
+                    &s.qkv[rows],
+                    &s.probs[off..off + nh * q.len * q.len],
+                    &dctx[q.start * h..(q.start + q.len) * h],
+                    dq,
+                );
+            });
+    }
+    let bqkv = col_sums(&dqkv, 3 * h);
+    let wqkv = linear_dw(&dqkv, &s.x, t, h, 3 * h);
+    linear_dx(&dqkv, &w.wqkv, t, h, 3 * h, &mut dx, true);
+    let grads = LayerGrads {
+        wqkv,
+        bqkv,
+        wo,
+        bo,
+        ln1_g,
+        ln1_b,
+        w1,
+        b1,
+        w2,
+        b2,
+        ln2_g,
+        ln2_b,
+    };
+    (dx, grads)
+}
+
+// ---------------------------------------------------------------------------------------------
+// candle glue
+
+/// One BERT layer's parameters as candle variables, in the order of [`LayerWeights`] with Q, K, V
+/// apart: q.w, q.b, k.w, k.b, v.w, v.b, o.w, o.b, ln1.γ, ln1.β, up.w, up.b, down.w, down.b, ln2.γ, ln2.β.
+pub type LayerParams = [Tensor; 16];
+
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl LayerWeights {
+    fn from_params(p: &LayerParams) -> Result<Self> {
+        let cat = |a: &Tensor, b: &Tensor, c: &Tensor| -> Result<Vec<f32>> {
+            let mut v = host(a)?;
+            v.extend(host(b)?);
+            v.extend(host(c)?);
+            Ok(v)
+        };
+        Ok(LayerWeights {
+            wqkv: cat(&p[0], &p[2], &p[4])?,
+            bqkv: cat(&p[1], &p[3], &p[5])?,
+            wo: host(&p[6])?,
+            bo: host(&p[7])?,
+            ln1_g: host(&p[8])?,
+            ln1_b: host(&p[9])?,
+            w1: host(&p[10])?,
+            b1: host(&p[11])?,
+            w2: host(&p[12])?,
+            b2: host(&p[13])?,
+            ln2_g: host(&p[14])?,
+            ln2_b: host(&p[15])?,
+        })
+    }
+}
+
+/// Whether this pass can train a layer stack with these parameters: f32 variables on the CPU.
+pub fn supports(params: &[LayerParams]) -> bool {
+    enabled()
+        && params
+            .iter()
+            .flatten()
+            .all(|t| t.is_variable() && t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+type GradSlots = Arc<Mutex<Vec<Option<Tensor>>>>;
+
+/// Scalar stand-in for a parameter in the encoder op's graph: its backward hands candle the
+/// gradient the encoder's backward left in its slot.
+struct ParamSink {
+    slots: GradSlots,
+    index: usize,
+}
+
+impl candle_core::CustomOp1 for ParamSink {
+    fn name(&self) -> &'static str {
+        "fast-train-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s: &candle_core::CpuStorage,
+        _l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        Ok((
+            candle_core::CpuStorage::F32(vec![0.0]),
+            candle_core::Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(self.slots.lock().expect("not poisoned")[self.index].take())
+    }
+}
+
+struct Encoder {
+    weights: Vec<LayerWeights>,
+    shapes: Vec<Vec<usize>>,
+    dims: Dims,
+    seqs: Vec<Seq>,
+    tokens: usize,
+    grid_cols: usize,
+    dropout: Vec<LayerDropout>,
+    /// Per layer: everything backward reads, or (checkpointed) only the layer's input.
+    saved: Mutex<Vec<Option<Saved>>>,
+    inputs: Mutex<Vec<Option<Vec<f32>>>>,
+    out: Mutex<Option<Vec<f32>>>,
+    slots: GradSlots,
+}
+
+impl Encoder {
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            dims: self.dims,
+            seqs: &self.seqs,
+            tokens: self.tokens,
+            grid_cols: self.grid_cols,
+        }
+    }
+}
+
+fn msg(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl candle_core::CustomOp2 for Encoder {
+    fn name(&self) -> &'static str {
+        "fast-train-bert-encoder"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &candle_core::CpuStorage,
+        _l1: &candle_core::Layout,
+        _s2: &candle_core::CpuStorage,
+        _l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let out = self
+            .out
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .ok_or_else(|| msg("encoder output taken twice"))?;
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((self.tokens, self.dims.hidden)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        sink: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut d = grad.flatten_all()?.to_vec1::<f32>()?;
+        let c = self.ctx();
+        let n = self.weights.len();
+        let mut grads: Vec<Option<LayerGrads>> = (0..n).map(|_| None).collect();
+        for l in (0..n).rev() {
+            let saved = match self.saved.lock().expect("not poisoned")[l].take() {
+                Some(s) => s,
+                None => {
+                    // Checkpointed: recompute the layer from its input, with the same masks.
+                    let x = self.inputs.lock().expect("not poisoned")[l]
+                        .take()
+                        .ok_or_else(|| msg("encoder backward ran twice"))?;
+                    crate::nn::count_recomputed_layer();
+                    layer_forward(&self.weights[l], x, &c, &self.dropout[l]).1
+                }
+            };
+            let (dx, g) = layer_backward(&self.weights[l], saved, &d, &c, &self.dropout[l]);
+            d = dx;
+            grads[l] = Some(g);
+        }
+        let mut slots = self.slots.lock().expect("not poisoned");
+        let h = self.dims.hidden;
+        for (l, g) in grads.into_iter().enumerate() {
+            let g = g.expect("every layer ran");
+            let hh = h * h;
+            let parts: [Vec<f32>; 16] = [
+                g.wqkv[..hh].to_vec(),
+                g.bqkv[..h].to_vec(),
+                g.wqkv[hh..2 * hh].to_vec(),
+                g.bqkv[h..2 * h].to_vec(),
+                g.wqkv[2 * hh..].to_vec(),
+                g.bqkv[2 * h..].to_vec(),
+                g.wo,
+                g.bo,
+                g.ln1_g,
+                g.ln1_b,
+                g.w1,
+                g.b1,
+                g.w2,
+                g.b2,
+                g.ln2_g,
+                g.ln2_b,
+            ];
+            for (i, v) in parts.into_iter().enumerate() {
+                let k = l * 16 + i;
+                slots[k] = Some(Tensor::from_vec(
+                    v,
+                    self.shapes[k].as_slice(),
+                    &candle_core::Device::Cpu,
+                )?);
+            }
+        }
+        let dx = Tensor::from_vec(d, (self.tokens, h), &candle_core::Device::Cpu)?;
+        Ok((Some(dx), Some(sink.zeros_like()?)))
+    }
+}
+
+/// The encoder's layers on packed rows `x [T, H]` (f32, after the embeddings), differentiable in
+/// `x` and in every parameter. `seqs` and `grid` describe the padded batch candle's layers would
+/// see (for the dropout masks); `p_attention`, `p_hidden` are the dropout probabilities in effect.
+#[allow(clippy::too_many_arguments)]
+pub fn encoder(
+    x: &Tensor,
+    params: &[LayerParams],
+    dims: Dims,
+    seqs: Vec<Seq>,
+    grid: (usize, usize),
+    p_attention: f64,
+    p_hidden: f64,
+) -> Result<Tensor> {
+    let (tokens, h) = x.dims2()?;
+    if h != dims.hidden || seqs.iter().map(|q| q.len).sum::<usize>() != tokens {
+        return Err(Error::InvalidInput(format!(
+            "fast training pass: {tokens} × {h} rows do not match the batch layout"
+        )));
+    }
+    let n = params.len();
+    let (dropout, draws) = match crate::nn::dropout_state() {
+        Some(state) => {
+            let (d, used) =
+                reserve_dropout(state, n, p_attention, p_hidden, grid, dims.heads, tokens, h);
+            (d, Some(used))
+        }
+        None => (
+            vec![
+                LayerDropout {
+                    attention: Stream::off(),
+                    attn_out: Stream::off(),
+                    mlp_out: Stream::off(),
+                };
+                n
+            ],
+            None,
+        ),
+    };
+    if let Some(used) = draws {
+        crate::nn::advance_dropout(used);
+    }
+    let weights = params
+        .iter()
+        .map(LayerWeights::from_params)
+        .collect::<Result<Vec<_>>>()?;
+    let checkpointed = crate::nn::checkpointing();
+    let mut cur = host(&x.contiguous()?)?;
+    let mut saved = Vec::with_capacity(n);
+    let mut inputs = Vec::with_capacity(n);
+    {
+        let c = Ctx {
+            dims,
+            seqs: &seqs,
+            tokens,
+            grid_cols: grid.1,
+        };
+        for l in 0..n {
+            // Checkpointed, only the input is kept: the activations are recomputed in backward.
+            inputs.push(checkpointed.then(|| cur.clone()));
+            let (out, s) = layer_forward(&weights[l], cur, &c, &dropout[l]);
+            saved.push((!checkpointed).then_some(s));
+            cur = out;
+        }
+    }
+    let enc = Encoder {
+        weights,
+        shapes: params.iter().flatten().map(|t| t.dims().to_vec()).collect(),
+        dims,
+        seqs,
+        tokens,
+        grid_cols: grid.1,
+        dropout,
+        saved: Mutex::new(saved),
+        inputs: Mutex::new(inputs),
+        out: Mutex::new(Some(cur)),
+        slots: Arc::new(Mutex::new(vec![None; n * 16])),
+    };
+    let slots = enc.slots.clone();
+    let mut sink: Option<Tensor> = None;
+    for (index, p) in params.iter().flatten().enumerate() {
+        let s = p.apply_op1(ParamSink {
+            slots: slots.clone(),
+            index,
+        })?;
+        sink = Some(match sink {
+            None => s,
+            Some(acc) => (acc + s)?,
+        });
+    }
+    let sink = sink.ok_or_else(|| Error::InvalidInput("fast training pass: no layers".into()))?;
+    Ok(x.apply_op2(&sink, enc)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn;
+    use candle_core::Device;
+
+    /// The masks this pass computes are the ones candle's `nn::dropout` draws, call after call,
+    /// element for element, for sequences that sit anywhere on the padded grid (left padding too).
+    #[test]
+    fn masks_are_candles_draws() {
+        let (b, nh, s, tokens, h) = (3, 2, 7, 5, 4);
+        let ctx = Arc::new(nn::DropoutCtx::new(None, 42));
+        let (grid, hidden, state, after) = nn::with_dropout(ctx, || {
+            let state = nn::dropout_state().unwrap();
+            let grid = Tensor::ones((b, nh, s, s), DType::F32, &Device::Cpu).unwrap();
+            let grid = nn::dropout(&grid, 0.3).unwrap();
+            let hid = Tensor::ones((tokens, h), DType::F32, &Device::Cpu).unwrap();
+            let hid = nn::dropout(&hid, 0.2).unwrap();
+            let after = nn::dropout_state().unwrap();
+            (grid, hid, state, after)
+        });
+        let grid = grid.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let hidden = hidden.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(grid.contains(&0.0) && hidden.contains(&0.0));
+        let (streams, used) = reserve_dropout(state, 1, 0.3, 0.2, (b, s), nh, tokens, h);
+        assert_eq!(used, (b * nh * s * s + 2 * tokens * h) as u64);
+        // The second hidden call (MLP output) starts where the first ended.
+        assert_eq!(
+            streams[0].mlp_out.state, after,
+            "draws reserved are not the draws candle makes"
+        );
+        for row in 0..b {
+            let q = Seq {
+                start: 0,
+                len: s - row,
+                row,
+                col0: row,
+            };
+            let mut out = vec![0f32; q.len * q.len];
+            for head in 0..nh {
+                attention_mask(&streams[0].attention, &q, head, nh, s, &mut out);
+                for i in 0..q.len {
+                    for j in 0..q.len {
+                        let at = ((row * nh + head) * s + q.col0 + i) * s + q.col0 + j;
+                        assert_eq!(
+                            out[i * q.len + j],
+                            grid[at],
+                            "row {row} head {head} ({i}, {j})"
+                        );
+                    }
+                }
+            }
+        }
+        let mut mask = Vec::new();
+        hidden_mask(&streams[0].attn_out, 1, tokens - 1, h, &mut mask);
+        assert_eq!(mask, hidden[h..]);
+    }
+}

@@ -1,0 +1,167 @@
+//! The fast training pass (`sembed::fast::train`, hand-written forward and backward of BERT layers)
+//! against candle's op-by-op graph, the reference: the same loss and the same gradient for every
+//! parameter, with dropout off and on (the pass computes candle's masks), both losses, GradCache and
+//! checkpointing, on the tiny BERT and on the real all-MiniLM-L6-v2. (The CLI test
+//! `dump_gradients_match_upstream` checks the pass against upstream PyTorch's gradients too.)
+
+use sembed::fast::train::{layer_passes, with_candle_kernels};
+use sembed::train::data::Example;
+use sembed::train::trainer::{LossKind, TrainConfig, Trainer};
+use sembed::DType;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+/// Texts of uneven lengths (3 to ~60 tokens), so that the padded grid and the packed rows differ.
+fn examples() -> Vec<Example> {
+    (0..10)
+        .map(|i| Example {
+            anchor: format!("how to compute value {i} of the series").repeat(1 + i % 3),
+            positive: format!("def f{i}(x):\n    return x * {i} + {}", i % 5)
+                .repeat(1 + (i * 7) % 4),
+            negatives: vec![format!("SELECT {i} FROM t WHERE k = {}", i * 7)],
+        })
+        .collect()
+}
+
+type Named = Vec<(String, Option<Vec<f32>>)>;
+
+fn gradients(model: &Path, config: &TrainConfig, candle: bool) -> (f64, Named) {
+    let t = Trainer::new(model, config.clone(), DType::F32, false).unwrap();
+    let ex = examples();
+    let refs: Vec<&Example> = ex.iter().collect();
+    let before = layer_passes();
+    let (loss, grads) = if candle {
+        with_candle_kernels(|| t.gradients(&refs)).unwrap()
+    } else {
+        t.gradients(&refs).unwrap()
+    };
+    if !candle {
+        assert!(
+            layer_passes() > before,
+            "the fast training pass did not run"
+        );
+    }
+    let named = t
+        .variables()
+        .iter()
+        .zip(grads)
+        .map(|((n, _), g)| {
+            let g = g.map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            (n.clone(), g)
+        })
+        .collect();
+    (loss, named)
+}
+
+/// Relative loss difference and the worst per-tensor `max|a − b| / max|b|` (floored at 1e-3 of the
+/// largest gradient anywhere) between the fast pass and candle's graph. The worst is usually a
+/// key bias, whose true gradient is 0 (softmax ignores a per-row constant): rounding noise at the
+/// floor. A wrong mask or derivative moves the loss and gradients by percents.
+fn compare(model: &Path, config: TrainConfig) -> (f64, f64) {
+    let (fl, fast) = gradients(model, &config, false);
+    let (cl, reference) = gradients(model, &config, true);
+    let global = reference
+        .iter()
+        .filter_map(|(_, g)| g.as_ref())
+        .flatten()
+        .fold(0f32, |m, x| m.max(x.abs()));
+    assert!(global > 0.0, "no gradient at all");
+    let mut worst = 0f32;
+    let mut where_ = String::new();
+    for ((name, a), (_, b)) in fast.iter().zip(&reference) {
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                let scale = b
+                    .iter()
+                    .fold(0f32, |m, x| m.max(x.abs()))
+                    .max(1e-3 * global);
+                let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                if d / scale > worst {
+                    worst = d / scale;
+                    where_ = name.clone();
+                }
+            }
+            (None, None) => {}
+            _ => panic!("{name}: a gradient on one side only"),
+        }
+    }
+    eprintln!(
+        "{}: loss {fl} vs {cl}, worst gradient difference {worst:.2e} ({where_})",
+        model.display()
+    );
+    ((fl - cl).abs() / cl.abs(), worst as f64)
+}
+
+fn config(loss: LossKind, dropout: Option<f64>) -> TrainConfig {
+    TrainConfig {
+        loss,
+        batch_size: 10,
+        dropout,
+        ..Default::default()
+    }
+}
+
+const MNRL: LossKind = LossKind::Mnrl { scale: 20.0 };
+const TRIPLET: LossKind = LossKind::Triplet {
+    cosine: false,
+    margin: 5.0,
+};
+
+#[test]
+fn fast_pass_equals_candle_on_tiny_bert() {
+    let model = fixture("bert-tiny");
+    for loss in [MNRL, TRIPLET] {
+        // Dropout off, the model's own 0.1, and a heavy 0.5 (masks must match element for element).
+        for dropout in [Some(0.0), None, Some(0.5)] {
+            let (dl, dg) = compare(&model, config(loss, dropout));
+            assert!(
+                dl < 1e-5,
+                "{loss:?} dropout {dropout:?}: loss differs by {dl:e}"
+            );
+            assert!(
+                dg < 5e-4,
+                "{loss:?} dropout {dropout:?}: gradient differs by {dg:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fast_pass_with_grad_cache_and_checkpointing_equals_candle() {
+    let model = fixture("bert-tiny");
+    for (cache, ckpt) in [(Some(3), false), (None, true), (Some(4), true)] {
+        let c = TrainConfig {
+            cache_mini_batch: cache,
+            checkpoint_activations: ckpt,
+            ..config(MNRL, None)
+        };
+        let (dl, dg) = compare(&model, c);
+        assert!(
+            dl < 1e-5,
+            "cache {cache:?} ckpt {ckpt}: loss differs by {dl:e}"
+        );
+        assert!(
+            dg < 5e-4,
+            "cache {cache:?} ckpt {ckpt}: gradient differs by {dg:e}"
+        );
+    }
+}
+
+#[test]
+fn fast_pass_equals_candle_on_real_minilm() {
+    let model = sembed::hub::default_model_dir().expect("default model (downloaded on first use)");
+    let (dl, dg) = compare(
+        &model,
+        TrainConfig {
+            max_length: Some(128),
+            ..config(MNRL, None)
+        },
+    );
+    assert!(dl < 1e-5, "loss differs by {dl:e}");
+    assert!(dg < 1e-3, "gradient differs by {dg:e}");
+}
