@@ -1,29 +1,41 @@
 #!/usr/bin/env bash
-# One MiniLM training step (16 triplets, max length 128): sembed vs sentence-transformers, same run.
-#   bench/train_step.sh PYTHON   (a Python with tools/reference/requirements.txt installed)
+# MiniLM training steps side by side in one run, sembed vs sentence-transformers/PyTorch: MNRL, batch
+# 32 (docstring → function) pairs mined from the Python standard library, max length 128, dropout on,
+# AdamW + clipping, every core; one warm-up step, then STEPS timed steps on the next batches.
+#   bench/train_step.sh PYTHON [STEPS] [avx2]   (a Python with bench/requirements.txt installed)
+# `avx2` times both on AVX2+FMA only, as on a CPU without AVX-512: sembed built without the gemm
+# crate's AVX-512 kernels (`--no-default-features`), PyTorch with its own kernels, MKL and oneDNN
+# capped at AVX2. SEMBED_TRAIN_KERNELS=candle times sembed's candle graph instead of the fast pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${1:-.venv-ref/bin/python}
-cargo build --release -p sembed --example train_step -p sembed-cli
+PY=${1:?usage: bench/train_step.sh PYTHON [STEPS] [avx2]}
+STEPS=${2:-5}
+ISA=${3:-native}
 work=$(mktemp -d)
-# Triplets from real code: Python standard library docstring → function pairs, a negative from
-# another pair.
+trap 'rm -rf "$work"' EXIT
+cargo build --release -q -p sembed-cli
+if [ "$ISA" = avx2 ]; then
+  cargo build --release -q -p sembed --example train_step --no-default-features
+  export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+else
+  cargo build --release -q -p sembed --example train_step
+fi
+cp target/release/examples/train_step "$work/train_step"
 stdlib=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
-target/release/sembed mine "$stdlib/email" --out "$work/pairs.jsonl" 2>/dev/null
-python3 - "$work/pairs.jsonl" > "$work/triplets.jsonl" <<'PYEOF'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-for i, r in enumerate(rows):
-    print(json.dumps({"anchor": r["anchor"], "positive": r["positive"], "negative": rows[(i + 7) % len(rows)]["positive"]}))
-PYEOF
+target/release/sembed mine "$stdlib" --out "$work/all.jsonl" 2>/dev/null
+python3 -c "import random,sys; l=open(sys.argv[1]).readlines(); random.Random(0).shuffle(l); open(sys.argv[2],'w').writelines(l[:640])" "$work/all.jsonl" "$work/pairs.jsonl"
 model=$(target/release/sembed embed x >/dev/null && echo "${SEMBED_CACHE_DIR:-$HOME/.cache/sembed}/models/all-MiniLM-L6-v2")
-ours=$(target/release/examples/train_step "$work/triplets.jsonl" "$model")
-peer=$("$PY" bench/train_step_st.py "$work/triplets.jsonl" "$model" "$(nproc)")
+threads=$(nproc)
+grep -m1 "model name" /proc/cpuinfo
+echo "instruction sets: $ISA; CPU flags: $(grep -m1 -ow 'avx2\|fma\|avx512f\|avx512bw\|avx512_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+ours=$(SEMBED_STEP_ONLY=1 RAYON_NUM_THREADS=$threads "$work/train_step" "$work/pairs.jsonl" "$model" mnrl "$STEPS")
+peer=$("$PY" bench/train_step_st.py "$work/pairs.jsonl" "$model" "$threads" mnrl "$STEPS" 2>/dev/null)
 echo "$ours"
 echo "$peer"
-python3 - "$ours" "$peer" <<'PYEOF'
+python3 - "$ours" "$peer" "$threads" "$ISA" <<'PYEOF'
 import json, sys
-ours = json.loads(sys.argv[1].splitlines()[0]); peer = json.loads(sys.argv[2])
-print(f"MiniLM training step, {ours['triplets']} triplets, max length 128: sembed {ours['seconds_per_step']:.3f}s, "
-      f"sentence-transformers {peer['seconds_per_step']:.3f}s → sembed speed = {peer['seconds_per_step'] / ours['seconds_per_step']:.2f}× PyTorch")
+ours = json.loads(sys.argv[1]); peer = json.loads(sys.argv[2])
+print(f"MiniLM training step, MNRL, batch {ours['batch']}, max length 128, {sys.argv[3]} threads, {sys.argv[4]}: "
+      f"sembed {ours['seconds_per_step']:.3f}s, sentence-transformers {peer['seconds_per_step']:.3f}s "
+      f"→ sembed speed = {peer['seconds_per_step'] / ours['seconds_per_step']:.2f}× PyTorch")
 PYEOF
