@@ -219,6 +219,8 @@ pub struct Retrieval {
 
 #[derive(Serialize)]
 pub struct Training {
+    /// What ran the step: the fast training pass or candle's autodiff graph.
+    pub engine: String,
     pub batch: usize,
     pub max_length: usize,
     pub parameters: usize,
@@ -795,9 +797,16 @@ fn training(dir: &Path, texts: &[String], smoke: bool) -> Result<Training> {
     trainer.profile_step(&refs, 1e-5)?; // warm-up: first-touch costs
     let base = alloc::live();
     alloc::reset_peak();
+    let passes = sembed::fast::train::layer_passes();
     let profile = trainer.profile_step(&refs, 1e-5)?;
     let peak = alloc::peak().saturating_sub(base);
+    let engine = if sembed::fast::train::layer_passes() > passes {
+        "fast training pass"
+    } else {
+        "candle autodiff"
+    };
     Ok(Training {
+        engine: engine.into(),
         batch: examples.len(),
         max_length,
         parameters: mem.parameters,

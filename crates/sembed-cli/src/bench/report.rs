@@ -259,8 +259,8 @@ pub fn markdown(r: &Report) -> String {
         let p = &t.profile;
         let _ = writeln!(
             w,
-            "## Training step (MNRL, batch {} pairs, max length {}, f32, candle autodiff)\n",
-            t.batch, t.max_length
+            "## Training step (MNRL, batch {} pairs, max length {}, f32, {})\n",
+            t.batch, t.max_length, t.engine
         );
         let _ = writeln!(
             w,

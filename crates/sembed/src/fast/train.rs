@@ -159,6 +159,7 @@ pub struct LayerDropout {
     pub mlp_out: Stream,
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Reserve the draws of every layer's dropout calls from the generator state `state`, in the order
 /// candle's layers make them. Returns the streams and the number of draws taken.
 pub fn reserve_dropout(
@@ -312,10 +313,12 @@ fn col_sums(x: &[f32], n: usize) -> Vec<f32> {
 }
 
 multiversion! {
-    /// One row of `LayerNorm(z)` with `z = a·mask + bias + res` written back into `a`: returns
-    /// `x̂` into `xhat`, `y` into `y`, and `1/σ`.
-    fn residual_ln_row(a: &mut [f32], mask: &[f32], bias: &[f32], res: &[f32], g: &[f32], b: &[f32],
-                       eps: f32, xhat: &mut [f32], y: &mut [f32]) -> f32 {
+    /// One row of `LayerNorm(z)` with `z = (a + bias)·mask + res` written back into `a`, and
+    /// `p = (bias, γ, β)`: writes `x̂` and `y` into `out` and returns `1/σ`.
+    fn residual_ln_row(a: &mut [f32], mask: &[f32], res: &[f32], p: (&[f32], &[f32], &[f32]),
+                       eps: f32, out: (&mut [f32], &mut [f32])) -> f32 {
+        let (bias, g, b) = p;
+        let (xhat, y) = out;
         let n = a.len();
         let mut mean = 0f32;
         for i in 0..n {
@@ -434,7 +437,7 @@ multiversion! {
 }
 
 /// Split `buf` into consecutive pieces of the given lengths.
-fn split_mut<'a>(mut buf: &'a mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&'a mut [f32]> {
+fn split_mut(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
     let mut out = Vec::new();
     for n in lens {
         let (a, b) = std::mem::take(&mut buf).split_at_mut(n);
@@ -722,13 +725,10 @@ fn residual_ln(
                 rc[i] = residual_ln_row(
                     &mut ac[sl.clone()],
                     &mask[sl.clone()],
-                    bias,
                     &res[(r0 + i) * h..(r0 + i + 1) * h],
-                    g,
-                    b,
+                    (bias, g, b),
                     eps,
-                    &mut xc[sl.clone()],
-                    &mut yc[sl],
+                    (&mut xc[sl.clone()], &mut yc[sl]),
                 );
             }
         });
