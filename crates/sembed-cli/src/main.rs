@@ -434,6 +434,9 @@ fn main() {
         builder.init();
     }
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Train(_) | Command::Tune(_)) {
+        mimalloc_options::tune_training();
+    }
     let result = match cli.command {
         Command::Embed(args) => embed(args),
         Command::Serve(args) => serve(args),

@@ -14,3 +14,15 @@ pub fn tune() {
         libmimalloc_sys::mi_option_set(4, 1);
     }
 }
+
+/// For training (`sembed train`, `sembed tune`): never hand freed memory back while the process
+/// runs. Every step frees and re-allocates the same activations; with purging, each step faulted
+/// them in again, and the kernel's zeroing of those fresh pages took 13% of a MiniLM step. A
+/// training run's RSS stays at its peak step either way. Call before any worker thread exists.
+#[allow(dead_code)]
+pub fn tune_training() {
+    // SAFETY: a plain setter of mimalloc's global options (15 = purge_delay; -1 = never).
+    unsafe {
+        libmimalloc_sys::mi_option_set(15, -1);
+    }
+}

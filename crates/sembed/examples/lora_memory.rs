@@ -33,6 +33,7 @@ mod mimalloc_options;
 
 fn main() -> sembed::Result<()> {
     mimalloc_options::tune();
+    mimalloc_options::tune_training();
     if let Some(ms) = std::env::var("SEMBED_PURGE_DELAY_MS")
         .ok()
         .and_then(|v| v.parse().ok())

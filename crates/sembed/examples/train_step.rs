@@ -18,6 +18,7 @@ mod mimalloc_options;
 
 fn main() -> sembed::Result<()> {
     mimalloc_options::tune();
+    mimalloc_options::tune_training();
     let args: Vec<String> = std::env::args().collect();
     let data = std::path::PathBuf::from(args.get(1).expect("pairs or triplets jsonl"));
     let dir = match args.get(2) {

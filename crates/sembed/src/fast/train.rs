@@ -83,24 +83,26 @@ pub struct Seq {
     pub col0: usize,
 }
 
-/// One layer's weights, host copies in PyTorch's layout (`[out, in]`); Q, K and V stacked.
-pub struct LayerWeights {
-    pub wqkv: Vec<f32>,
+/// One layer's weights, read in place from candle's storage, in PyTorch's layout (`[out, in]`).
+pub struct LayerWeights<'a> {
+    /// Q, K, V projections.
+    pub wqkv: [&'a [f32]; 3],
+    /// Their biases, stacked (`[3H]`, a copy).
     pub bqkv: Vec<f32>,
-    pub wo: Vec<f32>,
-    pub bo: Vec<f32>,
-    pub ln1_g: Vec<f32>,
-    pub ln1_b: Vec<f32>,
-    pub w1: Vec<f32>,
-    pub b1: Vec<f32>,
-    pub w2: Vec<f32>,
-    pub b2: Vec<f32>,
-    pub ln2_g: Vec<f32>,
-    pub ln2_b: Vec<f32>,
+    pub wo: &'a [f32],
+    pub bo: &'a [f32],
+    pub ln1_g: &'a [f32],
+    pub ln1_b: &'a [f32],
+    pub w1: &'a [f32],
+    pub b1: &'a [f32],
+    pub w2: &'a [f32],
+    pub b2: &'a [f32],
+    pub ln2_g: &'a [f32],
+    pub ln2_b: &'a [f32],
 }
 
-/// Gradients of one layer, in the same layout as [`LayerWeights`].
-pub type LayerGrads = LayerWeights;
+/// Gradients of one layer, in the order of [`LayerParams`].
+pub type LayerGrads = [Vec<f32>; 16];
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -232,8 +234,9 @@ fn par_for(m: usize, n: usize, k: usize) -> Parallelism {
     }
 }
 
-/// `y[t, out] (+)= x[t, in] · w[out, in]ᵀ`.
-fn linear(x: &[f32], w: &[f32], t: usize, inp: usize, out: usize, y: &mut [f32], acc: bool) {
+/// `y[t, out] = x[t, in] · w[out, in]ᵀ`, rows of `y` `stride` apart (a column block of a wider
+/// matrix when `stride > out`).
+fn linear(x: &[f32], w: &[f32], t: usize, inp: usize, out: usize, y: &mut [f32], stride: usize) {
     matmul_acc(
         t,
         out,
@@ -243,20 +246,30 @@ fn linear(x: &[f32], w: &[f32], t: usize, inp: usize, out: usize, y: &mut [f32],
         w,
         (1, inp as isize),
         y,
-        (out as isize, 1),
-        acc,
+        (stride as isize, 1),
+        false,
         par_for(t, out, inp),
     );
 }
 
-/// `dx[t, in] (+)= dy[t, out] · w[out, in]`.
-fn linear_dx(dy: &[f32], w: &[f32], t: usize, inp: usize, out: usize, dx: &mut [f32], acc: bool) {
+/// `dx[t, in] (+)= dy[t, out] · w[out, in]`, rows of `dy` `stride` apart.
+#[allow(clippy::too_many_arguments)]
+fn linear_dx(
+    dy: &[f32],
+    stride: usize,
+    w: &[f32],
+    t: usize,
+    inp: usize,
+    out: usize,
+    dx: &mut [f32],
+    acc: bool,
+) {
     matmul_acc(
         t,
         inp,
         out,
         dy,
-        (out as isize, 1),
+        (stride as isize, 1),
         w,
         (inp as isize, 1),
         dx,
@@ -266,15 +279,15 @@ fn linear_dx(dy: &[f32], w: &[f32], t: usize, inp: usize, out: usize, dx: &mut [
     );
 }
 
-/// `dw[out, in] = dy[t, out]ᵀ · x[t, in]`.
-fn linear_dw(dy: &[f32], x: &[f32], t: usize, inp: usize, out: usize) -> Vec<f32> {
+/// `dw[out, in] = dy[t, out]ᵀ · x[t, in]`, rows of `dy` `stride` apart.
+fn linear_dw(dy: &[f32], stride: usize, x: &[f32], t: usize, inp: usize, out: usize) -> Vec<f32> {
     let mut dw = vec![0f32; out * inp];
     matmul_acc(
         out,
         inp,
         t,
         dy,
-        (1, out as isize),
+        (1, stride as isize),
         x,
         (inp as isize, 1),
         &mut dw,
@@ -638,7 +651,9 @@ pub fn layer_forward(
     } = c.dims;
     let t = c.tokens;
     let mut qkv = vec![0f32; t * 3 * h];
-    linear(&x, &w.wqkv, t, h, 3 * h, &mut qkv, false);
+    for (i, wi) in w.wqkv.iter().enumerate() {
+        linear(&x, wi, t, h, h, &mut qkv[i * h..], 3 * h);
+    }
     kernels::add_bias(&mut qkv, &w.bqkv);
 
     let mut probs = vec![0f32; c.seqs.iter().map(|q| nh * q.len * q.len).sum()];
@@ -658,25 +673,23 @@ pub fn layer_forward(
 
     // a = ctx · Woᵀ; h1 = LN(dropout(a + bo) + x)
     let mut a = vec![0f32; t * h];
-    linear(&ctx, &w.wo, t, h, h, &mut a, false);
-    let (xhat1, rstd1, h1) =
-        residual_ln(&mut a, &w.bo, &x, &w.ln1_g, &w.ln1_b, &dr.attn_out, h, eps);
+    linear(&ctx, w.wo, t, h, h, &mut a, h);
+    let (xhat1, rstd1, h1) = residual_ln(&mut a, w.bo, &x, w.ln1_g, w.ln1_b, &dr.attn_out, h, eps);
     drop(a);
 
     // u = h1 · W1ᵀ + b1; g = act(u)
     let mut u = vec![0f32; t * inter];
-    linear(&h1, &w.w1, t, h, inter, &mut u, false);
+    linear(&h1, w.w1, t, h, inter, &mut u, inter);
     let mut g = vec![0f32; t * inter];
     let rows = block_rows(t, inter);
     u.par_chunks_mut(rows * inter)
         .zip(g.par_chunks_mut(rows * inter))
-        .for_each(|(uc, gc)| bias_act_keep(uc, gc, &w.b1, act == Act::Relu));
+        .for_each(|(uc, gc)| bias_act_keep(uc, gc, w.b1, act == Act::Relu));
 
     // out = LN(dropout(g · W2ᵀ + b2) + h1)
     let mut m = vec![0f32; t * h];
-    linear(&g, &w.w2, t, inter, h, &mut m, false);
-    let (xhat2, rstd2, out) =
-        residual_ln(&mut m, &w.b2, &h1, &w.ln2_g, &w.ln2_b, &dr.mlp_out, h, eps);
+    linear(&g, w.w2, t, inter, h, &mut m, h);
+    let (xhat2, rstd2, out) = residual_ln(&mut m, w.b2, &h1, w.ln2_g, w.ln2_b, &dr.mlp_out, h, eps);
     let saved = Saved {
         x,
         qkv,
@@ -807,12 +820,12 @@ pub fn layer_backward(
     let t = c.tokens;
     // out = LN2(dropout(m) + h1)
     let (mut dh1, dm, ln2_g, ln2_b) =
-        ln_dropout_backward(dout, &s.xhat2, &s.rstd2, &w.ln2_g, &dr.mlp_out, h);
+        ln_dropout_backward(dout, &s.xhat2, &s.rstd2, w.ln2_g, &dr.mlp_out, h);
     let b2 = col_sums(&dm, h);
-    let w2 = linear_dw(&dm, &s.g, t, inter, h);
+    let w2 = linear_dw(&dm, h, &s.g, t, inter, h);
     drop(s.g);
     let mut dg = vec![0f32; t * inter];
-    linear_dx(&dm, &w.w2, t, inter, h, &mut dg, false);
+    linear_dx(&dm, h, w.w2, t, inter, h, &mut dg, false);
     drop(dm);
     let rows = block_rows(t, inter);
     dg.par_chunks_mut(rows * inter)
@@ -820,18 +833,18 @@ pub fn layer_backward(
         .for_each(|(d, u)| act_backward(d, u, act == Act::Relu));
     drop(s.u);
     let b1 = col_sums(&dg, inter);
-    let w1 = linear_dw(&dg, &s.h1, t, h, inter);
-    linear_dx(&dg, &w.w1, t, h, inter, &mut dh1, true);
+    let w1 = linear_dw(&dg, inter, &s.h1, t, h, inter);
+    linear_dx(&dg, inter, w.w1, t, h, inter, &mut dh1, true);
     drop(dg);
 
     // h1 = LN1(dropout(a) + x)
     let (mut dx, da, ln1_g, ln1_b) =
-        ln_dropout_backward(&dh1, &s.xhat1, &s.rstd1, &w.ln1_g, &dr.attn_out, h);
+        ln_dropout_backward(&dh1, &s.xhat1, &s.rstd1, w.ln1_g, &dr.attn_out, h);
     drop(dh1);
     let bo = col_sums(&da, h);
-    let wo = linear_dw(&da, &s.ctx, t, h, h);
+    let wo = linear_dw(&da, h, &s.ctx, t, h, h);
     let mut dctx = vec![0f32; t * h];
-    linear_dx(&da, &w.wo, t, h, h, &mut dctx, false);
+    linear_dx(&da, h, w.wo, t, h, h, &mut dctx, false);
     drop(da);
 
     let mut dqkv = vec![0f32; t * 3 * h];
@@ -861,11 +874,23 @@ pub fn layer_backward(
             });
     }
     let bqkv = col_sums(&dqkv, 3 * h);
-    let wqkv = linear_dw(&dqkv, &s.x, t, h, 3 * h);
-    linear_dx(&dqkv, &w.wqkv, t, h, 3 * h, &mut dx, true);
-    let grads = LayerGrads {
-        wqkv,
-        bqkv,
+    let mut wqkv = w.wqkv.iter().enumerate().map(|(i, wi)| {
+        let dw = linear_dw(&dqkv[i * h..], 3 * h, &s.x, t, h, h);
+        linear_dx(&dqkv[i * h..], 3 * h, wi, t, h, h, &mut dx, true);
+        dw
+    });
+    let (wq, wk, wv) = (
+        wqkv.next().expect("3"),
+        wqkv.next().expect("3"),
+        wqkv.next().expect("3"),
+    );
+    let grads = [
+        wq,
+        bqkv[..h].to_vec(),
+        wk,
+        bqkv[h..2 * h].to_vec(),
+        wv,
+        bqkv[2 * h..].to_vec(),
         wo,
         bo,
         ln1_g,
@@ -876,7 +901,7 @@ pub fn layer_backward(
         b2,
         ln2_g,
         ln2_b,
-    };
+    ];
     (dx, grads)
 }
 
@@ -891,29 +916,49 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
-impl LayerWeights {
-    fn from_params(p: &LayerParams) -> Result<Self> {
-        let cat = |a: &Tensor, b: &Tensor, c: &Tensor| -> Result<Vec<f32>> {
-            let mut v = host(a)?;
-            v.extend(host(b)?);
-            v.extend(host(c)?);
-            Ok(v)
-        };
-        Ok(LayerWeights {
-            wqkv: cat(&p[0], &p[2], &p[4])?,
-            bqkv: cat(&p[1], &p[3], &p[5])?,
-            wo: host(&p[6])?,
-            bo: host(&p[7])?,
-            ln1_g: host(&p[8])?,
-            ln1_b: host(&p[9])?,
-            w1: host(&p[10])?,
-            b1: host(&p[11])?,
-            w2: host(&p[12])?,
-            b2: host(&p[13])?,
-            ln2_g: host(&p[14])?,
-            ln2_b: host(&p[15])?,
-        })
+/// A contiguous f32 CPU tensor's values, in place.
+fn view<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| Error::InvalidInput("fast training pass: non-contiguous weight".into()))?;
+    match s {
+        candle_core::Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[a..b]),
+        _ => Err(Error::InvalidInput(
+            "fast training pass: a weight off the CPU".into(),
+        )),
     }
+}
+
+/// Run `f` on the layers' weights read in place (under candle's read locks; the optimiser, which
+/// writes them, runs only between steps). Reading them costs no copy of the model per call, which
+/// matters with GradCache (a call per mini-batch and pass).
+fn with_weights<R>(params: &[LayerParams], f: impl FnOnce(&[LayerWeights<'_>]) -> R) -> Result<R> {
+    let guards: Vec<Vec<_>> = params
+        .iter()
+        .map(|p| p.iter().map(Tensor::storage_and_layout).collect())
+        .collect();
+    let mut weights = Vec::with_capacity(params.len());
+    for g in &guards {
+        let v = |i: usize| -> Result<&[f32]> {
+            let (s, l): &(candle_core::StorageRef<'_>, &candle_core::Layout) = &g[i];
+            view(s, l)
+        };
+        weights.push(LayerWeights {
+            wqkv: [v(0)?, v(2)?, v(4)?],
+            bqkv: [v(1)?, v(3)?, v(5)?].concat(),
+            wo: v(6)?,
+            bo: v(7)?,
+            ln1_g: v(8)?,
+            ln1_b: v(9)?,
+            w1: v(10)?,
+            b1: v(11)?,
+            w2: v(12)?,
+            b2: v(13)?,
+            ln2_g: v(14)?,
+            ln2_b: v(15)?,
+        });
+    }
+    Ok(f(&weights))
 }
 
 /// Whether this pass can train a layer stack with these parameters: f32 variables on the CPU.
@@ -961,7 +1006,7 @@ impl candle_core::CustomOp1 for ParamSink {
 }
 
 struct Encoder {
-    weights: Vec<LayerWeights>,
+    params: Vec<LayerParams>,
     shapes: Vec<Vec<usize>>,
     dims: Dims,
     seqs: Vec<Seq>,
@@ -1021,57 +1066,40 @@ impl candle_core::CustomOp2 for Encoder {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut d = grad.flatten_all()?.to_vec1::<f32>()?;
+        let d = grad.flatten_all()?.to_vec1::<f32>()?;
         let c = self.ctx();
-        let n = self.weights.len();
-        let mut grads: Vec<Option<LayerGrads>> = (0..n).map(|_| None).collect();
-        for l in (0..n).rev() {
-            let saved = match self.saved.lock().expect("not poisoned")[l].take() {
-                Some(s) => s,
-                None => {
-                    // Checkpointed: recompute the layer from its input, with the same masks.
-                    let x = self.inputs.lock().expect("not poisoned")[l]
-                        .take()
-                        .ok_or_else(|| msg("encoder backward ran twice"))?;
-                    crate::nn::count_recomputed_layer();
-                    layer_forward(&self.weights[l], x, &c, &self.dropout[l]).1
-                }
-            };
-            let (dx, g) = layer_backward(&self.weights[l], saved, &d, &c, &self.dropout[l]);
-            d = dx;
-            grads[l] = Some(g);
-        }
-        let mut slots = self.slots.lock().expect("not poisoned");
-        let h = self.dims.hidden;
-        for (l, g) in grads.into_iter().enumerate() {
-            let g = g.expect("every layer ran");
-            let hh = h * h;
-            let parts: [Vec<f32>; 16] = [
-                g.wqkv[..hh].to_vec(),
-                g.bqkv[..h].to_vec(),
-                g.wqkv[hh..2 * hh].to_vec(),
-                g.bqkv[h..2 * h].to_vec(),
-                g.wqkv[2 * hh..].to_vec(),
-                g.bqkv[2 * h..].to_vec(),
-                g.wo,
-                g.bo,
-                g.ln1_g,
-                g.ln1_b,
-                g.w1,
-                g.b1,
-                g.w2,
-                g.b2,
-                g.ln2_g,
-                g.ln2_b,
-            ];
-            for (i, v) in parts.into_iter().enumerate() {
-                let k = l * 16 + i;
-                slots[k] = Some(Tensor::from_vec(
-                    v,
-                    self.shapes[k].as_slice(),
-                    &candle_core::Device::Cpu,
-                )?);
+        let n = self.params.len();
+        let (d, grads) = with_weights(&self.params, |weights| {
+            let mut d = d;
+            let mut grads: Vec<LayerGrads> = Vec::with_capacity(n);
+            for l in (0..n).rev() {
+                let saved = match self.saved.lock().expect("not poisoned")[l].take() {
+                    Some(s) => s,
+                    None => {
+                        // Checkpointed: recompute the layer from its input, with the same masks.
+                        let x = self.inputs.lock().expect("not poisoned")[l]
+                            .take()
+                            .ok_or_else(|| msg("encoder backward ran twice"))?;
+                        crate::nn::count_recomputed_layer();
+                        layer_forward(&weights[l], x, &c, &self.dropout[l]).1
+                    }
+                };
+                let (dx, g) = layer_backward(&weights[l], saved, &d, &c, &self.dropout[l]);
+                d = dx;
+                grads.push(g);
             }
+            grads.reverse();
+            Ok::<_, candle_core::Error>((d, grads))
+        })
+        .map_err(msg)??;
+        let h = self.dims.hidden;
+        let mut slots = self.slots.lock().expect("not poisoned");
+        for (k, v) in grads.into_iter().flatten().enumerate() {
+            slots[k] = Some(Tensor::from_vec(
+                v,
+                self.shapes[k].as_slice(),
+                &candle_core::Device::Cpu,
+            )?);
         }
         let dx = Tensor::from_vec(d, (self.tokens, h), &candle_core::Device::Cpu)?;
         Ok((Some(dx), Some(sink.zeros_like()?)))
@@ -1119,31 +1147,27 @@ pub fn encoder(
     if let Some(used) = draws {
         crate::nn::advance_dropout(used);
     }
-    let weights = params
-        .iter()
-        .map(LayerWeights::from_params)
-        .collect::<Result<Vec<_>>>()?;
     let checkpointed = crate::nn::checkpointing();
     let mut cur = host(&x.contiguous()?)?;
     let mut saved = Vec::with_capacity(n);
     let mut inputs = Vec::with_capacity(n);
-    {
-        let c = Ctx {
-            dims,
-            seqs: &seqs,
-            tokens,
-            grid_cols: grid.1,
-        };
-        for l in 0..n {
+    let c = Ctx {
+        dims,
+        seqs: &seqs,
+        tokens,
+        grid_cols: grid.1,
+    };
+    with_weights(params, |weights| {
+        for (w, dr) in weights.iter().zip(&dropout) {
             // Checkpointed, only the input is kept: the activations are recomputed in backward.
             inputs.push(checkpointed.then(|| cur.clone()));
-            let (out, s) = layer_forward(&weights[l], cur, &c, &dropout[l]);
+            let (out, s) = layer_forward(w, std::mem::take(&mut cur), &c, dr);
             saved.push((!checkpointed).then_some(s));
             cur = out;
         }
-    }
+    })?;
     let enc = Encoder {
-        weights,
+        params: params.to_vec(),
         shapes: params.iter().flatten().map(|t| t.dims().to_vec()).collect(),
         dims,
         seqs,
