@@ -65,9 +65,7 @@ pub(crate) fn advance_dropout(draws: u64) {
     DROPOUT.with(|d| {
         if let Some(ctx) = d.borrow().as_ref() {
             let mut rng = ctx.rng.lock().expect("not poisoned");
-            rng.0 = rng
-                .0
-                .wrapping_add(draws.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            rng.0 = rng.0.wrapping_add(draws.wrapping_mul(crate::rng::GAMMA));
         }
     })
 }

@@ -6,13 +6,22 @@
 #[derive(Debug, Clone)]
 pub struct SplitMix64(pub u64);
 
+/// The step SplitMix64 adds to its state per draw: the state after `n` draws is `state + n·GAMMA`.
+pub const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output for a state: draw `i` (from 0) of a generator at `state` is
+/// `mix(state + (i + 1)·GAMMA)`, so any draw can be computed from its index.
+#[inline(always)]
+pub fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 impl SplitMix64 {
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(GAMMA);
+        mix(self.0)
     }
     /// Fisher–Yates.
     pub fn shuffle<T>(&mut self, v: &mut [T]) {

@@ -104,7 +104,7 @@ pub struct LayerWeights<'a> {
 /// Gradients of one layer, in the order of [`LayerParams`].
 pub type LayerGrads = [Vec<f32>; 16];
 
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+use crate::rng::{mix, GAMMA};
 
 /// One dropout call: the generator state it starts from, its probability, and the scale of kept
 /// values. `p == 0` drops nothing (and drew nothing).
@@ -139,12 +139,9 @@ impl Stream {
     /// The mask value of element `i`: 0 or `1 / (1 - p)`.
     #[inline(always)]
     fn mask(&self, i: u64) -> f32 {
-        let mut z = self
+        let z = mix(self
             .state
-            .wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN));
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+            .wrapping_add(i.wrapping_add(1).wrapping_mul(GAMMA)));
         if ((z >> 11) as f64) < self.threshold {
             0.0
         } else {
@@ -161,9 +158,9 @@ pub struct LayerDropout {
     pub mlp_out: Stream,
 }
 
-#[allow(clippy::too_many_arguments)]
 /// Reserve the draws of every layer's dropout calls from the generator state `state`, in the order
 /// candle's layers make them. Returns the streams and the number of draws taken.
+#[allow(clippy::too_many_arguments)]
 pub fn reserve_dropout(
     state: u64,
     layers: usize,
@@ -179,7 +176,7 @@ pub fn reserve_dropout(
         if p <= 0.0 {
             return Stream::off();
         }
-        let s = Stream::new(state.wrapping_add(used.wrapping_mul(GOLDEN)), p);
+        let s = Stream::new(state.wrapping_add(used.wrapping_mul(GAMMA)), p);
         used += n as u64;
         s
     };

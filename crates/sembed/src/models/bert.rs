@@ -147,55 +147,32 @@ impl Bert {
             Activation::Relu => train::Act::Relu,
             _ => return Ok(None),
         };
+        // In `train::LayerParams` order: q, k, v, attention output (weight, bias each), LayerNorm,
+        // intermediate, output, LayerNorm.
         let mut params = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
-            let lins = [
-                &l.query,
-                &l.key,
-                &l.value,
-                &l.attn_out,
-                &l.intermediate,
-                &l.output,
-            ];
-            if lins.iter().any(|p| p.lora.is_some() || p.frozen) {
-                return Ok(None);
-            }
-            let wb =
-                |p: &Linear| -> Option<[Tensor; 2]> { Some([p.weight.clone(), p.bias.clone()?]) };
-            let (Some(q), Some(k), Some(v), Some(o), Some(i), Some(out)) = (
-                wb(&l.query),
-                wb(&l.key),
-                wb(&l.value),
-                wb(&l.attn_out),
-                wb(&l.intermediate),
-                wb(&l.output),
-            ) else {
-                return Ok(None);
+            let mut p = Vec::with_capacity(16);
+            let lin = |p: &mut Vec<Tensor>, lin: &Linear| {
+                if lin.lora.is_some() || lin.frozen {
+                    return false;
+                }
+                let Some(b) = &lin.bias else { return false };
+                p.extend([lin.weight.clone(), b.clone()]);
+                true
             };
-            let [qw, qb] = q;
-            let [kw, kb] = k;
-            let [vw, vb] = v;
-            let [ow, ob] = o;
-            let [iw, ib] = i;
-            let [dw, db] = out;
-            params.push([
-                qw,
-                qb,
-                kw,
-                kb,
-                vw,
-                vb,
-                ow,
-                ob,
-                l.attn_norm.weight.clone(),
-                l.attn_norm.bias.clone(),
-                iw,
-                ib,
-                dw,
-                db,
-                l.out_norm.weight.clone(),
-                l.out_norm.bias.clone(),
-            ]);
+            let norm = |p: &mut Vec<Tensor>, n: &LayerNorm| {
+                p.extend([n.weight.clone(), n.bias.clone()]);
+            };
+            let ok = [&l.query, &l.key, &l.value, &l.attn_out]
+                .into_iter()
+                .all(|x| lin(&mut p, x));
+            norm(&mut p, &l.attn_norm);
+            let ok = ok && lin(&mut p, &l.intermediate) && lin(&mut p, &l.output);
+            norm(&mut p, &l.out_norm);
+            match <train::LayerParams>::try_from(p) {
+                Ok(p) if ok => params.push(p),
+                _ => return Ok(None),
+            }
         }
         let eps = self.layers.first().map_or(1e-12, |l| l.attn_norm.eps);
         if params.is_empty()
