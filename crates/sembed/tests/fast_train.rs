@@ -4,17 +4,14 @@
 //! checkpointing, on the tiny BERT and on the real all-MiniLM-L6-v2. (The CLI test
 //! `dump_gradients_match_upstream` checks the pass against upstream PyTorch's gradients too.)
 
+mod common;
+
+use common::{fixture, named_gradients, worst_difference, Named};
 use sembed::fast::train::{layer_passes, with_candle_kernels};
 use sembed::train::data::Example;
 use sembed::train::trainer::{LossKind, TrainConfig, Trainer};
 use sembed::DType;
-use std::path::{Path, PathBuf};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
+use std::path::Path;
 
 /// Texts of uneven lengths (3 to ~60 tokens), so that the padded grid and the packed rows differ.
 fn examples() -> Vec<Example> {
@@ -28,17 +25,13 @@ fn examples() -> Vec<Example> {
         .collect()
 }
 
-type Named = Vec<(String, Option<Vec<f32>>)>;
-
 fn gradients(model: &Path, config: &TrainConfig, candle: bool) -> (f64, Named) {
     let t = Trainer::new(model, config.clone(), DType::F32, false).unwrap();
-    let ex = examples();
-    let refs: Vec<&Example> = ex.iter().collect();
     let before = layer_passes();
-    let (loss, grads) = if candle {
-        with_candle_kernels(|| t.gradients(&refs)).unwrap()
+    let out = if candle {
+        with_candle_kernels(|| named_gradients(&t, &examples()))
     } else {
-        t.gradients(&refs).unwrap()
+        named_gradients(&t, &examples())
     };
     if !candle {
         assert!(
@@ -46,16 +39,7 @@ fn gradients(model: &Path, config: &TrainConfig, candle: bool) -> (f64, Named) {
             "the fast training pass did not run"
         );
     }
-    let named = t
-        .variables()
-        .iter()
-        .zip(grads)
-        .map(|((n, _), g)| {
-            let g = g.map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            (n.clone(), g)
-        })
-        .collect();
-    (loss, named)
+    out
 }
 
 /// Relative loss difference and the worst per-tensor `max|a − b| / max|b|` (floored at 1e-3 of the
@@ -65,36 +49,12 @@ fn gradients(model: &Path, config: &TrainConfig, candle: bool) -> (f64, Named) {
 fn compare(model: &Path, config: TrainConfig) -> (f64, f64) {
     let (fl, fast) = gradients(model, &config, false);
     let (cl, reference) = gradients(model, &config, true);
-    let global = reference
-        .iter()
-        .filter_map(|(_, g)| g.as_ref())
-        .flatten()
-        .fold(0f32, |m, x| m.max(x.abs()));
-    assert!(global > 0.0, "no gradient at all");
-    let mut worst = 0f32;
-    let mut where_ = String::new();
-    for ((name, a), (_, b)) in fast.iter().zip(&reference) {
-        match (a, b) {
-            (Some(a), Some(b)) => {
-                let scale = b
-                    .iter()
-                    .fold(0f32, |m, x| m.max(x.abs()))
-                    .max(1e-3 * global);
-                let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                if d / scale > worst {
-                    worst = d / scale;
-                    where_ = name.clone();
-                }
-            }
-            (None, None) => {}
-            _ => panic!("{name}: a gradient on one side only"),
-        }
-    }
+    let (worst, at) = worst_difference(&fast, &reference);
     eprintln!(
-        "{}: loss {fl} vs {cl}, worst gradient difference {worst:.2e} ({where_})",
+        "{}: loss {fl} vs {cl}, worst gradient difference {worst:.2e} ({at})",
         model.display()
     );
-    ((fl - cl).abs() / cl.abs(), worst as f64)
+    ((fl - cl).abs() / cl.abs(), worst)
 }
 
 fn config(loss: LossKind, dropout: Option<f64>) -> TrainConfig {

@@ -3,16 +3,12 @@
 //! uneven mini-batches, full and LoRA training, with dropout on for checkpointing (its masks are
 //! replayed). (The CLI test `dump_gradients_match_upstream` also checks both against upstream PyTorch.)
 
+mod common;
+
+use common::{fixture, named_gradients, worst_difference, Named};
 use sembed::train::data::Example;
 use sembed::train::trainer::{LoraConfig, LossKind, TrainConfig, Trainer};
 use sembed::DType;
-use std::path::PathBuf;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 fn examples() -> Vec<Example> {
     (0..10)
@@ -24,33 +20,9 @@ fn examples() -> Vec<Example> {
         .collect()
 }
 
-/// Each variable's name and gradient (None: the loss does not reach it).
-type Named = Vec<(String, Option<Vec<f64>>)>;
-
 fn gradients(model: &str, config: TrainConfig, dtype: DType) -> (f64, Named) {
     let t = Trainer::new(&fixture(model), config, dtype, false).unwrap();
-    let ex = examples();
-    let refs: Vec<&Example> = ex.iter().collect();
-    let (loss, grads) = t.gradients(&refs).unwrap();
-    let named = t
-        .variables()
-        .iter()
-        .zip(grads)
-        .map(|((n, _), g)| {
-            (
-                n.clone(),
-                g.map(|g| {
-                    g.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f64>()
-                        .unwrap()
-                }),
-            )
-        })
-        .collect();
-    (loss, named)
+    named_gradients(&t, &examples())
 }
 
 /// Worst per-tensor `max|a − b| / max(max|b|, 1e-3 · global max)` and the loss difference.
@@ -71,30 +43,7 @@ fn compare_configs(
 ) -> (f64, f64) {
     let (plain_loss, plain) = gradients(model, config, dtype);
     let (cached_loss, cached) = gradients(model, other, dtype);
-    let global = plain
-        .iter()
-        .filter_map(|(_, g)| g.as_ref())
-        .flatten()
-        .fold(0.0f64, |m, x| m.max(x.abs()));
-    assert!(global > 0.0, "{model}: no gradient at all");
-    let mut worst = 0.0f64;
-    for ((name, a), (_, b)) in cached.iter().zip(&plain) {
-        match (a, b) {
-            (Some(a), Some(b)) => {
-                let scale = b
-                    .iter()
-                    .fold(0.0f64, |m, x| m.max(x.abs()))
-                    .max(1e-3 * global);
-                let d = a
-                    .iter()
-                    .zip(b)
-                    .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
-                worst = worst.max(d / scale);
-            }
-            (None, None) => {}
-            _ => panic!("{model} {name}: a gradient on one side only"),
-        }
-    }
+    let (worst, _) = worst_difference(&cached, &plain);
     ((cached_loss - plain_loss).abs() / plain_loss.abs(), worst)
 }
 
