@@ -231,6 +231,15 @@ pub struct Training {
     /// Heap high-water mark of the step above the loaded trainer: activations kept for the backward
     /// pass, gradients and temporaries (measured).
     pub step_peak_above_model_bytes: usize,
+    /// The same step on candle's graph, in the same run, when the fast training pass ran the step
+    /// above: the peer it replaces.
+    pub candle: Option<CandleStep>,
+}
+
+#[derive(Serialize)]
+pub struct CandleStep {
+    pub profile: sembed::train::trainer::StepProfile,
+    pub step_peak_above_model_bytes: usize,
 }
 
 #[derive(Serialize)]
@@ -800,13 +809,28 @@ fn training(dir: &Path, texts: &[String], smoke: bool) -> Result<Training> {
     let passes = sembed::fast::train::layer_passes();
     let profile = trainer.profile_step(&refs, 1e-5)?;
     let peak = alloc::peak().saturating_sub(base);
-    let engine = if sembed::fast::train::layer_passes() > passes {
+    let fast = sembed::fast::train::layer_passes() > passes;
+    let engine = if fast {
         "fast training pass"
     } else {
         "candle autodiff"
     };
+    let candle = if fast {
+        let base = alloc::live();
+        alloc::reset_peak();
+        let profile =
+            sembed::fast::train::with_candle_kernels(|| trainer.profile_step(&refs, 1e-5))?;
+        let step_peak_above_model_bytes = alloc::peak().saturating_sub(base);
+        Some(CandleStep {
+            profile,
+            step_peak_above_model_bytes,
+        })
+    } else {
+        None
+    };
     Ok(Training {
         engine: engine.into(),
+        candle,
         batch: examples.len(),
         max_length,
         parameters: mem.parameters,

@@ -87,6 +87,13 @@ fn smoke_bench_writes_every_section() {
         t["profile"]["optimizer_bytes"],
         t["optimizer_formula_bytes"]
     );
+    // MiniLM trained in full runs the fast training pass; candle's graph is timed beside it and
+    // measures the same gradient and optimiser bytes.
+    assert_eq!(t["engine"], "fast training pass");
+    assert_eq!(
+        t["candle"]["profile"]["gradients_bytes"],
+        t["gradients_formula_bytes"]
+    );
     // Both measured, at two sizes (the finite-difference total is an extrapolation: not compared).
     let g = r["gradients"].as_array().unwrap();
     assert_eq!(g.len(), 2, "{g:?}");
