@@ -55,11 +55,12 @@ pub fn layer_passes() -> usize {
 // ---------------------------------------------------------------------------------------------
 // Shapes, weights, dropout
 
-/// The activations this pass differentiates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Act {
-    GeluErf,
-    Relu,
+/// The activations this pass differentiates (of the fast engine's [`Act`]; [`supports_act`]).
+pub use super::kernels::Act;
+
+/// Whether this pass has the derivative of `act`: exact GELU and ReLU.
+pub fn supports_act(act: Act) -> bool {
+    matches!(act, Act::GeluErf | Act::Relu)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -376,24 +377,6 @@ multiversion! {
 }
 
 multiversion! {
-    /// `u += bias; g = act(u)` over rows of `bias.len()`.
-    fn bias_act_keep(u: &mut [f32], g: &mut [f32], bias: &[f32], relu: bool) {
-        let n = bias.len();
-        for (ur, gr) in u.chunks_exact_mut(n).zip(g.chunks_exact_mut(n)) {
-            for i in 0..n {
-                let y = ur[i] + bias[i];
-                ur[i] = y;
-                gr[i] = if relu {
-                    y.max(0.0)
-                } else {
-                    0.5 * y * (1.0 + kernels::erf(y * std::f32::consts::FRAC_1_SQRT_2))
-                };
-            }
-        }
-    }
-}
-
-multiversion! {
     /// `dg *= act'(u)` elementwise.
     fn act_backward(dg: &mut [f32], u: &[f32], relu: bool) {
         const INV_SQRT_2PI: f32 = 0.398_942_3;
@@ -405,28 +388,6 @@ multiversion! {
                     + x * INV_SQRT_2PI * kernels::exp(-0.5 * x * x)
             };
             *d *= slope;
-        }
-    }
-}
-
-multiversion! {
-    /// Softmax of `x · scale` over each row of `n`, in place.
-    fn softmax_rows(x: &mut [f32], n: usize, scale: f32) {
-        for row in x.chunks_exact_mut(n) {
-            let mut m = f32::NEG_INFINITY;
-            for v in row.iter_mut() {
-                *v *= scale;
-                m = m.max(*v);
-            }
-            let mut s = 0f32;
-            for v in row.iter_mut() {
-                *v = kernels::exp(*v - m);
-                s += *v;
-            }
-            let inv = 1.0 / s;
-            for v in row.iter_mut() {
-                *v *= inv;
-            }
         }
     }
 }
@@ -511,7 +472,7 @@ fn attention_forward(
             false,
             Parallelism::None,
         );
-        softmax_rows(p, l, scale);
+        kernels::softmax_rows(p, l, scale);
         let r: &[f32] = if st.on {
             attention_mask(st, q, head, nh, c.grid_cols, &mut dropped);
             for (m, &pv) in dropped.iter_mut().zip(p.iter()) {
@@ -674,14 +635,17 @@ pub fn layer_forward(
     let (xhat1, rstd1, h1) = residual_ln(&mut a, w.bo, &x, w.ln1_g, w.ln1_b, &dr.attn_out, h, eps);
     drop(a);
 
-    // u = h1 · W1ᵀ + b1; g = act(u)
+    // u = h1 · W1ᵀ + b1 (kept for the derivative); g = act(u)
     let mut u = vec![0f32; t * inter];
     linear(&h1, w.w1, t, h, inter, &mut u, inter);
-    let mut g = vec![0f32; t * inter];
+    let mut g = u.clone();
     let rows = block_rows(t, inter);
     u.par_chunks_mut(rows * inter)
         .zip(g.par_chunks_mut(rows * inter))
-        .for_each(|(uc, gc)| bias_act_keep(uc, gc, w.b1, act == Act::Relu));
+        .for_each(|(uc, gc)| {
+            kernels::add_bias(uc, w.b1);
+            kernels::bias_act(gc, w.b1, act);
+        });
 
     // out = LN(dropout(g · W2ᵀ + b2) + h1)
     let mut m = vec![0f32; t * h];

@@ -145,8 +145,12 @@ impl Bert {
         let act = match self.act {
             Activation::GeluErf => train::Act::GeluErf,
             Activation::Relu => train::Act::Relu,
-            _ => return Ok(None),
+            Activation::GeluTanh => train::Act::GeluTanh,
+            Activation::Silu => train::Act::Silu,
         };
+        if !train::supports_act(act) {
+            return Ok(None);
+        }
         // In `train::LayerParams` order: q, k, v, attention output (weight, bias each), LayerNorm,
         // intermediate, output, LayerNorm.
         let mut params = Vec::with_capacity(self.layers.len());
