@@ -60,19 +60,16 @@ fn dump_gradients_match_upstream() {
     ] {
         // The cached (GradCache) MNRL must give the same gradients as upstream's plain MNRL (the
         // golden batch of 3 runs in mini-batches of 2 + 1); so must checkpointed layers.
+        let triplet = [
+            "--loss",
+            "triplet",
+            "--distance",
+            "cosine",
+            "--margin",
+            "0.5",
+        ];
         for (run, loss, flags) in [
-            (
-                "triplet",
-                "triplet",
-                vec![
-                    "--loss",
-                    "triplet",
-                    "--distance",
-                    "cosine",
-                    "--margin",
-                    "0.5",
-                ],
-            ),
+            ("triplet", "triplet", triplet.to_vec()),
             ("mnrl", "mnrl", vec!["--loss", "mnrl"]),
             (
                 "mnrl-cached",
@@ -82,15 +79,7 @@ fn dump_gradients_match_upstream() {
             (
                 "triplet-checkpointed",
                 "triplet",
-                vec![
-                    "--loss",
-                    "triplet",
-                    "--distance",
-                    "cosine",
-                    "--margin",
-                    "0.5",
-                    "--checkpoint-activations",
-                ],
+                [&triplet[..], &["--checkpoint-activations"]].concat(),
             ),
         ] {
             let out = dir.path().join(format!("{model}-{run}.safetensors"));

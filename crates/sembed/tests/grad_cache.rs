@@ -56,6 +56,14 @@ fn base(loss: LossKind) -> TrainConfig {
     }
 }
 
+/// Every architecture's tiny model, with the Jina task adapter it trains.
+const ARCHITECTURES: [(&str, Option<&str>); 4] = [
+    ("bert-tiny", None),
+    ("qwen2-bidir-tiny", None),
+    ("qwen3-causal-tiny", None),
+    ("jina-v3-tiny", Some("retrieval.passage")),
+];
+
 const MNRL: LossKind = LossKind::Mnrl { scale: 20.0 };
 const TRIPLET: LossKind = LossKind::Triplet {
     cosine: true,
@@ -64,12 +72,7 @@ const TRIPLET: LossKind = LossKind::Triplet {
 
 #[test]
 fn cached_equals_plain_on_every_architecture() {
-    for (model, task) in [
-        ("bert-tiny", None),
-        ("qwen2-bidir-tiny", None),
-        ("qwen3-causal-tiny", None),
-        ("jina-v3-tiny", Some("retrieval.passage")),
-    ] {
+    for (model, task) in ARCHITECTURES {
         for loss in [MNRL, TRIPLET] {
             let config = TrainConfig {
                 task: task.map(str::to_string),
@@ -117,12 +120,7 @@ fn cached_equals_plain_with_lora_and_matryoshka() {
 // One test function: it counts recomputations in a process-wide counter.
 #[test]
 fn checkpointed_equals_plain_with_dropout() {
-    for (model, task) in [
-        ("bert-tiny", None),
-        ("qwen2-bidir-tiny", None),
-        ("qwen3-causal-tiny", None),
-        ("jina-v3-tiny", Some("retrieval.passage")),
-    ] {
+    for (model, task) in ARCHITECTURES {
         let config = TrainConfig {
             task: task.map(str::to_string),
             dropout: Some(0.1),
