@@ -1215,7 +1215,7 @@ fn machine() -> Machine {
         threads: rayon::current_num_threads(),
         os: std::env::consts::OS.to_string(),
         sembed: env!("CARGO_PKG_VERSION").to_string(),
-        cpu_features: sembed::fast::kernels::describe_cpu(),
-        int8_kernel: sembed::fast::cpu::int8_description(),
+        cpu_features: sembed::fast::cpu::describe_cpu(),
+        int8_kernel: sembed::fast::quant::int8_description(),
     }
 }

@@ -1009,14 +1009,15 @@ fn inspect_folder(dir: &std::path::Path) -> Result<()> {
     }
     let kernels = match sembed::fast::cpu::check() {
         Ok(k) => format!(
-            "kernels in force: {k}; int8: {}",
-            sembed::fast::cpu::int8_description()
+            "kernels in force: {k}; bf16: {}; int8: {}",
+            sembed::fast::cpu::bf16_description(),
+            sembed::fast::quant::int8_description()
         ),
         Err(e) => format!("{e}"),
     };
     println!(
-        "cpu            {} ({kernels}; {} forces avx512, avx2 or portable)",
-        sembed::fast::kernels::describe_cpu(),
+        "cpu            {} ({kernels}; {} forces amx, avx512-bf16, avx512, avx2 or portable)",
+        sembed::fast::cpu::describe_cpu(),
         sembed::fast::cpu::ENV,
     );
     println!("engines");

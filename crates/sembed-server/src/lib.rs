@@ -976,9 +976,10 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<Value> {
             "model": state.models[ix.model].name,
         })),
         "cpu": {
-            "features": sembed::fast::kernels::describe_cpu(),
+            "features": sembed::fast::cpu::describe_cpu(),
             "kernels": sembed::fast::cpu::active().name(),
-            "int8_kernel": sembed::fast::cpu::int8_description(),
+            "bf16_kernel": sembed::fast::cpu::bf16_description(),
+            "int8_kernel": sembed::fast::quant::int8_description(),
         },
     }))
 }

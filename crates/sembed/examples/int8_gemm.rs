@@ -12,7 +12,7 @@ fn main() {
     let kernels = cpu::check().expect("SEMBED_CPU_KERNELS");
     println!(
         "cpu {} · kernels {kernels}",
-        sembed::fast::kernels::describe_cpu()
+        sembed::fast::cpu::describe_cpu()
     );
     println!("| m × k × n | f32 GFLOP/s | int8 GOP/s | int8 / f32 |");
     println!("|---|---:|---:|---:|");

@@ -35,37 +35,6 @@ pub fn has_avx2() -> bool {
     super::cpu::active() != super::cpu::Kernels::Portable
 }
 
-/// The CPU's vector features the fast engine uses, as `sembed inspect` and the bench name them.
-pub fn describe_cpu() -> String {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut f = Vec::new();
-        if is_x86_feature_detected!("avx512f") {
-            f.push("avx512f");
-        }
-        if is_x86_feature_detected!("avx512bw") {
-            f.push("avx512bw");
-        }
-        if is_x86_feature_detected!("avx512vnni") {
-            f.push("avx512vnni");
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            f.push("avx2+fma");
-        }
-        if is_x86_feature_detected!("f16c") {
-            f.push("f16c");
-        }
-        if f.is_empty() {
-            return "portable".into();
-        }
-        f.join(", ")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        "portable".into()
-    }
-}
-
 const LANES: usize = 16;
 
 /// e^x for f32, accurate to ~2 ulp over the whole range (Cephes `expf`: range reduction by ln 2 and a

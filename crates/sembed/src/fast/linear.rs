@@ -1,9 +1,11 @@
 //! Projections of the fast path: `y = x · W`, in f32 through the `gemm` crate with `W` stored
-//! `[in, out]` (transposed once at load; the PyTorch copy is dropped), with 16-bit weights (bf16 or
-//! f16, kept in the checkpoint's `[out, in]` layout and widened to f32 a block of output features at
-//! a time, so the weights are held once, in 16 bits, and the arithmetic accumulates in f32), or in
-//! int8 (see [`super::quant`]).
+//! `[in, out]` (transposed once at load; the PyTorch copy is dropped); in bf16 arithmetic on CPUs
+//! with bf16 dot products (AMX, AVX-512 BF16: see [`super::bf16`]); with 16-bit weights widened to
+//! f32 elsewhere (bf16 or f16, kept in the checkpoint's `[out, in]` layout and widened a block of
+//! output features at a time, so the weights are held once, in 16 bits, and the arithmetic
+//! accumulates in f32); or in int8 (see [`super::quant`]).
 
+use super::bf16::PackedBf16;
 use super::quant::QuantLinear;
 use gemm::Parallelism;
 use half::{bf16, f16};
@@ -17,6 +19,9 @@ pub enum Linear {
         n: usize,
     },
     Half(HalfWeights),
+    /// bf16 weights packed for the bf16 dot-product kernels (AMX, AVX-512 BF16): bf16 arithmetic
+    /// with f32 accumulation.
+    Bf16(PackedBf16),
     Int8(QuantLinear),
 }
 
@@ -122,6 +127,7 @@ impl Linear {
                 );
             }
             Linear::Half(h) => h.forward(x, m, y, par),
+            Linear::Bf16(p) => p.forward(x, m, y, par),
             Linear::Int8(q) => q.forward(x, m, y, par),
         }
     }
@@ -132,6 +138,7 @@ impl Linear {
             Linear::F32 { w, .. } => w.len() * 4,
             Linear::Half(HalfWeights::Bf16 { w, .. }) => w.len() * 2,
             Linear::Half(HalfWeights::F16 { w, .. }) => w.len() * 2,
+            Linear::Bf16(p) => p.weight_bytes(),
             Linear::Int8(q) => q.weight_bytes(),
         }
     }

@@ -3,6 +3,7 @@
 //! so both engines accept exactly the same folders.
 
 use super::kernels::Act;
+use super::bf16::PackedBf16;
 use super::linear::{HalfWeights, Linear};
 use super::quant::QuantLinear;
 use super::transformer::{Embeddings, Layer, Lora, Norm, Proj, Spec, Table, Transformer};
@@ -108,7 +109,12 @@ impl Loader {
             Precision::Int8 => {
                 Linear::Int8(QuantLinear::from_torch(&wt, out, inp).with_outliers(self.outliers))
             }
-            // Round to nearest even, as `Tensor::to_dtype` and PyTorch's `.to(bfloat16)` do.
+            // bf16 arithmetic where the CPU has bf16 dot products (weights rounded to nearest
+            // even, as `Tensor::to_dtype` and PyTorch's `.to(bfloat16)` do)...
+            Precision::Bf16 if super::cpu::active().has_bf16() => {
+                Linear::Bf16(PackedBf16::from_torch(&wt, out, inp))
+            }
+            // ...else bf16 weights widened to f32 inside the projection.
             Precision::Bf16 => Linear::Half(HalfWeights::Bf16 {
                 w: wt.iter().map(|&v| half::bf16::from_f32(v)).collect(),
                 k: inp,

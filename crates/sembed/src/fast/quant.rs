@@ -87,7 +87,9 @@ impl Format {
     pub fn for_kernels(k: Kernels) -> Format {
         match k {
             Kernels::Avx2 => Format::BITS7,
-            Kernels::Avx512 | Kernels::Portable => Format::BITS8,
+            Kernels::Amx | Kernels::Avx512Bf16 | Kernels::Avx512 | Kernels::Portable => {
+                Format::BITS8
+            }
         }
     }
 
@@ -103,6 +105,18 @@ impl Format {
             "8-bit"
         }
     }
+}
+
+/// The int8 kernel in force and its code width, e.g. `amx (tdpbusd), 8-bit codes`.
+pub fn int8_description() -> String {
+    let k = super::cpu::active();
+    let how = match k {
+        Kernels::Amx => "amx (tdpbusd tiles)",
+        Kernels::Avx512Bf16 | Kernels::Avx512 => "avx512-vnni (vpdpbusd)",
+        Kernels::Avx2 => "avx2 (vpmaddubsw)",
+        Kernels::Portable => "portable",
+    };
+    format!("{how}, {} codes", Format::for_kernels(k).name())
 }
 
 /// Drop this thread's quantised-activation buffers.

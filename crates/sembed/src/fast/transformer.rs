@@ -175,6 +175,7 @@ pub fn release_scratch() {
         SCRATCH.with(|s| drop(std::mem::take(&mut *s.borrow_mut())));
         super::linear::release_thread_scratch();
         super::quant::release_thread_scratch();
+        super::bf16::release_thread_scratch();
         // SAFETY: a plain call into mimalloc, valid on any thread at any time.
         unsafe { libmimalloc_sys::mi_collect(true) };
     };

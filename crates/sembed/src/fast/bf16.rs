@@ -1,0 +1,510 @@
+//! bf16 projections on bf16 dot-product hardware: Intel AMX tiles (`tdpbf16ps`) and AVX-512 BF16
+//! (`vdpbf16ps`), f32 accumulation. Weights are packed once, at load, in the layout both kernels
+//! read ("VNNI" pairs): panels of [`NB`] output columns, each panel `[kp / 2][NB][2]` bf16 — for
+//! every pair of input features, the pair of each column side by side. An AMX B tile (16 pairs ×
+//! 16 columns × 2) is then a 64-byte-wide window of a panel, loaded with a 256-byte stride; an
+//! AVX-512 register holds one pair of 16 columns. Activations are rounded to bf16 (nearest even, as
+//! PyTorch's autocast does) once per call, into rows padded to a multiple of 32 features.
+//!
+//! No crate offers AMX kernels on stable Rust (the intrinsics are unstable), so the tile
+//! instructions are written with `asm!`; the AVX-512 BF16 intrinsics are stable.
+//!
+//! Both kernels compute `Σ bf16(x)·bf16(w)` with f32 sums; they differ from each other only in the
+//! order of the f32 additions (and AMX flushes denormal products), so they are tested against an f64
+//! formula on the same bf16 inputs, not bit for bit.
+
+use super::cpu::{self, Kernels};
+use gemm::Parallelism;
+use half::bf16;
+use std::cell::RefCell;
+
+/// Output columns per packed panel (four AMX tiles or four AVX-512 registers wide).
+pub const NB: usize = 64;
+/// Input features per AMX tile step (a tile row is 64 bytes = 32 bf16).
+const KB: usize = 32;
+/// Rows per AMX block (two row tiles).
+const MB: usize = 32;
+
+/// bf16 weights packed for the bf16 kernels (see the module doc).
+pub struct PackedBf16 {
+    pub k: usize,
+    pub n: usize,
+    /// `k` rounded up to [`KB`].
+    kp: usize,
+    /// `[n.div_ceil(NB)][kp / 2][NB][2]` bf16 bits, zero beyond `k` and `n`.
+    w: Vec<u16>,
+}
+
+thread_local! {
+    /// Per-thread bf16 activations, reused between calls.
+    static ABUF: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Drop this thread's bf16 activation buffer.
+pub fn release_thread_scratch() {
+    ABUF.with(|b| drop(std::mem::take(&mut *b.borrow_mut())));
+}
+
+impl PackedBf16 {
+    /// Pack `n` output columns of `k` inputs, where `get(i, o)` is the bf16 weight of input `i`
+    /// for output `o`.
+    pub fn pack(k: usize, n: usize, get: impl Fn(usize, usize) -> bf16) -> Self {
+        let kp = k.div_ceil(KB) * KB;
+        let panels = n.div_ceil(NB);
+        let mut w = vec![0u16; panels * kp * NB];
+        for o in 0..n {
+            let base = (o / NB) * kp * NB + (o % NB) * 2;
+            for i in 0..k {
+                w[base + (i / 2) * NB * 2 + (i % 2)] = get(i, o).to_bits();
+            }
+        }
+        PackedBf16 { k, n, kp, w }
+    }
+
+    /// From PyTorch-layout bf16 rows `[out, in]`.
+    pub fn from_torch_bf16(w: &[bf16], out: usize, inp: usize) -> Self {
+        Self::pack(inp, out, |i, o| w[o * inp + i])
+    }
+
+    /// From PyTorch-layout f32 rows `[out, in]`, rounded to nearest even.
+    pub fn from_torch(w: &[f32], out: usize, inp: usize) -> Self {
+        Self::pack(inp, out, |i, o| bf16::from_f32(w[o * inp + i]))
+    }
+
+    /// Bytes of the packed weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.w.len() * 2
+    }
+
+    /// The bf16 weight of input `i` for output `o`.
+    pub fn get(&self, i: usize, o: usize) -> bf16 {
+        bf16::from_bits(self.w[(o / NB) * self.kp * NB + (i / 2) * NB * 2 + (o % NB) * 2 + i % 2])
+    }
+
+    /// `y[m, n] = bf16(x[m, k]) · W` with the kernels in force (which must have bf16 dot
+    /// products; y is overwritten).
+    pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32], par: Parallelism) {
+        self.forward_with(cpu::active(), x, m, y, par)
+    }
+
+    /// [`Self::forward`] with the given kernel set: `amx`, `avx512-bf16`, or any other set for the
+    /// plain-loop reference (same products and f32 sums, for tests).
+    pub fn forward_with(
+        &self,
+        kernels: Kernels,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        par: Parallelism,
+    ) {
+        assert_eq!(x.len(), m * self.k, "bf16 projection input");
+        assert_eq!(y.len(), m * self.n, "bf16 projection output");
+        if m == 0 || self.n == 0 {
+            return;
+        }
+        assert!(
+            kernels.supported(),
+            "{kernels} kernels on a CPU without them"
+        );
+        let rows_p = if kernels == Kernels::Amx {
+            m.div_ceil(MB) * MB
+        } else {
+            m
+        };
+        let mut a = ABUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        to_bf16_rows(x, m, self.k, self.kp, rows_p, &mut a);
+        let threads = match par {
+            Parallelism::None => 1,
+            Parallelism::Rayon(t) => t.max(1),
+        };
+        // Column panels shared out between threads: each reads its own weights.
+        let blocks = self.n.div_ceil(NB);
+        let per = blocks.div_ceil(threads.min(blocks).max(1));
+        let out = SendPtr(y.as_mut_ptr());
+        let run = |b0: usize, b1: usize| {
+            let (c0, c1) = (b0 * NB, (b1 * NB).min(self.n));
+            // SAFETY: each call writes only columns c0..c1 of y (disjoint between threads), and
+            // y outlives the scope; the CPU has the kernel's features (asserted above).
+            unsafe {
+                let y = std::slice::from_raw_parts_mut(out.get(), m * self.n);
+                match kernels {
+                    #[cfg(target_arch = "x86_64")]
+                    Kernels::Amx => self.amx(&a, m, c0, c1, y),
+                    #[cfg(target_arch = "x86_64")]
+                    Kernels::Avx512Bf16 => self.avx512(&a, m, c0, c1, y),
+                    _ => self.reference(&a, m, c0, c1, y),
+                }
+            }
+        };
+        if threads > 1 && blocks > 1 {
+            rayon::scope(|s| {
+                for b0 in (0..blocks).step_by(per) {
+                    let run = &run;
+                    s.spawn(move |_| run(b0, (b0 + per).min(blocks)));
+                }
+            });
+        } else {
+            run(0, blocks);
+        }
+        ABUF.with(|b| *b.borrow_mut() = a);
+    }
+
+    /// Plain loops over the packed weights: bf16 products summed in f32 in input order.
+    fn reference(&self, a: &[u16], m: usize, c0: usize, c1: usize, y: &mut [f32]) {
+        for r in 0..m {
+            for o in c0..c1 {
+                let mut acc = 0f32;
+                for i in 0..self.k {
+                    let xv = bf16::from_bits(a[r * self.kp + i]).to_f32();
+                    acc += xv * self.get(i, o).to_f32();
+                }
+                y[r * self.n + o] = acc;
+            }
+        }
+    }
+
+    /// AVX-512 BF16: `R` rows × 64 columns per micro-kernel, one `vdpbf16ps` per row and 16
+    /// columns per pair of inputs.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn avx512(&self, a: &[u16], m: usize, c0: usize, c1: usize, y: &mut [f32]) {
+        // Rows in blocks that keep their activations in L2 while a panel streams past them.
+        const ROW_BLOCK: usize = 96;
+        const MR: usize = 6;
+        debug_assert_eq!(c0 % NB, 0);
+        for r0 in (0..m).step_by(ROW_BLOCK) {
+            let r1 = (r0 + ROW_BLOCK).min(m);
+            for panel in c0 / NB..c1.div_ceil(NB) {
+                let mut r = r0;
+                while r < r1 {
+                    let rows = (r1 - r).min(MR);
+                    // SAFETY: rows r..r+rows exist in a and y; the panel exists.
+                    unsafe {
+                        match rows {
+                            6 => self.micro512::<6>(a, r, panel, y),
+                            5 => self.micro512::<5>(a, r, panel, y),
+                            4 => self.micro512::<4>(a, r, panel, y),
+                            3 => self.micro512::<3>(a, r, panel, y),
+                            2 => self.micro512::<2>(a, r, panel, y),
+                            _ => self.micro512::<1>(a, r, panel, y),
+                        }
+                    }
+                    r += rows;
+                }
+            }
+        }
+    }
+
+    /// `R` rows × the 64 columns of one panel over all of k (columns past n are not stored).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn micro512<const R: usize>(&self, a: &[u16], r0: usize, panel: usize, y: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let kp = self.kp;
+        let wp0 = self.w.as_ptr().add(panel * kp * NB);
+        let xs = a.as_ptr().add(r0 * kp);
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for p in 0..kp / 2 {
+            let wp = wp0.add(p * NB * 2);
+            let w: [__m512bh; 4] = [
+                std::mem::transmute(_mm512_loadu_si512(wp as *const _)),
+                std::mem::transmute(_mm512_loadu_si512(wp.add(32) as *const _)),
+                std::mem::transmute(_mm512_loadu_si512(wp.add(64) as *const _)),
+                std::mem::transmute(_mm512_loadu_si512(wp.add(96) as *const _)),
+            ];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_epi32(std::ptr::read_unaligned(
+                    xs.add(r * kp + p * 2) as *const i32
+                ));
+                let xb: __m512bh = std::mem::transmute(xv);
+                acc[0] = _mm512_dpbf16_ps(acc[0], xb, w[0]);
+                acc[1] = _mm512_dpbf16_ps(acc[1], xb, w[1]);
+                acc[2] = _mm512_dpbf16_ps(acc[2], xb, w[2]);
+                acc[3] = _mm512_dpbf16_ps(acc[3], xb, w[3]);
+            }
+        }
+        let c = panel * NB;
+        let cols = (self.n - c).min(NB);
+        for (r, acc) in acc.iter().enumerate() {
+            let dst = y.as_mut_ptr().add((r0 + r) * self.n + c);
+            for (v, av) in acc.iter().enumerate() {
+                let lanes = cols.saturating_sub(v * 16).min(16);
+                if lanes == 0 {
+                    break;
+                }
+                let mask: __mmask16 = ((1u32 << lanes) - 1) as u16;
+                _mm512_mask_storeu_ps(dst.add(v * 16), mask, *av);
+            }
+        }
+    }
+
+    /// AMX: blocks of 32 rows × 32 columns in four accumulator tiles (tmm0-3), two A tiles
+    /// (tmm4-5, 16 rows × 32 inputs) and two B tiles (tmm6-7, 16 input pairs × 16 columns) per
+    /// step of 32 inputs. `a` has its rows padded to a multiple of 32.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn amx(&self, a: &[u16], m: usize, c0: usize, c1: usize, y: &mut [f32]) {
+        use std::arch::asm;
+        let kp = self.kp;
+        let mp = m.div_ceil(MB) * MB;
+        debug_assert!(a.len() >= mp * kp);
+        let cfg = TileConfig::new([(16, 64); 8]);
+        let mut edge = [0f32; MB * 32];
+        // Column super-blocks whose packed weights stay in L2 while every row block passes.
+        let super_cols = ((1usize << 20) / (kp * 2)).max(32) / 32 * 32;
+        // SAFETY: the caller checked the CPU has AMX and the process holds the tile permission
+        // (`Kernels::Amx.supported()`); every tile load reads inside `a` (rows < mp, inputs < kp)
+        // or the packed panel (32 columns of a panel, pairs < kp / 2); stores go to y inside its
+        // bounds or to `edge`.
+        unsafe {
+            cfg.load();
+            let a_stride = kp * 2;
+            let b_stride = NB * 2 * 2;
+            for s0 in (c0..c1).step_by(super_cols) {
+                let s1 = (s0 + super_cols).min(c1);
+                for r0 in (0..mp).step_by(MB) {
+                    for c in (s0..s1).step_by(32) {
+                        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
+                        let bp = self.w.as_ptr().add((c / NB) * kp * NB + (c % NB) * 2);
+                        let ap = a.as_ptr().add(r0 * kp);
+                        for kb in 0..kp / KB {
+                            let a0 = ap.add(kb * KB);
+                            let a1 = a0.add(16 * kp);
+                            let b0 = bp.add(kb * (KB / 2) * NB * 2);
+                            let b1 = b0.add(32);
+                            asm!(
+                                "tileloadd tmm4, [{a0} + {as}*1]",
+                                "tileloadd tmm6, [{b0} + {bs}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{b1} + {bs}*1]",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tileloadd tmm5, [{a1} + {as}*1]",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+                                as = in(reg) a_stride, bs = in(reg) b_stride,
+                                options(nostack, readonly),
+                            );
+                        }
+                        let full = r0 + MB <= m && c + 32 <= self.n;
+                        let (dst, ds) = if full {
+                            (y.as_mut_ptr().add(r0 * self.n + c), self.n * 4)
+                        } else {
+                            (edge.as_mut_ptr(), 32 * 4)
+                        };
+                        asm!(
+                            "tilestored [{d} + {s}*1], tmm0",
+                            "tilestored [{d1} + {s}*1], tmm1",
+                            "tilestored [{d2} + {s}*1], tmm2",
+                            "tilestored [{d3} + {s}*1], tmm3",
+                            d = in(reg) dst, d1 = in(reg) dst.add(16),
+                            d2 = in(reg) dst.add(16 * ds / 4), d3 = in(reg) dst.add(16 * ds / 4 + 16),
+                            s = in(reg) ds,
+                            options(nostack),
+                        );
+                        if !full {
+                            let cols = (self.n - c).min(32);
+                            for r in 0..(m - r0).min(MB) {
+                                let at = (r0 + r) * self.n + c;
+                                y[at..at + cols].copy_from_slice(&edge[r * 32..r * 32 + cols]);
+                            }
+                        }
+                    }
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+}
+
+/// A raw output pointer shared between threads that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used where the threads write disjoint elements (see `forward_with`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// The 64-byte AMX tile configuration (palette 1): rows and bytes per row of each of the 8 tiles.
+#[repr(C, align(64))]
+pub struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    _reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+impl TileConfig {
+    /// `(rows, bytes per row)` of tiles 0..8.
+    pub fn new(tiles: [(u8, u16); 8]) -> Self {
+        let mut c = TileConfig {
+            palette: 1,
+            start_row: 0,
+            _reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for (t, (r, b)) in tiles.into_iter().enumerate() {
+            c.rows[t] = r;
+            c.colsb[t] = b;
+        }
+        c
+    }
+
+    /// `ldtilecfg`.
+    ///
+    /// # Safety
+    /// The CPU has AMX and the process holds the tile data permission ([`cpu::amx_status`]).
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn load(&self) {
+        debug_assert!(cpu::amx_status().is_ok());
+        // SAFETY (caller): AMX is usable; the configuration is a valid palette-1 layout.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) self as *const Self, options(nostack, readonly))
+        };
+    }
+}
+
+/// `x[m, k]` rounded to bf16 (nearest even) into `out[rows_p, kp]`, zero beyond `k` and `m`.
+pub fn to_bf16_rows(x: &[f32], m: usize, k: usize, kp: usize, rows_p: usize, out: &mut Vec<u16>) {
+    out.clear();
+    out.resize(rows_p * kp, 0);
+    for (r, row) in x.chunks_exact(k).take(m).enumerate() {
+        let dst = &mut out[r * kp..r * kp + k];
+        #[cfg(target_arch = "x86_64")]
+        if cpu::features().avx512bf16 {
+            // SAFETY: the CPU has AVX-512 BF16 (checked just above).
+            unsafe { round_avx512(row, dst) };
+            continue;
+        }
+        for (d, &v) in dst.iter_mut().zip(row) {
+            *d = bf16::from_f32(v).to_bits();
+        }
+    }
+}
+
+/// `vcvtneps2bf16`: round to nearest even (denormals flush to zero, NaN stays NaN).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round_avx512(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let n = src.len();
+    let mut i = 0;
+    while i < n {
+        let lanes = (n - i).min(16);
+        let mask: __mmask16 = ((1u32 << lanes) - 1) as u16;
+        let v = _mm512_maskz_loadu_ps(mask, src.as_ptr().add(i));
+        let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, mask, b);
+        i += 16;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every bf16 kernel this CPU runs against an f64 sum of the same bf16 products: within the
+    /// f32 rounding of a k-term sum (relative to Σ|x·w|).
+    fn check(m: usize, k: usize, n: usize, seed: u64) -> Vec<&'static str> {
+        let (x, w) = (data(m * k, seed), data(n * k, seed + 1));
+        let p = PackedBf16::from_torch(&w, n, k);
+        let rb = |v: f32| bf16::from_f32(v).to_f64();
+        let mut exact = vec![0f64; m * n];
+        let mut mag = vec![0f64; m * n];
+        for r in 0..m {
+            for o in 0..n {
+                for i in 0..k {
+                    let t = rb(x[r * k + i]) * rb(w[o * k + i]);
+                    exact[r * n + o] += t;
+                    mag[r * n + o] += t.abs();
+                }
+            }
+        }
+        let mut ran = vec![];
+        for kernels in Kernels::ALL {
+            if !kernels.supported()
+                || !(kernels.has_bf16() || kernels == Kernels::Portable)
+            {
+                continue;
+            }
+            for par in [Parallelism::None, Parallelism::Rayon(3)] {
+                let mut y = vec![f32::NAN; m * n];
+                p.forward_with(kernels, &x, m, &mut y, par);
+                for i in 0..m * n {
+                    let err = (y[i] as f64 - exact[i]).abs();
+                    assert!(
+                        err <= 1e-6 * mag[i] * (k as f64).sqrt() + 1e-30,
+                        "{kernels} {m}×{k}×{n} at {i}: {} vs {} (Σ|xw| {})",
+                        y[i],
+                        exact[i],
+                        mag[i]
+                    );
+                }
+            }
+            ran.push(kernels.name());
+        }
+        ran
+    }
+
+    #[test]
+    fn bf16_kernels_match_an_f64_formula() {
+        // Odd sizes: m not a multiple of 6, 16 or 32; k not a multiple of 2 or 32; n not a
+        // multiple of 16, 32 or 64; and a size with whole tiles everywhere.
+        let mut ran = vec![];
+        for (m, k, n) in [(1, 1, 1), (23, 70, 130), (33, 97, 31), (64, 128, 128), (5, 384, 1536)] {
+            ran = check(m, k, n, (m * k + n) as u64);
+        }
+        for k in [Kernels::Amx, Kernels::Avx512Bf16] {
+            match k.unsupported_reason() {
+                None => assert!(ran.contains(&k.name()), "{k} not run"),
+                Some(why) => eprintln!("bf16 kernel {k} NOT TESTED on this CPU: {why}"),
+            }
+        }
+        eprintln!("bf16 kernels compared with f64: {}", ran.join(", "));
+    }
+
+    #[test]
+    fn rounding_is_nearest_even_like_half() {
+        let x: Vec<f32> = data(1000, 9)
+            .into_iter()
+            .chain([0.0, -0.0, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, 3.4e38, -1e-3])
+            .collect();
+        let mut out = vec![];
+        to_bf16_rows(&x, 1, x.len(), x.len() + 7, 2, &mut out);
+        for (i, v) in x.iter().enumerate() {
+            assert_eq!(out[i], bf16::from_f32(*v).to_bits(), "{v}");
+        }
+        assert!(out[x.len()..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn packing_round_trips() {
+        let (k, n) = (37, 70);
+        let w = data(n * k, 3);
+        let p = PackedBf16::from_torch(&w, n, k);
+        for o in 0..n {
+            for i in 0..k {
+                assert_eq!(p.get(i, o), bf16::from_f32(w[o * k + i]));
+            }
+        }
+        assert_eq!(p.weight_bytes(), 2 * NB * 2 * 64);
+    }
+}
