@@ -126,6 +126,10 @@ pub fn release_thread_scratch() {
 
 /// Columns per packed panel (4 AVX-512 registers of 16 i32 lanes).
 const NB: usize = 64;
+/// Inputs per AMX tile step (a tile row of 64 codes); `kp` is a multiple of it for every kernel.
+const KQ: usize = 64;
+/// Rows per AMX block (two row tiles).
+const MQ: usize = 32;
 /// Rows per micro-kernel call (VNNI).
 const MR: usize = 6;
 /// Rows per micro-kernel call (AVX2: 4 rows × 16 columns keep 8 accumulators in 16 registers).
@@ -134,9 +138,10 @@ const MR2: usize = 4;
 pub struct QuantLinear {
     pub k: usize,
     pub n: usize,
-    /// `k` rounded up to a multiple of 4.
+    /// `k` rounded up to a multiple of 64 (one AMX tile row of codes).
     kp: usize,
-    /// `[n / NB][kp / 4][NB][4]` i8 weights (zero beyond `k` and `n`).
+    /// `[n / NB][kp / 4][NB][4]` i8 weights (zero beyond `k` and `n`): the VNNI panels, whose
+    /// 16-column windows are also the AMX B tiles.
     packed: Vec<i8>,
     /// Per output column: scale and `Σ_k qw[k, n]`, both padded to a multiple of NB.
     scale: Vec<f32>,
@@ -160,7 +165,7 @@ impl QuantLinear {
     pub fn with_format(w: &[f32], out: usize, inp: usize, format: Format) -> Self {
         let wmax = format.w_max as f32;
         let (k, n) = (inp, out);
-        let kp = k.div_ceil(4) * 4;
+        let kp = k.div_ceil(KQ) * KQ;
         let np = n.div_ceil(NB) * NB;
         let mut scale = vec![0f32; np];
         let mut colsum = vec![0f32; np];
@@ -204,6 +209,19 @@ impl QuantLinear {
 
     /// `y[m, n] = x[m, k] · W` (approximately; y is overwritten).
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32], par: Parallelism) {
+        self.forward_with_kernels(super::cpu::active(), x, m, y, par)
+    }
+
+    /// [`Self::forward`] with the given kernel set, which the CPU must run and which must compute
+    /// on these weights' format (for tests and benches).
+    pub fn forward_with_kernels(
+        &self,
+        kernels: Kernels,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        par: Parallelism,
+    ) {
         debug_assert_eq!(x.len(), m * self.k);
         debug_assert_eq!(y.len(), m * self.n);
         let threads = match par {
@@ -214,21 +232,21 @@ impl QuantLinear {
             let rows = m.div_ceil(threads).div_ceil(MR) * MR;
             rayon::scope(|s| {
                 for (xc, yc) in x.chunks(rows * self.k).zip(y.chunks_mut(rows * self.n)) {
-                    s.spawn(move |_| self.forward_rows(xc, yc));
+                    s.spawn(move |_| self.forward_rows(kernels, xc, yc));
                 }
             });
         } else {
-            self.forward_rows(x, y);
+            self.forward_rows(kernels, x, y);
         }
     }
 
-    fn forward_rows(&self, x: &[f32], y: &mut [f32]) {
+    fn forward_rows(&self, kernels: Kernels, x: &[f32], y: &mut [f32]) {
         let ratio = if self.outliers {
             OUTLIER_RATIO
         } else {
             f32::INFINITY
         };
-        self.forward_rows_with(super::cpu::active(), ratio, x, y)
+        self.forward_rows_with(kernels, ratio, x, y)
     }
 
     /// [`Self::forward`] on one thread with the given kernels (which the CPU must support) and
@@ -292,14 +310,16 @@ impl QuantLinear {
         );
         let m = x.len() / self.k;
         let (mut qx_buf, mut sz) = QSCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-        // Only ever grown: every byte used is written by `quantize_rows` first.
-        if qx_buf.len() < m * self.kp {
-            qx_buf.resize(m * self.kp, 0);
+        // Only ever grown: every byte used is written by `quantize_rows` first (AMX also reads
+        // the rows up to the next multiple of 32, whose results it discards).
+        let rows_p = m.div_ceil(MQ) * MQ;
+        if qx_buf.len() < rows_p * self.kp {
+            qx_buf.resize(rows_p * self.kp, 0);
         }
         if sz.len() < 2 * m {
             sz.resize(2 * m, 0.0);
         }
-        let qx = &mut qx_buf[..m * self.kp];
+        let (qx, _) = qx_buf.split_at_mut(m * self.kp);
         let (sx, zx) = sz[..2 * m].split_at_mut(m);
         quantize_rows(
             kernels,
@@ -315,7 +335,9 @@ impl QuantLinear {
             // SAFETY (both): the CPU has the features the kernel is compiled for and the weights
             // are in a format it computes exactly (asserted above); buffers are sized above.
             #[cfg(target_arch = "x86_64")]
-            Kernels::Avx512 => unsafe { self.gemm_vnni(qx, sx, zx, m, y) },
+            Kernels::Amx => unsafe { self.gemm_amx(&qx_buf[..rows_p * self.kp], sx, zx, m, y) },
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512 | Kernels::Avx512Bf16 => unsafe { self.gemm_vnni(qx, sx, zx, m, y) },
             #[cfg(target_arch = "x86_64")]
             Kernels::Avx2 => unsafe { self.gemm_avx2(qx, sx, zx, m, y) },
             _ => self.gemm_portable(qx, sx, zx, m, y),
@@ -424,6 +446,95 @@ impl QuantLinear {
                 let mask: __mmask16 = ((1u32 << lanes) - 1) as u16;
                 _mm512_mask_storeu_ps(dst.as_mut_ptr().add(v * 16), mask, out);
             }
+        }
+    }
+
+    /// AMX (`tdpbusd`): blocks of 32 rows × 32 columns in four i32 accumulator tiles (tmm0-3), two
+    /// A tiles of codes (tmm4-5, 16 rows × 64 inputs) and two B tiles (tmm6-7, 16 input quads × 16
+    /// columns, read in place from the VNNI panels with their 256-byte row stride) per step of 64
+    /// inputs; then the VNNI kernel's epilogue, op for op. `qx` has rows up to a multiple of 32.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn gemm_amx(&self, qx: &[u8], sx: &[f32], zx: &[f32], m: usize, y: &mut [f32]) {
+        use std::arch::asm;
+        use std::arch::x86_64::*;
+        let kp = self.kp;
+        let mp = m.div_ceil(MQ) * MQ;
+        debug_assert!(qx.len() >= mp * kp);
+        let cfg = super::bf16::TileConfig::new([(16, 64); 8]);
+        let mut acc = [0i32; MQ * 32];
+        // Column super-blocks whose panels stay in L2 while every row block passes.
+        let super_cols = ((1usize << 20) / kp).max(NB) / NB * NB;
+        // SAFETY: the caller checked the CPU has AMX and the process holds the tile permission;
+        // tile loads read inside qx (rows < mp, inputs < kp) and the packed panels (32 columns of
+        // a panel, quads < kp / 4); stores go to `acc`.
+        unsafe {
+            cfg.load();
+            let (a_stride, b_stride) = (kp, NB * 4);
+            for s0 in (0..self.n).step_by(super_cols) {
+                let s1 = (s0 + super_cols).min(self.n);
+                for r0 in (0..mp).step_by(MQ) {
+                    for c in (s0..s1).step_by(32) {
+                        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
+                        let bp = self.packed.as_ptr().add((c / NB) * kp * NB + (c % NB) * 4);
+                        let ap = qx.as_ptr().add(r0 * kp);
+                        for kb in 0..kp / KQ {
+                            let a0 = ap.add(kb * KQ);
+                            let a1 = a0.add(16 * kp);
+                            let b0 = bp.add(kb * (KQ / 4) * NB * 4);
+                            let b1 = b0.add(64);
+                            asm!(
+                                "tileloadd tmm4, [{a0} + {as}*1]",
+                                "tileloadd tmm6, [{b0} + {bs}*1]",
+                                "tdpbusd tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{b1} + {bs}*1]",
+                                "tdpbusd tmm1, tmm4, tmm7",
+                                "tileloadd tmm5, [{a1} + {as}*1]",
+                                "tdpbusd tmm2, tmm5, tmm6",
+                                "tdpbusd tmm3, tmm5, tmm7",
+                                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+                                as = in(reg) a_stride, bs = in(reg) b_stride,
+                                options(nostack, readonly),
+                            );
+                        }
+                        let d = acc.as_mut_ptr();
+                        asm!(
+                            "tilestored [{d} + {s}*1], tmm0",
+                            "tilestored [{d1} + {s}*1], tmm1",
+                            "tilestored [{d2} + {s}*1], tmm2",
+                            "tilestored [{d3} + {s}*1], tmm3",
+                            d = in(reg) d, d1 = in(reg) d.add(16),
+                            d2 = in(reg) d.add(16 * 32), d3 = in(reg) d.add(16 * 32 + 16),
+                            s = in(reg) 32usize * 4,
+                            options(nostack),
+                        );
+                        // The epilogue of `micro`, on the rows and columns that exist.
+                        let cols = (self.n - c).min(32);
+                        for r in 0..(m - r0.min(m)).min(MQ) {
+                            let row = r0 + r;
+                            let s = _mm512_set1_ps(sx[row]);
+                            let z = _mm512_set1_ps(zx[row]);
+                            let dst = y.as_mut_ptr().add(row * self.n + c);
+                            for v in 0..2 {
+                                let lanes = cols.saturating_sub(v * 16).min(16);
+                                if lanes == 0 {
+                                    break;
+                                }
+                                let cc = c + v * 16;
+                                let ws = _mm512_mul_ps(s, _mm512_loadu_ps(self.scale.as_ptr().add(cc)));
+                                let cs = _mm512_loadu_ps(self.colsum.as_ptr().add(cc));
+                                let accf = _mm512_cvtepi32_ps(_mm512_loadu_si512(
+                                    acc.as_ptr().add(r * 32 + v * 16) as *const _,
+                                ));
+                                let out = _mm512_mul_ps(_mm512_sub_ps(accf, _mm512_mul_ps(z, cs)), ws);
+                                let mask: __mmask16 = ((1u32 << lanes) - 1) as u16;
+                                _mm512_mask_storeu_ps(dst.add(v * 16), mask, out);
+                            }
+                        }
+                    }
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
         }
     }
 
