@@ -73,6 +73,19 @@ def main():
         "max_abs_diff_vs_sembed": float(np.abs(vecs - ours).max()),
         "version": f"torch {torch.__version__}",
     }
+    # PyTorch at its own best precision on this CPU: bf16 autocast (oneDNN's AMX / AVX-512 BF16
+    # kernels where the CPU has them), what a PyTorch user reaches for.
+    def torch_bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch_all()
+
+    torch_bf16()
+    dt, vecs = best_of(repeat, torch_bf16)
+    out["PyTorch bf16 autocast (plain loop, length-sorted batches)"] = {
+        "texts_per_s": len(texts) / dt,
+        "max_abs_diff_vs_sembed": float(np.abs(vecs - ours).max()),
+        "version": f"torch {torch.__version__}",
+    }
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -152,6 +165,22 @@ def main():
         )
     except Exception as e:  # not installed, or the model does not convert: say so, keep the others
         out["OpenVINO (f32)"] = {"skipped": repr(e)}
+    # OpenVINO at its default precision: bf16 where the CPU has AVX-512 BF16 or AMX (the name says
+    # which precision it chose).
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        compiled = core.compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": os.cpu_count()})
+        prec = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        req2 = compiled.create_infer_request()
+        measure(
+            f"OpenVINO (default precision: {prec})",
+            lambda enc: req2.infer(feeds(enc))[compiled.output(0)],
+            f"openvino {ov.__version__.split('-')[0]}",
+        )
+    except Exception as e:
+        out["OpenVINO (default precision)"] = {"skipped": repr(e)}
 
     # CTranslate2: its converter reads the Hugging Face folder (BERT-family encoders); the Encoder
     # takes unpadded token ids per sequence and pads internally.

@@ -110,6 +110,8 @@ pub struct Report {
     /// Throughput and peak activation memory by batch size and length.
     pub shapes: Vec<Shape>,
     pub quantized: Option<Quantized>,
+    /// The same measures with bf16 weights (bf16 arithmetic where the CPU has bf16 dot products).
+    pub bf16: Option<Quantized>,
     pub training: Option<Training>,
     pub gradients: Option<Vec<sembed::train::gradcheck::GradCost>>,
     pub fusion_check: Option<FusionCheck>,
@@ -129,6 +131,7 @@ pub struct Machine {
     pub cpu_features: String,
     /// The kernel set in force (SEMBED_CPU_KERNELS or detected) and its int8 format.
     pub int8_kernel: String,
+    pub bf16_kernel: String,
 }
 
 #[derive(Serialize)]
@@ -196,13 +199,15 @@ pub struct Shape {
 
 #[derive(Serialize)]
 pub struct Quantized {
+    /// `int8` or `bf16`.
+    pub precision: String,
     pub engine: String,
     pub weights_heap_bytes: usize,
     pub headline: Throughput,
     pub speedup_vs_f32: f64,
     pub cosine_min: f64,
     pub cosine_mean: f64,
-    /// Largest |difference| of any value between the int8 and f32 unit vectors.
+    /// Largest |difference| of any value between these and the f32 unit vectors.
     pub max_abs_diff_vs_f32: f64,
     pub retrieval: Option<Retrieval>,
 }
@@ -212,9 +217,10 @@ pub struct Retrieval {
     pub source: String,
     pub pairs: usize,
     pub ndcg_at_10_f32: f64,
-    pub ndcg_at_10_int8: f64,
+    /// At the reduced precision (int8 or bf16).
+    pub ndcg_at_10_reduced: f64,
     pub mrr_at_10_f32: f64,
-    pub mrr_at_10_int8: f64,
+    pub mrr_at_10_reduced: f64,
 }
 
 #[derive(Serialize)]
@@ -283,6 +289,7 @@ pub struct Peers {
     /// sembed's texts/s used for the ratios: best of its runs before and after the peers.
     pub sembed_texts_per_s: f64,
     pub sembed_int8_texts_per_s: Option<f64>,
+    pub sembed_bf16_texts_per_s: Option<f64>,
     pub results: Vec<Peer>,
 }
 
@@ -295,6 +302,8 @@ pub struct Peer {
     pub ratio: f64,
     /// sembed int8 throughput / this peer's.
     pub int8_ratio: Option<f64>,
+    /// sembed bf16 throughput / this peer's.
+    pub bf16_ratio: Option<f64>,
 }
 
 fn secs(d: Duration) -> f64 {
@@ -395,7 +404,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         } else {
             args.eval_src.clone()
         };
-        Some(quantized(
+        Some(reduced_precision(
             &args,
             model.as_ref(),
             &texts,
@@ -404,6 +413,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
             &vectors,
             &headline,
             &eval_dirs,
+            Precision::Int8,
+        )?)
+    };
+    let bf16 = if args.no_quantized || !fast_bert {
+        None
+    } else {
+        eprintln!(
+            "sembed bench: bf16 ({})",
+            sembed::fast::cpu::bf16_description()
+        );
+        let eval_dirs = if args.eval_src.is_empty() {
+            corpus_dirs.clone()
+        } else {
+            args.eval_src.clone()
+        };
+        Some(reduced_precision(
+            &args,
+            model.as_ref(),
+            &texts,
+            &opts,
+            tokens,
+            &vectors,
+            &headline,
+            &eval_dirs,
+            Precision::Bf16,
         )?)
     };
 
@@ -452,6 +486,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 &vectors,
                 &headline,
                 quantized.as_ref(),
+                bf16.as_ref(),
             )?)
         }
         (Some(_), None) => bail!("--peers compares one model folder, not a fusion"),
@@ -491,6 +526,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         latency,
         shapes,
         quantized,
+        bf16,
         training,
         gradients,
         fusion_check,
@@ -707,7 +743,7 @@ fn single_model_dir(models: &[String]) -> Result<Option<PathBuf>> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn quantized(
+fn reduced_precision(
     args: &BenchArgs,
     f32_model: &dyn Embed,
     texts: &[String],
@@ -716,14 +752,14 @@ fn quantized(
     f32_vectors: &[Vec<f32>],
     f32_headline: &Throughput,
     eval_dirs: &[PathBuf],
+    precision: Precision,
 ) -> Result<Quantized> {
     let before = alloc::live();
-    let q = sembed::fusion_config::load(
-        &args.models,
-        sembed::DType::F32,
-        &sembed::device::cpu(),
-        Engine::Fast(Precision::Int8),
-    )?;
+    let (dtype, engine) = match precision {
+        Precision::Int8 => (sembed::DType::F32, Engine::Fast(Precision::Int8)),
+        p => (sembed::DType::BF16, Engine::Fast(p)),
+    };
+    let q = sembed::fusion_config::load(&args.models, dtype, &sembed::device::cpu(), engine)?;
     let weights_heap_bytes = alloc::live().saturating_sub(before);
     let (headline, vectors) = throughput(q.as_ref(), texts, opts, tokens, args.repeat)?;
     let cos: Vec<f64> = f32_vectors
@@ -758,14 +794,15 @@ fn quantized(
             source: dirs_label(eval_dirs),
             pairs: pairs.len(),
             ndcg_at_10_f32: a.ndcg_at_10,
-            ndcg_at_10_int8: b.ndcg_at_10,
+            ndcg_at_10_reduced: b.ndcg_at_10,
             mrr_at_10_f32: a.mrr_at_10,
-            mrr_at_10_int8: b.mrr_at_10,
+            mrr_at_10_reduced: b.mrr_at_10,
         })
     } else {
         None
     };
     Ok(Quantized {
+        precision: precision.to_string(),
         engine: q.engine(),
         weights_heap_bytes,
         speedup_vs_f32: headline.texts_per_s / f32_headline.texts_per_s,
@@ -1130,6 +1167,7 @@ fn peers(
     vectors: &[Vec<f32>],
     headline: &Throughput,
     quantized: Option<&Quantized>,
+    bf16: Option<&Quantized>,
 ) -> Result<Peers> {
     let texts_path = args.out.join("texts.json");
     std::fs::write(&texts_path, serde_json::to_string(texts)?)?;
@@ -1173,6 +1211,7 @@ fn peers(
     let (again, _) = throughput(model, texts, opts, tokens, args.repeat)?;
     let ours = headline.texts_per_s.max(again.texts_per_s);
     let int8 = quantized.map(|q| q.headline.texts_per_s);
+    let bf16 = bf16.map(|q| q.headline.texts_per_s);
     let mut out = Vec::new();
     if let Some(map) = results.as_object() {
         for (name, r) in map {
@@ -1189,6 +1228,7 @@ fn peers(
                     .unwrap_or(f64::NAN),
                 ratio: ours / tps,
                 int8_ratio: int8.map(|q| q / tps),
+                bf16_ratio: bf16.map(|q| q / tps),
             });
         }
     }
@@ -1196,6 +1236,7 @@ fn peers(
         python: python.display().to_string(),
         sembed_texts_per_s: ours,
         sembed_int8_texts_per_s: int8,
+        sembed_bf16_texts_per_s: bf16,
         results: out,
     })
 }
@@ -1217,5 +1258,6 @@ fn machine() -> Machine {
         sembed: env!("CARGO_PKG_VERSION").to_string(),
         cpu_features: sembed::fast::cpu::describe_cpu(),
         int8_kernel: sembed::fast::quant::int8_description(),
+        bf16_kernel: sembed::fast::cpu::bf16_description(),
     }
 }

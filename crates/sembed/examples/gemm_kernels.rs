@@ -18,7 +18,11 @@ fn main() {
         .nth(1)
         .map(|a| a.parse().expect("m"))
         .unwrap_or(512);
-    println!("cpu {} · {} threads", cpu::describe_cpu(), rayon::current_num_threads());
+    println!(
+        "cpu {} · {} threads",
+        cpu::describe_cpu(),
+        rayon::current_num_threads()
+    );
     let sets: Vec<Kernels> = Kernels::ALL.into_iter().filter(|k| k.supported()).collect();
     let bf16_sets: Vec<Kernels> = sets.iter().copied().filter(|k| k.has_bf16()).collect();
     let int8_sets: Vec<Kernels> = sets
@@ -86,7 +90,10 @@ fn main() {
         let q8 = QuantLinear::with_format(&w, n, k, sembed::fast::quant::Format::BITS8);
         for &ks in &int8_sets {
             let ql = if ks == Kernels::Avx2 { &q } else { &q8 };
-            row += &format!(" | {:.0}", time(&mut |y| ql.forward_with_kernels(ks, &x, m, y, par)));
+            row += &format!(
+                " | {:.0}",
+                time(&mut |y| ql.forward_with_kernels(ks, &x, m, y, par))
+            );
         }
         println!("{row} |");
     }

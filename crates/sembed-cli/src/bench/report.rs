@@ -47,13 +47,14 @@ pub fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         w,
-        "{} ({}) · {} threads · {} · sembed {} · int8 kernel: {}  \n{} code texts from {} ({} tokens, mean {:.0}, max {}), max length {}, dimension {}; model load {:.2} s, {:.1} MiB of heap.\n",
+        "{} ({}) · {} threads · {} · sembed {} · int8 kernel: {} · bf16 kernel: {}  \n{} code texts from {} ({} tokens, mean {:.0}, max {}), max length {}, dimension {}; model load {:.2} s, {:.1} MiB of heap.\n",
         r.machine.cpu,
         r.machine.cpu_features,
         r.machine.threads,
         r.machine.os,
         r.machine.sembed,
         r.machine.int8_kernel,
+        r.machine.bf16_kernel,
         r.corpus.texts,
         r.corpus.source,
         r.corpus.tokens,
@@ -161,29 +162,42 @@ pub fn markdown(r: &Report) -> String {
         );
         let _ = writeln!(
             w,
-            "| engine | texts/s | sembed f32 / peer | sembed int8 / peer | max abs diff vs sembed f32 |"
+            "| engine | texts/s | sembed f32 / peer | sembed int8 / peer | sembed bf16 / peer | max abs diff vs sembed f32 |"
         );
-        let _ = writeln!(w, "|---|---:|---:|---:|---:|");
+        let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|");
         let _ = writeln!(
             w,
-            "| sembed {} | {:.1} | 1.00 | | |",
+            "| sembed {} | {:.1} | 1.00 | | | |",
             r.engine, p.sembed_texts_per_s
         );
+        if let Some(q) = p.sembed_bf16_texts_per_s {
+            let diff = r
+                .bf16
+                .as_ref()
+                .map_or(String::new(), |x| format!("{:.1e}", x.max_abs_diff_vs_f32));
+            let _ = writeln!(
+                w,
+                "| sembed fast-bf16 ({}) | {q:.1} | | | | {diff} |",
+                r.machine.bf16_kernel
+            );
+        }
         if let Some(q) = p.sembed_int8_texts_per_s {
             let diff = r
                 .quantized
                 .as_ref()
                 .map_or(String::new(), |x| format!("{:.1e}", x.max_abs_diff_vs_f32));
-            let _ = writeln!(w, "| sembed fast-int8 | {q:.1} | | | {diff} |");
+            let _ = writeln!(w, "| sembed fast-int8 | {q:.1} | | | | {diff} |");
         }
         for peer in &p.results {
             let _ = writeln!(
                 w,
-                "| {} | {:.1} | **{:.2}×** | {} | {:.1e} |",
+                "| {} | {:.1} | **{:.2}×** | {} | {} | {:.1e} |",
                 peer.name,
                 peer.texts_per_s,
                 peer.ratio,
                 peer.int8_ratio
+                    .map_or(String::new(), |x| format!("{x:.2}×")),
+                peer.bf16_ratio
                     .map_or(String::new(), |x| format!("{x:.2}×")),
                 peer.max_abs_diff_vs_sembed
             );
@@ -233,8 +247,9 @@ pub fn markdown(r: &Report) -> String {
         );
         shape_table(w, &r.shapes);
     }
-    if let Some(q) = &r.quantized {
-        let _ = writeln!(w, "## Int8 ({})\n", q.engine);
+    for q in r.quantized.iter().chain(&r.bf16) {
+        let p = &q.precision;
+        let _ = writeln!(w, "## {} ({})\n", p, q.engine);
         let _ = writeln!(
             w,
             "{:.1} texts/s ({:.2}× f32), weights {:.1} MiB of heap; cosine to the f32 vectors: min {:.4}, mean {:.4}; largest value difference {:.1e}.",
@@ -243,14 +258,14 @@ pub fn markdown(r: &Report) -> String {
         if let Some(e) = &q.retrieval {
             let _ = writeln!(
                 w,
-                "Code search on {} mined (docstring → function) pairs from {}: NDCG@10 f32 {:.4}, int8 {:.4} (Δ {:+.4}); MRR@10 f32 {:.4}, int8 {:.4}.",
+                "Code search on {} mined (docstring → function) pairs from {}: NDCG@10 f32 {:.4}, {p} {:.4} (Δ {:+.4}); MRR@10 f32 {:.4}, {p} {:.4}.",
                 e.pairs,
                 e.source,
                 e.ndcg_at_10_f32,
-                e.ndcg_at_10_int8,
-                e.ndcg_at_10_int8 - e.ndcg_at_10_f32,
+                e.ndcg_at_10_reduced,
+                e.ndcg_at_10_reduced - e.ndcg_at_10_f32,
                 e.mrr_at_10_f32,
-                e.mrr_at_10_int8
+                e.mrr_at_10_reduced
             );
         }
         let _ = writeln!(w);
@@ -429,7 +444,7 @@ const FONT: &str = "font-family=\"sans-serif\" font-size=\"12\"";
 /// Horizontal bars of texts/s: sembed f32, sembed int8 and the peers.
 fn bars_svg(r: &Report) -> String {
     let mut bars = vec![(format!("sembed {}", r.engine), r.headline.texts_per_s)];
-    if let Some(q) = &r.quantized {
+    for q in r.quantized.iter().chain(&r.bf16) {
         bars.push((format!("sembed {}", q.engine), q.headline.texts_per_s));
     }
     if let Some(p) = &r.peers {

@@ -49,16 +49,35 @@ impl PackedBf16 {
     /// Pack `n` output columns of `k` inputs, where `get(i, o)` is the bf16 weight of input `i`
     /// for output `o`.
     pub fn pack(k: usize, n: usize, get: impl Fn(usize, usize) -> bf16) -> Self {
+        let mut p = PackedBf16::empty();
+        p.repack(k, n, get);
+        p
+    }
+
+    /// No weights (a buffer for [`Self::repack`]).
+    pub const fn empty() -> Self {
+        PackedBf16 {
+            k: 0,
+            n: 0,
+            kp: 0,
+            w: Vec::new(),
+        }
+    }
+
+    /// [`Self::pack`] into this buffer, reusing its memory (attention packs K and V per head).
+    pub fn repack(&mut self, k: usize, n: usize, get: impl Fn(usize, usize) -> bf16) {
         let kp = k.div_ceil(KB) * KB;
         let panels = n.div_ceil(NB);
-        let mut w = vec![0u16; panels * kp * NB];
+        self.w.clear();
+        self.w.resize(panels * kp * NB, 0);
+        let w = &mut self.w;
         for o in 0..n {
             let base = (o / NB) * kp * NB + (o % NB) * 2;
             for i in 0..k {
                 w[base + (i / 2) * NB * 2 + (i % 2)] = get(i, o).to_bits();
             }
         }
-        PackedBf16 { k, n, kp, w }
+        (self.k, self.n, self.kp) = (k, n, kp);
     }
 
     /// From PyTorch-layout bf16 rows `[out, in]`.
@@ -99,9 +118,33 @@ impl PackedBf16 {
     ) {
         assert_eq!(x.len(), m * self.k, "bf16 projection input");
         assert_eq!(y.len(), m * self.n, "bf16 projection output");
+        self.forward_strided(kernels, x, self.k, m, y, self.n, par)
+    }
+
+    /// [`Self::forward_with`] on rows `x[r * xs..r * xs + k]` into rows `y[r * ys..r * ys + n]`
+    /// (the rest of `y` is left alone).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_strided(
+        &self,
+        kernels: Kernels,
+        x: &[f32],
+        xs: usize,
+        m: usize,
+        y: &mut [f32],
+        ys: usize,
+        par: Parallelism,
+    ) {
         if m == 0 || self.n == 0 {
             return;
         }
+        assert!(
+            xs >= self.k && x.len() >= (m - 1) * xs + self.k,
+            "bf16 input rows"
+        );
+        assert!(
+            ys >= self.n && y.len() >= (m - 1) * ys + self.n,
+            "bf16 output rows"
+        );
         assert!(
             kernels.supported(),
             "{kernels} kernels on a CPU without them"
@@ -112,7 +155,7 @@ impl PackedBf16 {
             m
         };
         let mut a = ABUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        to_bf16_rows(x, m, self.k, self.kp, rows_p, &mut a);
+        to_bf16_rows(x, xs, m, self.k, self.kp, rows_p, &mut a);
         let threads = match par {
             Parallelism::None => 1,
             Parallelism::Rayon(t) => t.max(1),
@@ -120,19 +163,19 @@ impl PackedBf16 {
         // Column panels shared out between threads: each reads its own weights.
         let blocks = self.n.div_ceil(NB);
         let per = blocks.div_ceil(threads.min(blocks).max(1));
-        let out = SendPtr(y.as_mut_ptr());
+        let (out, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
         let run = |b0: usize, b1: usize| {
             let (c0, c1) = (b0 * NB, (b1 * NB).min(self.n));
             // SAFETY: each call writes only columns c0..c1 of y (disjoint between threads), and
             // y outlives the scope; the CPU has the kernel's features (asserted above).
             unsafe {
-                let y = std::slice::from_raw_parts_mut(out.get(), m * self.n);
+                let y = std::slice::from_raw_parts_mut(out.get(), y_len);
                 match kernels {
                     #[cfg(target_arch = "x86_64")]
-                    Kernels::Amx => self.amx(&a, m, c0, c1, y),
+                    Kernels::Amx => self.amx(&a, m, c0, c1, y, ys),
                     #[cfg(target_arch = "x86_64")]
-                    Kernels::Avx512Bf16 => self.avx512(&a, m, c0, c1, y),
-                    _ => self.reference(&a, m, c0, c1, y),
+                    Kernels::Avx512Bf16 => self.avx512(&a, m, c0, c1, y, ys),
+                    _ => self.reference(&a, m, c0, c1, y, ys),
                 }
             }
         };
@@ -150,7 +193,7 @@ impl PackedBf16 {
     }
 
     /// Plain loops over the packed weights: bf16 products summed in f32 in input order.
-    fn reference(&self, a: &[u16], m: usize, c0: usize, c1: usize, y: &mut [f32]) {
+    fn reference(&self, a: &[u16], m: usize, c0: usize, c1: usize, y: &mut [f32], ys: usize) {
         for r in 0..m {
             for o in c0..c1 {
                 let mut acc = 0f32;
@@ -158,7 +201,7 @@ impl PackedBf16 {
                     let xv = bf16::from_bits(a[r * self.kp + i]).to_f32();
                     acc += xv * self.get(i, o).to_f32();
                 }
-                y[r * self.n + o] = acc;
+                y[r * ys + o] = acc;
             }
         }
     }
@@ -167,7 +210,7 @@ impl PackedBf16 {
     /// columns per pair of inputs.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn avx512(&self, a: &[u16], m: usize, c0: usize, c1: usize, y: &mut [f32]) {
+    unsafe fn avx512(&self, a: &[u16], m: usize, c0: usize, c1: usize, y: &mut [f32], ys: usize) {
         // Rows in blocks that keep their activations in L2 while a panel streams past them.
         const ROW_BLOCK: usize = 96;
         const MR: usize = 6;
@@ -181,12 +224,12 @@ impl PackedBf16 {
                     // SAFETY: rows r..r+rows exist in a and y; the panel exists.
                     unsafe {
                         match rows {
-                            6 => self.micro512::<6>(a, r, panel, y),
-                            5 => self.micro512::<5>(a, r, panel, y),
-                            4 => self.micro512::<4>(a, r, panel, y),
-                            3 => self.micro512::<3>(a, r, panel, y),
-                            2 => self.micro512::<2>(a, r, panel, y),
-                            _ => self.micro512::<1>(a, r, panel, y),
+                            6 => self.micro512::<6>(a, r, panel, y, ys),
+                            5 => self.micro512::<5>(a, r, panel, y, ys),
+                            4 => self.micro512::<4>(a, r, panel, y, ys),
+                            3 => self.micro512::<3>(a, r, panel, y, ys),
+                            2 => self.micro512::<2>(a, r, panel, y, ys),
+                            _ => self.micro512::<1>(a, r, panel, y, ys),
                         }
                     }
                     r += rows;
@@ -199,7 +242,14 @@ impl PackedBf16 {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    unsafe fn micro512<const R: usize>(&self, a: &[u16], r0: usize, panel: usize, y: &mut [f32]) {
+    unsafe fn micro512<const R: usize>(
+        &self,
+        a: &[u16],
+        r0: usize,
+        panel: usize,
+        y: &mut [f32],
+        ys: usize,
+    ) {
         use std::arch::x86_64::*;
         let kp = self.kp;
         let wp0 = self.w.as_ptr().add(panel * kp * NB);
@@ -227,7 +277,7 @@ impl PackedBf16 {
         let c = panel * NB;
         let cols = (self.n - c).min(NB);
         for (r, acc) in acc.iter().enumerate() {
-            let dst = y.as_mut_ptr().add((r0 + r) * self.n + c);
+            let dst = y.as_mut_ptr().add((r0 + r) * ys + c);
             for (v, av) in acc.iter().enumerate() {
                 let lanes = cols.saturating_sub(v * 16).min(16);
                 if lanes == 0 {
@@ -243,7 +293,7 @@ impl PackedBf16 {
     /// (tmm4-5, 16 rows × 32 inputs) and two B tiles (tmm6-7, 16 input pairs × 16 columns) per
     /// step of 32 inputs. `a` has its rows padded to a multiple of 32.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn amx(&self, a: &[u16], m: usize, c0: usize, c1: usize, y: &mut [f32]) {
+    unsafe fn amx(&self, a: &[u16], m: usize, c0: usize, c1: usize, y: &mut [f32], ys: usize) {
         use std::arch::asm;
         let kp = self.kp;
         let mp = m.div_ceil(MB) * MB;
@@ -264,7 +314,12 @@ impl PackedBf16 {
                 let s1 = (s0 + super_cols).min(c1);
                 for r0 in (0..mp).step_by(MB) {
                     for c in (s0..s1).step_by(32) {
-                        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3"
+                        );
                         let bp = self.w.as_ptr().add((c / NB) * kp * NB + (c % NB) * 2);
                         let ap = a.as_ptr().add(r0 * kp);
                         for kb in 0..kp / KB {
@@ -288,7 +343,7 @@ impl PackedBf16 {
                         }
                         let full = r0 + MB <= m && c + 32 <= self.n;
                         let (dst, ds) = if full {
-                            (y.as_mut_ptr().add(r0 * self.n + c), self.n * 4)
+                            (y.as_mut_ptr().add(r0 * ys + c), ys * 4)
                         } else {
                             (edge.as_mut_ptr(), 32 * 4)
                         };
@@ -305,7 +360,7 @@ impl PackedBf16 {
                         if !full {
                             let cols = (self.n - c).min(32);
                             for r in 0..(m - r0).min(MB) {
-                                let at = (r0 + r) * self.n + c;
+                                let at = (r0 + r) * ys + c;
                                 y[at..at + cols].copy_from_slice(&edge[r * 32..r * 32 + cols]);
                             }
                         }
@@ -370,11 +425,21 @@ impl TileConfig {
     }
 }
 
-/// `x[m, k]` rounded to bf16 (nearest even) into `out[rows_p, kp]`, zero beyond `k` and `m`.
-pub fn to_bf16_rows(x: &[f32], m: usize, k: usize, kp: usize, rows_p: usize, out: &mut Vec<u16>) {
+/// Rows `x[r * xs..r * xs + k]` (`r < m`) rounded to bf16 (nearest even) into `out[rows_p, kp]`,
+/// zero beyond `k` and `m`.
+pub fn to_bf16_rows(
+    x: &[f32],
+    xs: usize,
+    m: usize,
+    k: usize,
+    kp: usize,
+    rows_p: usize,
+    out: &mut Vec<u16>,
+) {
     out.clear();
     out.resize(rows_p * kp, 0);
-    for (r, row) in x.chunks_exact(k).take(m).enumerate() {
+    for r in 0..m {
+        let row = &x[r * xs..r * xs + k];
         let dst = &mut out[r * kp..r * kp + k];
         #[cfg(target_arch = "x86_64")]
         if cpu::features().avx512bf16 {
@@ -440,9 +505,7 @@ mod tests {
         }
         let mut ran = vec![];
         for kernels in Kernels::ALL {
-            if !kernels.supported()
-                || !(kernels.has_bf16() || kernels == Kernels::Portable)
-            {
+            if !kernels.supported() || !(kernels.has_bf16() || kernels == Kernels::Portable) {
                 continue;
             }
             for par in [Parallelism::None, Parallelism::Rayon(3)] {
@@ -469,7 +532,13 @@ mod tests {
         // Odd sizes: m not a multiple of 6, 16 or 32; k not a multiple of 2 or 32; n not a
         // multiple of 16, 32 or 64; and a size with whole tiles everywhere.
         let mut ran = vec![];
-        for (m, k, n) in [(1, 1, 1), (23, 70, 130), (33, 97, 31), (64, 128, 128), (5, 384, 1536)] {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (23, 70, 130),
+            (33, 97, 31),
+            (64, 128, 128),
+            (5, 384, 1536),
+        ] {
             ran = check(m, k, n, (m * k + n) as u64);
         }
         for k in [Kernels::Amx, Kernels::Avx512Bf16] {
@@ -482,13 +551,50 @@ mod tests {
     }
 
     #[test]
+    fn strided_rows_match_packed_rows() {
+        // Attention's use: rows inside wider rows, outputs into wider rows (left alone elsewhere).
+        let (m, k, n, xs, ys) = (37, 40, 45, 101, 77);
+        let x = data(m * xs, 5);
+        let p = PackedBf16::from_torch(&data(n * k, 6), n, k);
+        let packed: Vec<f32> = (0..m)
+            .flat_map(|r| x[r * xs..r * xs + k].to_vec())
+            .collect();
+        for kernels in Kernels::ALL
+            .into_iter()
+            .filter(|k| k.supported() && k.has_bf16())
+        {
+            let mut want = vec![0f32; m * n];
+            p.forward_with(kernels, &packed, m, &mut want, Parallelism::None);
+            let mut y = vec![7f32; (m - 1) * ys + n];
+            p.forward_strided(kernels, &x, xs, m, &mut y, ys, Parallelism::Rayon(2));
+            for r in 0..m {
+                assert_eq!(
+                    y[r * ys..r * ys + n],
+                    want[r * n..(r + 1) * n],
+                    "{kernels} row {r}"
+                );
+                if r + 1 < m {
+                    assert!(y[r * ys + n..(r + 1) * ys].iter().all(|&v| v == 7.0));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn rounding_is_nearest_even_like_half() {
         let x: Vec<f32> = data(1000, 9)
             .into_iter()
-            .chain([0.0, -0.0, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, 3.4e38, -1e-3])
+            .chain([
+                0.0,
+                -0.0,
+                1.0 + 1.0 / 256.0,
+                1.0 + 3.0 / 256.0,
+                3.4e38,
+                -1e-3,
+            ])
             .collect();
         let mut out = vec![];
-        to_bf16_rows(&x, 1, x.len(), x.len() + 7, 2, &mut out);
+        to_bf16_rows(&x, x.len(), 1, x.len(), x.len() + 7, 2, &mut out);
         for (i, v) in x.iter().enumerate() {
             assert_eq!(out[i], bf16::from_f32(*v).to_bits(), "{v}");
         }

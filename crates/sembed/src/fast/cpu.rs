@@ -129,7 +129,13 @@ fn request_tile_permission() -> std::result::Result<(), &'static str> {
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM only changes this process's permitted XSAVE
     // features; it reads and writes no memory of ours.
-    let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
     if r == 0 {
         Ok(())
     } else {
@@ -316,7 +322,10 @@ mod tests {
             match k.unsupported_reason() {
                 Some(why) => {
                     let e = Kernels::parse(k.name()).unwrap_err().to_string();
-                    assert!(e.contains(&format!("cannot run the {k} kernels: {why}")), "{e}");
+                    assert!(
+                        e.contains(&format!("cannot run the {k} kernels: {why}")),
+                        "{e}"
+                    );
                     eprintln!("{k}: not on this CPU ({why})");
                 }
                 None => assert_eq!(Kernels::parse(k.name()).unwrap(), k),

@@ -2,8 +2,8 @@
 //! Tensor names, prefixes and shapes are the same ones the candle models in [`crate::models`] read,
 //! so both engines accept exactly the same folders.
 
-use super::kernels::Act;
 use super::bf16::PackedBf16;
+use super::kernels::Act;
 use super::linear::{HalfWeights, Linear};
 use super::quant::QuantLinear;
 use super::transformer::{Embeddings, Layer, Lora, Norm, Proj, Spec, Table, Transformer};

@@ -475,7 +475,12 @@ impl QuantLinear {
                 let s1 = (s0 + super_cols).min(self.n);
                 for r0 in (0..mp).step_by(MQ) {
                     for c in (s0..s1).step_by(32) {
-                        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3"
+                        );
                         let bp = self.packed.as_ptr().add((c / NB) * kp * NB + (c % NB) * 4);
                         let ap = qx.as_ptr().add(r0 * kp);
                         for kb in 0..kp / KQ {
@@ -521,12 +526,14 @@ impl QuantLinear {
                                     break;
                                 }
                                 let cc = c + v * 16;
-                                let ws = _mm512_mul_ps(s, _mm512_loadu_ps(self.scale.as_ptr().add(cc)));
+                                let ws =
+                                    _mm512_mul_ps(s, _mm512_loadu_ps(self.scale.as_ptr().add(cc)));
                                 let cs = _mm512_loadu_ps(self.colsum.as_ptr().add(cc));
                                 let accf = _mm512_cvtepi32_ps(_mm512_loadu_si512(
                                     acc.as_ptr().add(r * 32 + v * 16) as *const _,
                                 ));
-                                let out = _mm512_mul_ps(_mm512_sub_ps(accf, _mm512_mul_ps(z, cs)), ws);
+                                let out =
+                                    _mm512_mul_ps(_mm512_sub_ps(accf, _mm512_mul_ps(z, cs)), ws);
                                 let mask: __mmask16 = ((1u32 << lanes) - 1) as u16;
                                 _mm512_mask_storeu_ps(dst.add(v * 16), mask, out);
                             }

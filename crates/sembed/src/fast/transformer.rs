@@ -16,6 +16,7 @@
 //!   single-threaded GEMMs; a lone sequence splits its GEMMs and attention heads instead;
 //! - scratch is kept per thread between calls and can be given back ([`release_scratch`]).
 
+use super::bf16::PackedBf16;
 use super::kernels::{self, Act};
 use super::linear::{matmul, matmul_acc, Linear};
 use super::Precision;
@@ -161,6 +162,12 @@ fn mlp_chunk(up_w: usize) -> usize {
 }
 
 thread_local! {
+    /// Per-thread packed Kᵀ and V of one attention head, for the bf16 attention products.
+    static ATTN_BF16: RefCell<(PackedBf16, PackedBf16)> =
+        const { RefCell::new((PackedBf16::empty(), PackedBf16::empty())) };
+}
+
+thread_local! {
     /// Per-thread scratch, grown as needed and kept between calls (fresh pages cost more than the
     /// arithmetic on them); [`release_scratch`] gives it back.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -173,6 +180,7 @@ thread_local! {
 pub fn release_scratch() {
     let free = || {
         SCRATCH.with(|s| drop(std::mem::take(&mut *s.borrow_mut())));
+        ATTN_BF16.with(|s| *s.borrow_mut() = (PackedBf16::empty(), PackedBf16::empty()));
         super::linear::release_thread_scratch();
         super::quant::release_thread_scratch();
         super::bf16::release_thread_scratch();
@@ -524,6 +532,8 @@ impl Transformer {
             let g = hq / (nq / nkv);
             (hq * hd, (nq + g) * hd, (nq + nkv + g) * hd)
         };
+        // bf16 models on bf16 hardware run the attention products in bf16 too.
+        let bf16 = self.precision == Precision::Bf16 && super::cpu::active().has_bf16();
         if matches!(par, Parallelism::None) {
             for hq in 0..nq {
                 let out = &mut ctx[s.start * ctx_w + hq * hd..];
@@ -538,6 +548,7 @@ impl Transformer {
                     scores,
                     out,
                     ctx_w,
+                    bf16,
                 );
             }
         } else {
@@ -560,6 +571,7 @@ impl Transformer {
                         &mut sc,
                         &mut out,
                         hd,
+                        bf16,
                     );
                     out
                 })
@@ -688,7 +700,9 @@ fn rope_tables(theta: f64, hd: usize, positions: usize, out: &mut [f32]) {
 
 /// One attention head of one sequence of `n` tokens: `softmax(Q Kᵀ · scale) V`, with Q, K and V
 /// the `d` columns at offsets `(q, k, v)` of the `stride`-wide rows of `qkv`; the result goes to
-/// `out` rows of stride `out_stride`. `scores` is scratch of at least `n²`.
+/// `out` rows of stride `out_stride`. `scores` is scratch of at least `n²`. With `in_bf16` (the kernels
+/// in force must have bf16 dot products) both products take bf16 operands with f32 sums, as the
+/// projections do; the softmax stays in f32.
 #[allow(clippy::too_many_arguments)]
 fn attend(
     qkv: &[f32],
@@ -701,9 +715,27 @@ fn attend(
     scores: &mut [f32],
     out: &mut [f32],
     out_stride: usize,
+    in_bf16: bool,
 ) {
     let st = stride as isize;
     let s = &mut scores[..n * n];
+    if in_bf16 {
+        let kernels = super::cpu::active();
+        let par = Parallelism::None;
+        return ATTN_BF16.with(|c| {
+            let (kt, v) = &mut *c.borrow_mut();
+            // Kᵀ as the B operand (input i of output j is K[j][i]), V likewise (V[i][j]).
+            kt.repack(d, n, |i, j| bf16::from_f32(qkv[j * stride + kc + i]));
+            kt.forward_strided(kernels, &qkv[qc..], stride, n, s, n, par);
+            if causal {
+                kernels::softmax_rows_causal(s, n, scale);
+            } else {
+                kernels::softmax_rows(s, n, scale);
+            }
+            v.repack(n, d, |i, j| bf16::from_f32(qkv[i * stride + vc + j]));
+            v.forward_strided(kernels, s, n, n, out, out_stride, par);
+        });
+    }
     matmul(
         n,
         n,
