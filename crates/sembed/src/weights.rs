@@ -360,7 +360,37 @@ impl SafetensorsFile {
                 Tensor::from_vec(values, shape, &Device::Cpu)?
             }
         };
+        self.release(info);
         Ok(tensor.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// Give the mapped pages of a tensor that has been copied out back to the kernel, so that a
+    /// model loads tensor by tensor: the mapped file and the converted weights are never all
+    /// resident at once (a bf16 or int8 load of an f32 file would otherwise peak at file + copy).
+    /// The map is read-only and file-backed, so a later read of these bytes faults them in again
+    /// with the same contents.
+    fn release(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            let (start, end) = (
+                self.header.data_start + info.start,
+                self.header.data_start + info.end,
+            );
+            if end > start {
+                // SAFETY: MADV_DONTNEED on a read-only file mapping only drops resident pages;
+                // nothing is lost (they are re-read from the file on the next access), so
+                // outstanding borrows of the map stay valid.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = info;
     }
 }
 

@@ -43,6 +43,7 @@ pub struct MissionShape {
     pub gflops_f32: f64,
     pub gemm_peak_gflops: f64,
     pub torch: Option<TorchRun>,
+    pub torch_bf16_autocast: Option<TorchBf16Run>,
 }
 
 #[derive(Serialize, Clone)]
@@ -51,8 +52,19 @@ pub struct TorchRun {
     pub max_abs_diff_vs_sembed: f64,
     pub peak_rss_mb: f64,
     pub version: String,
-    /// sembed f32 texts/s over PyTorch f32 texts/s.
+    /// sembed f32 texts/s over this run's texts/s.
     pub ratio_f32: f64,
+}
+
+/// PyTorch under `torch.autocast("cpu", bfloat16)` at one shape.
+#[derive(Serialize, Clone)]
+pub struct TorchBf16Run {
+    pub texts_per_s: f64,
+    pub max_abs_diff_vs_sembed: f64,
+    /// sembed bf16 texts/s over PyTorch bf16 autocast texts/s.
+    pub ratio_bf16: f64,
+    /// sembed int8 texts/s over PyTorch bf16 autocast texts/s.
+    pub ratio_int8: f64,
 }
 
 #[derive(Serialize, Clone)]
@@ -269,6 +281,7 @@ pub fn run(
         let h = cfg["hidden_size"].as_u64().unwrap_or(1) as usize;
         let inter = cfg["intermediate_size"].as_u64().unwrap_or(1) as usize;
         let peak = sembed::fast::linear::peak_gflops(1024, h, 2 * inter);
+        let mut torch_bf16 = None;
         let torch = match python {
             Some(py) => {
                 eprintln!("sembed bench: {} PyTorch", spec.name);
@@ -300,6 +313,17 @@ pub fn run(
                 }
                 let refs: Vec<&str> = args.iter().map(String::as_str).collect();
                 let r = python_json(py, &refs)?;
+                eprintln!("sembed bench: {} PyTorch bf16 autocast", spec.name);
+                let mut refs_bf16 = refs.clone();
+                refs_bf16.push("--autocast");
+                let rb = python_json(py, &refs_bf16)?;
+                let bf16_tps = rb["texts_per_s"].as_f64().context("PyTorch bf16 texts_per_s")?;
+                torch_bf16 = Some(TorchBf16Run {
+                    texts_per_s: bf16_tps,
+                    max_abs_diff_vs_sembed: rb["max_abs_diff_vs_sembed"].as_f64().unwrap_or(f64::NAN),
+                    ratio_bf16: t16.texts_per_s / bf16_tps,
+                    ratio_int8: t8.texts_per_s / bf16_tps,
+                });
                 let tps = r["texts_per_s"].as_f64().context("PyTorch texts_per_s")?;
                 // sembed again after PyTorch (the machine may have drifted): the best counts.
                 let (again, _) = throughput(&e32, texts, &opts, tokens, repeat)?;
@@ -342,6 +366,7 @@ pub fn run(
             gflops_f32: flops / (texts.len() as f64 / f32_tps) / 1e9,
             gemm_peak_gflops: peak,
             torch: torch.map(|(t, _)| t),
+            torch_bf16_autocast: torch_bf16,
         };
         eprintln!(
             "sembed bench: {}: sembed f32 {:.2} texts/s{}",

@@ -135,6 +135,27 @@ pub fn markdown(r: &Report) -> String {
                 rss(s.peak_rss_mb_int8),
             );
         }
+        if m.shapes.iter().any(|s| s.torch_bf16_autocast.is_some()) {
+            let _ = writeln!(
+                w,
+                "\nbf16 ({}) and int8 against PyTorch at its own best precision here (`torch.autocast(\"cpu\", bfloat16)`):\n",
+                r.machine.bf16_kernel
+            );
+            let _ = writeln!(
+                w,
+                "| shape | PyTorch bf16 autocast texts/s | sembed bf16 / PyTorch bf16 | sembed int8 / PyTorch bf16 | max abs diff vs sembed f32 |"
+            );
+            let _ = writeln!(w, "|---|---:|---:|---:|---:|");
+            for s in &m.shapes {
+                if let Some(t) = &s.torch_bf16_autocast {
+                    let _ = writeln!(
+                        w,
+                        "| {} | {:.2} | **{:.2}×** | **{:.2}×** | {:.1e} |",
+                        s.name, t.texts_per_s, t.ratio_bf16, t.ratio_int8, t.max_abs_diff_vs_sembed
+                    );
+                }
+            }
+        }
         if let Some(f) = &m.fusion {
             let torch = |v: Option<f64>| v.map_or("—".to_string(), |x| format!("{x:.2}"));
             let _ = writeln!(

@@ -257,17 +257,16 @@ impl PackedBf16 {
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         for p in 0..kp / 2 {
             let wp = wp0.add(p * NB * 2);
-            let w: [__m512bh; 4] = [
-                std::mem::transmute(_mm512_loadu_si512(wp as *const _)),
-                std::mem::transmute(_mm512_loadu_si512(wp.add(32) as *const _)),
-                std::mem::transmute(_mm512_loadu_si512(wp.add(64) as *const _)),
-                std::mem::transmute(_mm512_loadu_si512(wp.add(96) as *const _)),
-            ];
+            // Bit casts of 32 bf16 each (`__m512i` and `__m512bh` are both 64 bytes).
+            let load = |o: usize| {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(wp.add(o) as *const _))
+            };
+            let w = [load(0), load(32), load(64), load(96)];
             for (r, acc) in acc.iter_mut().enumerate() {
                 let xv = _mm512_set1_epi32(std::ptr::read_unaligned(
                     xs.add(r * kp + p * 2) as *const i32
                 ));
-                let xb: __m512bh = std::mem::transmute(xv);
+                let xb = std::mem::transmute::<__m512i, __m512bh>(xv);
                 acc[0] = _mm512_dpbf16_ps(acc[0], xb, w[0]);
                 acc[1] = _mm512_dpbf16_ps(acc[1], xb, w[1]);
                 acc[2] = _mm512_dpbf16_ps(acc[2], xb, w[2]);
