@@ -214,6 +214,13 @@ fn int8_runs_on_every_kernel_set_this_cpu_has() {
                 let cos: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
                 assert!(cos > 0.98, "{model} {kernels}: cosine {cos}");
             }
+            // bf16 through the same CLI: bf16 arithmetic on amx / avx512-bf16, widened elsewhere.
+            let bf16 = vectors(&embed(model, Some(kernels.name()), &["--dtype", "bf16"]));
+            assert_eq!(bf16.len(), 2);
+            for (a, b) in f32.iter().zip(&bf16) {
+                let cos: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+                assert!(cos > 0.999, "{model} {kernels} bf16: cosine {cos}");
+            }
         }
     }
     #[cfg(target_arch = "x86_64")]

@@ -340,6 +340,10 @@ async fn routes_answer_like_the_offline_embedder() {
         .as_str()
         .unwrap()
         .starts_with(kernels.name()));
+    assert!(info["cpu"]["bf16_kernel"]
+        .as_str()
+        .unwrap()
+        .starts_with(kernels.name()));
     let metrics = client()
         .get(format!("{}/metrics", s.url))
         .send()

@@ -317,10 +317,14 @@ pub fn run(
                 let mut refs_bf16 = refs.clone();
                 refs_bf16.push("--autocast");
                 let rb = python_json(py, &refs_bf16)?;
-                let bf16_tps = rb["texts_per_s"].as_f64().context("PyTorch bf16 texts_per_s")?;
+                let bf16_tps = rb["texts_per_s"]
+                    .as_f64()
+                    .context("PyTorch bf16 texts_per_s")?;
                 torch_bf16 = Some(TorchBf16Run {
                     texts_per_s: bf16_tps,
-                    max_abs_diff_vs_sembed: rb["max_abs_diff_vs_sembed"].as_f64().unwrap_or(f64::NAN),
+                    max_abs_diff_vs_sembed: rb["max_abs_diff_vs_sembed"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
                     ratio_bf16: t16.texts_per_s / bf16_tps,
                     ratio_int8: t8.texts_per_s / bf16_tps,
                 });

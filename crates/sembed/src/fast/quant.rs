@@ -112,7 +112,8 @@ pub fn int8_description() -> String {
     let k = super::cpu::active();
     let how = match k {
         Kernels::Amx => "amx (tdpbusd tiles)",
-        Kernels::Avx512Bf16 | Kernels::Avx512 => "avx512-vnni (vpdpbusd)",
+        Kernels::Avx512Bf16 => "avx512-bf16 set: avx512-vnni (vpdpbusd)",
+        Kernels::Avx512 => "avx512-vnni (vpdpbusd)",
         Kernels::Avx2 => "avx2 (vpmaddubsw)",
         Kernels::Portable => "portable",
     };
