@@ -395,51 +395,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let single_dir = single_model_dir(&args.models)?;
     let fast_bert = model.engine() == "fast-f32";
-    let quantized = if args.no_quantized || !fast_bert {
-        None
+    // int8, then bf16: the same measures against the f32 run above.
+    let eval_dirs = if args.eval_src.is_empty() {
+        corpus_dirs.clone()
     } else {
-        eprintln!("sembed bench: int8");
-        let eval_dirs = if args.eval_src.is_empty() {
-            corpus_dirs.clone()
-        } else {
-            args.eval_src.clone()
-        };
-        Some(reduced_precision(
-            &args,
-            model.as_ref(),
-            &texts,
-            &opts,
-            tokens,
-            &vectors,
-            &headline,
-            &eval_dirs,
-            Precision::Int8,
-        )?)
+        args.eval_src.clone()
     };
-    let bf16 = if args.no_quantized || !fast_bert {
-        None
-    } else {
-        eprintln!(
-            "sembed bench: bf16 ({})",
-            sembed::fast::cpu::bf16_description()
-        );
-        let eval_dirs = if args.eval_src.is_empty() {
-            corpus_dirs.clone()
-        } else {
-            args.eval_src.clone()
-        };
-        Some(reduced_precision(
-            &args,
-            model.as_ref(),
-            &texts,
-            &opts,
-            tokens,
-            &vectors,
-            &headline,
-            &eval_dirs,
-            Precision::Bf16,
-        )?)
+    let reduced = |precision: Precision, kernel: String| -> Result<Option<Quantized>> {
+        if args.no_quantized || !fast_bert {
+            return Ok(None);
+        }
+        eprintln!("sembed bench: {precision} ({kernel})");
+        let (m, o) = (model.as_ref(), &opts);
+        reduced_precision(
+            &args, m, &texts, o, tokens, &vectors, &headline, &eval_dirs, precision,
+        )
+        .map(Some)
     };
+    let quantized = reduced(Precision::Int8, sembed::fast::quant::int8_description())?;
+    let bf16 = reduced(Precision::Bf16, sembed::fast::cpu::bf16_description())?;
 
     let training = match (&single_dir, args.no_training) {
         (Some(dir), false) => {
