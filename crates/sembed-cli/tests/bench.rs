@@ -40,6 +40,7 @@ fn smoke_bench_writes_every_section() {
         "## Throughput by batch size",
         "## Scaling",
         "## Int8",
+        "## bf16",
         "## Training step",
         "## Gradients",
         "## Fusion shape check",
@@ -75,6 +76,13 @@ fn smoke_bench_writes_every_section() {
     let q = &r["quantized"];
     assert_eq!(q["engine"], "fast-int8");
     assert!(q["cosine_min"].as_f64().unwrap() > 0.9);
+    let b = &r["bf16"];
+    assert_eq!(b["engine"], "fast-bf16");
+    assert!(b["cosine_min"].as_f64().unwrap() > 0.99);
+    assert!(r["machine"]["bf16_kernel"]
+        .as_str()
+        .unwrap()
+        .starts_with(sembed::fast::cpu::active().name()));
     // Gradients and AdamW moments measured on the tensors equal the textbook bytes (full fine-tune).
     let t = &r["training"];
     assert!(t["profile"]["gradients_bytes"].as_u64().unwrap() > 0);

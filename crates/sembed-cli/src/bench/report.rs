@@ -270,7 +270,8 @@ pub fn markdown(r: &Report) -> String {
     }
     for q in r.quantized.iter().chain(&r.bf16) {
         let p = &q.precision;
-        let _ = writeln!(w, "## {} ({})\n", p, q.engine);
+        let title = if p == "int8" { "Int8" } else { p.as_str() };
+        let _ = writeln!(w, "## {title} ({})\n", q.engine);
         let _ = writeln!(
             w,
             "{:.1} texts/s ({:.2}× f32), weights {:.1} MiB of heap; cosine to the f32 vectors: min {:.4}, mean {:.4}; largest value difference {:.1e}.",
