@@ -10,10 +10,18 @@ use std::path::PathBuf;
 
 #[test]
 fn default_model_matches_sentence_transformers() {
+    let int8_bound = if sembed::fast::quant::Format::for_kernels(sembed::fast::cpu::active()).name()
+        == "7-bit"
+    {
+        0.97
+    } else {
+        0.99
+    };
     for (dtype, engine, min_cos) in [
         (DType::F32, Engine::Auto, 0.99999),
         (DType::F32, Engine::Candle, 0.99999),
-        (DType::F32, Engine::Fast(Precision::Int8), 0.99),
+        // The AVX2 kernel's 7-bit codes lose a bit on each side (0.9757 on text 11 when forced).
+        (DType::F32, Engine::Fast(Precision::Int8), int8_bound),
         // bf16: bf16 arithmetic on the kernel set in force where it has bf16 dot products (AMX,
         // AVX-512 BF16; CI forces each), bf16 weights widened to f32 elsewhere.
         (DType::BF16, Engine::Auto, 0.9995),
