@@ -293,7 +293,7 @@ impl PackedBf16 {
     /// step of 32 inputs. `a` has its rows padded to a multiple of 32.
     #[cfg(target_arch = "x86_64")]
     unsafe fn amx(&self, a: &[u16], m: usize, c0: usize, c1: usize, y: &mut [f32], ys: usize) {
-        use std::arch::asm;
+        use super::amx::{self, TileConfig};
         let kp = self.kp;
         let mp = m.div_ceil(MB) * MB;
         debug_assert!(a.len() >= mp * kp);
@@ -313,31 +313,19 @@ impl PackedBf16 {
                 let s1 = (s0 + super_cols).min(c1);
                 for r0 in (0..mp).step_by(MB) {
                     for c in (s0..s1).step_by(32) {
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm1",
-                            "tilezero tmm2",
-                            "tilezero tmm3"
-                        );
+                        amx::zero_acc();
                         let bp = self.w.as_ptr().add((c / NB) * kp * NB + (c % NB) * 2);
                         let ap = a.as_ptr().add(r0 * kp);
                         for kb in 0..kp / KB {
                             let a0 = ap.add(kb * KB);
-                            let a1 = a0.add(16 * kp);
                             let b0 = bp.add(kb * (KB / 2) * NB * 2);
-                            let b1 = b0.add(32);
-                            asm!(
-                                "tileloadd tmm4, [{a0} + {as}*1]",
-                                "tileloadd tmm6, [{b0} + {bs}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tileloadd tmm7, [{b1} + {bs}*1]",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tileloadd tmm5, [{a1} + {as}*1]",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
-                                as = in(reg) a_stride, bs = in(reg) b_stride,
-                                options(nostack, readonly),
+                            amx::step_bf16(
+                                a0 as *const u8,
+                                a0.add(16 * kp) as *const u8,
+                                a_stride,
+                                b0 as *const u8,
+                                b0.add(32) as *const u8,
+                                b_stride,
                             );
                         }
                         let full = r0 + MB <= m && c + 32 <= self.n;
@@ -346,16 +334,7 @@ impl PackedBf16 {
                         } else {
                             (edge.as_mut_ptr(), 32 * 4)
                         };
-                        asm!(
-                            "tilestored [{d} + {s}*1], tmm0",
-                            "tilestored [{d1} + {s}*1], tmm1",
-                            "tilestored [{d2} + {s}*1], tmm2",
-                            "tilestored [{d3} + {s}*1], tmm3",
-                            d = in(reg) dst, d1 = in(reg) dst.add(16),
-                            d2 = in(reg) dst.add(16 * ds / 4), d3 = in(reg) dst.add(16 * ds / 4 + 16),
-                            s = in(reg) ds,
-                            options(nostack),
-                        );
+                        amx::store_acc(dst as *mut u8, ds);
                         if !full {
                             let cols = (self.n - c).min(32);
                             for r in 0..(m - r0).min(MB) {
@@ -366,7 +345,7 @@ impl PackedBf16 {
                     }
                 }
             }
-            asm!("tilerelease", options(nostack, nomem));
+            amx::release();
         }
     }
 }
@@ -380,47 +359,6 @@ unsafe impl Sync for SendPtr {}
 impl SendPtr {
     fn get(self) -> *mut f32 {
         self.0
-    }
-}
-
-/// The 64-byte AMX tile configuration (palette 1): rows and bytes per row of each of the 8 tiles.
-#[repr(C, align(64))]
-pub struct TileConfig {
-    palette: u8,
-    start_row: u8,
-    _reserved: [u8; 14],
-    colsb: [u16; 16],
-    rows: [u8; 16],
-}
-
-impl TileConfig {
-    /// `(rows, bytes per row)` of tiles 0..8.
-    pub fn new(tiles: [(u8, u16); 8]) -> Self {
-        let mut c = TileConfig {
-            palette: 1,
-            start_row: 0,
-            _reserved: [0; 14],
-            colsb: [0; 16],
-            rows: [0; 16],
-        };
-        for (t, (r, b)) in tiles.into_iter().enumerate() {
-            c.rows[t] = r;
-            c.colsb[t] = b;
-        }
-        c
-    }
-
-    /// `ldtilecfg`.
-    ///
-    /// # Safety
-    /// The CPU has AMX and the process holds the tile data permission ([`cpu::amx_status`]).
-    #[cfg(target_arch = "x86_64")]
-    pub unsafe fn load(&self) {
-        debug_assert!(cpu::amx_status().is_ok());
-        // SAFETY (caller): AMX is usable; the configuration is a valid palette-1 layout.
-        unsafe {
-            std::arch::asm!("ldtilecfg [{}]", in(reg) self as *const Self, options(nostack, readonly))
-        };
     }
 }
 

@@ -6,6 +6,8 @@
 //! differentiable); this engine computes the same function for inference, checked against the same
 //! golden outputs. [`crate::backend`] puts both behind one interface and picks this one where it can.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod bf16;
 pub mod cpu;
 pub mod kernels;

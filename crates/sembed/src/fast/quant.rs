@@ -457,12 +457,12 @@ impl QuantLinear {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn gemm_amx(&self, qx: &[u8], sx: &[f32], zx: &[f32], m: usize, y: &mut [f32]) {
-        use std::arch::asm;
+        use super::amx;
         use std::arch::x86_64::*;
         let kp = self.kp;
         let mp = m.div_ceil(MQ) * MQ;
         debug_assert!(qx.len() >= mp * kp);
-        let cfg = super::bf16::TileConfig::new([(16, 64); 8]);
+        let cfg = amx::TileConfig::new([(16, 64); 8]);
         let mut acc = [0i32; MQ * 32];
         // Column super-blocks whose panels stay in L2 while every row block passes.
         let super_cols = ((1usize << 20) / kp).max(NB) / NB * NB;
@@ -476,44 +476,22 @@ impl QuantLinear {
                 let s1 = (s0 + super_cols).min(self.n);
                 for r0 in (0..mp).step_by(MQ) {
                     for c in (s0..s1).step_by(32) {
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm1",
-                            "tilezero tmm2",
-                            "tilezero tmm3"
-                        );
+                        amx::zero_acc();
                         let bp = self.packed.as_ptr().add((c / NB) * kp * NB + (c % NB) * 4);
                         let ap = qx.as_ptr().add(r0 * kp);
                         for kb in 0..kp / KQ {
                             let a0 = ap.add(kb * KQ);
-                            let a1 = a0.add(16 * kp);
                             let b0 = bp.add(kb * (KQ / 4) * NB * 4);
-                            let b1 = b0.add(64);
-                            asm!(
-                                "tileloadd tmm4, [{a0} + {as}*1]",
-                                "tileloadd tmm6, [{b0} + {bs}*1]",
-                                "tdpbusd tmm0, tmm4, tmm6",
-                                "tileloadd tmm7, [{b1} + {bs}*1]",
-                                "tdpbusd tmm1, tmm4, tmm7",
-                                "tileloadd tmm5, [{a1} + {as}*1]",
-                                "tdpbusd tmm2, tmm5, tmm6",
-                                "tdpbusd tmm3, tmm5, tmm7",
-                                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
-                                as = in(reg) a_stride, bs = in(reg) b_stride,
-                                options(nostack, readonly),
+                            amx::step_u8i8(
+                                a0,
+                                a0.add(16 * kp),
+                                a_stride,
+                                b0 as *const u8,
+                                b0.add(64) as *const u8,
+                                b_stride,
                             );
                         }
-                        let d = acc.as_mut_ptr();
-                        asm!(
-                            "tilestored [{d} + {s}*1], tmm0",
-                            "tilestored [{d1} + {s}*1], tmm1",
-                            "tilestored [{d2} + {s}*1], tmm2",
-                            "tilestored [{d3} + {s}*1], tmm3",
-                            d = in(reg) d, d1 = in(reg) d.add(16),
-                            d2 = in(reg) d.add(16 * 32), d3 = in(reg) d.add(16 * 32 + 16),
-                            s = in(reg) 32usize * 4,
-                            options(nostack),
-                        );
+                        amx::store_acc(acc.as_mut_ptr() as *mut u8, 32 * 4);
                         // The epilogue of `micro`, on the rows and columns that exist.
                         let cols = (self.n - c).min(32);
                         for r in 0..(m - r0.min(m)).min(MQ) {
@@ -542,7 +520,7 @@ impl QuantLinear {
                     }
                 }
             }
-            asm!("tilerelease", options(nostack, nomem));
+            amx::release();
         }
     }
 
