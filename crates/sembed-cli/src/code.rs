@@ -2,9 +2,8 @@
 
 use crate::progress;
 use anyhow::{bail, Context, Result};
-use sembed::embed::Embed;
 use sembed_index::index::{self, IndexOptions, Progress};
-use sembed_index::store::{self, Filter, Shard, Store};
+use sembed_index::store::{self, Filter, Shard};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -91,29 +90,6 @@ pub struct SearchArgs {
     pub exact: bool,
 }
 
-/// Local folders as absolute paths, so the index records a reference that loads from anywhere.
-fn absolute_refs(models: &[String]) -> Vec<String> {
-    models
-        .iter()
-        .map(|m| {
-            let (name, r) = match m.split_once('=') {
-                Some((n, r)) if !n.is_empty() && !n.contains('/') && !n.starts_with("hf:") => {
-                    (Some(n), r)
-                }
-                _ => (None, m.as_str()),
-            };
-            let r = match Path::new(r).canonicalize() {
-                Ok(p) if !r.starts_with("hf:") => p.display().to_string(),
-                _ => r.to_string(),
-            };
-            match name {
-                Some(n) => format!("{n}={r}"),
-                None => r,
-            }
-        })
-        .collect()
-}
-
 struct Bar(Option<indicatif::ProgressBar>, bool);
 
 impl Progress for Bar {
@@ -164,7 +140,7 @@ pub fn index(args: IndexArgs) -> Result<()> {
             target.display().to_string()
         }
     };
-    let refs = absolute_refs(&args.models);
+    let refs = index::absolute_refs(&args.models);
     let model = sembed::fusion_config::load(
         &refs,
         args.dtype.dtype(),
@@ -255,63 +231,9 @@ pub fn index(args: IndexArgs) -> Result<()> {
     Ok(())
 }
 
-/// Open an index that exists (never create one where a search or a server looks).
-pub fn open_existing(target: &str, ann_threshold: usize) -> Result<Box<dyn Store>> {
-    if !target.contains("://") && !Path::new(target).is_file() {
-        bail!("{target}: no such index; run `sembed index` first");
-    }
-    Ok(store::open(target, ann_threshold)?)
-}
-
-/// An index's location, its store, and the model its vectors came from.
-pub type Opened = (String, Box<dyn Store>, Box<dyn Embed>);
-
-/// Open an index for searching, and the model its vectors came from.
-pub fn open_for_search(
-    db: Option<&str>,
-    models: &[String],
-    ann_threshold: usize,
-) -> Result<Opened> {
-    let target = match db {
-        Some(t) => t.to_string(),
-        None => index::find_default(Path::new("."))
-            .context("no index here: no .sembed/index.sqlite in this folder or above it; run `sembed index` first, or give --db")?
-            .display()
-            .to_string(),
-    };
-    let mut store = open_existing(&target, ann_threshold)?;
-    let meta = store
-        .meta()?
-        .with_context(|| format!("{target}: the index is empty; run `sembed index` first"))?;
-    let refs = if models.is_empty() {
-        meta.model_refs.clone()
-    } else {
-        absolute_refs(models)
-    };
-    // The precision the vectors were made in (from the engine, not the model's name).
-    use sembed::fast::{Engine, Precision};
-    let made_with = index::identity_engine(&meta.model);
-    let engine = if made_with.contains("int8") {
-        Engine::Fast(Precision::Int8)
-    } else {
-        Engine::Auto
-    };
-    let dtype = if made_with.contains("bf16") {
-        sembed::DType::BF16
-    } else if made_with.contains("-f16") {
-        sembed::DType::F16
-    } else {
-        sembed::DType::F32
-    };
-    let model = sembed::fusion_config::load(&refs, dtype, &sembed::device::cpu(), engine)
-        .context("loading the index's model")?;
-    index::check_model(&meta, model.as_ref(), &target)?;
-    Ok((target, store, model))
-}
-
 pub fn search(args: SearchArgs) -> Result<()> {
     let (_, mut store, model) =
-        open_for_search(args.db.as_deref(), &args.models, args.ann_threshold)?;
+        sembed_index::search::open_for_search(args.db.as_deref(), &args.models, args.ann_threshold)?;
     store.set_exact(args.exact);
     let filter = Filter {
         lang: args.lang.clone(),

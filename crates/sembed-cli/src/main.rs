@@ -525,7 +525,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(target) = &args.index {
         if args.models.is_empty() {
             // Serve the index's model.
-            let (target, store, model) = code::open_for_search(
+            let (target, store, model) = sembed_index::search::open_for_search(
                 Some(target),
                 &[],
                 sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD,
@@ -548,7 +548,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         } else {
             // One of the --model ones must have made it (matched below, once they are loaded).
             let mut store =
-                code::open_existing(target, sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD)?;
+                sembed_index::store::open_existing(target, sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD)?;
             let meta = store.meta()?.with_context(|| {
                 format!("{target}: the index is empty; run `sembed index` first")
             })?;

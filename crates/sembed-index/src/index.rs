@@ -121,6 +121,31 @@ pub fn chunk_tokens(model: &dyn Embed, opts: &IndexOptions) -> usize {
         .max(16)
 }
 
+
+/// Local folders as absolute paths, so the index records a reference that loads from anywhere
+/// (`NAME=REF` parts of a fusion keep their name; `hf:` references stay as given).
+pub fn absolute_refs(models: &[String]) -> Vec<String> {
+    models
+        .iter()
+        .map(|m| {
+            let (name, r) = match m.split_once('=') {
+                Some((n, r)) if !n.is_empty() && !n.contains('/') && !n.starts_with("hf:") => {
+                    (Some(n), r)
+                }
+                _ => (None, m.as_str()),
+            };
+            let r = match Path::new(r).canonicalize() {
+                Ok(p) if !r.starts_with("hf:") => p.display().to_string(),
+                _ => r.to_string(),
+            };
+            match name {
+                Some(n) => format!("{n}={r}"),
+                None => r,
+            }
+        })
+        .collect()
+}
+
 /// Check an index's settings against a model: the same model, or an error that says which.
 pub fn check_model(stored: &Meta, model: &dyn Embed, target: &str) -> Result<()> {
     let id = model_identity(model);

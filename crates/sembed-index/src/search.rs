@@ -1,8 +1,10 @@
 //! Answering a query: embed it as a query (the model's query prompt, or Jina's retrieval.query
 //! adapter) and ask the store for the nearest chunks.
 
-use crate::error::Result;
-use crate::store::{Filter, Hit, Method, Store};
+use crate::error::{Error, Result};
+use crate::index;
+use crate::store::{self, Filter, Hit, Method, Store};
+use std::path::Path;
 use sembed::embed::{Embed, EmbedOptions, InputRole};
 
 /// Ranked hits and how they were found.
@@ -47,4 +49,59 @@ pub fn snippet(text: &str, lines: usize) -> String {
         out.push("…");
     }
     out.join("\n")
+}
+
+/// An index's location, its store, and the model its vectors came from.
+pub type Opened = (String, Box<dyn Store>, Box<dyn Embed>);
+
+/// Open an index for searching (`db`, or the `.sembed/index.sqlite` of this folder or one above
+/// it), and the model its vectors came from: `models`, or else the references the index recorded,
+/// loaded in the precision its vectors were made in and checked against the index's identity.
+pub fn open_for_search(
+    db: Option<&str>,
+    models: &[String],
+    ann_threshold: usize,
+) -> Result<Opened> {
+    let target = match db {
+        Some(t) => t.to_string(),
+        None => index::find_default(Path::new("."))
+            .ok_or_else(|| {
+                Error::Invalid(
+                    "no index here: no .sembed/index.sqlite in this folder or above it; run `sembed index` first, or give --db"
+                        .into(),
+                )
+            })?
+            .display()
+            .to_string(),
+    };
+    let mut store = store::open_existing(&target, ann_threshold)?;
+    let meta = store.meta()?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "{target}: the index is empty; run `sembed index` first"
+        ))
+    })?;
+    let refs = if models.is_empty() {
+        meta.model_refs.clone()
+    } else {
+        index::absolute_refs(models)
+    };
+    // The precision the vectors were made in (from the engine, not the model's name).
+    use sembed::fast::{Engine, Precision};
+    let made_with = index::identity_engine(&meta.model);
+    let engine = if made_with.contains("int8") {
+        Engine::Fast(Precision::Int8)
+    } else {
+        Engine::Auto
+    };
+    let dtype = if made_with.contains("bf16") {
+        sembed::DType::BF16
+    } else if made_with.contains("-f16") {
+        sembed::DType::F16
+    } else {
+        sembed::DType::F32
+    };
+    let model = sembed::fusion_config::load(&refs, dtype, &sembed::device::cpu(), engine)
+        .map_err(|e| Error::Invalid(format!("loading the index's model: {e}")))?;
+    index::check_model(&meta, model.as_ref(), &target)?;
+    Ok((target, store, model))
 }

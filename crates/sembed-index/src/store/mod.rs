@@ -191,6 +191,16 @@ pub fn open(target: &str, ann_threshold: usize) -> Result<Box<dyn Store>> {
     }
 }
 
+/// Open an index that exists (never create a SQLite file where a search or a server looks).
+pub fn open_existing(target: &str, ann_threshold: usize) -> Result<Box<dyn Store>> {
+    if !target.contains("://") && !std::path::Path::new(target).is_file() {
+        return Err(crate::Error::Invalid(format!(
+            "{target}: no such index; run `sembed index` first"
+        )));
+    }
+    open(target, ann_threshold)
+}
+
 /// The top `k` of `(score, item)` pairs, best first (ties: the lower item first, so every store orders
 /// them alike).
 pub fn top_k<T: Ord + Copy>(scored: impl Iterator<Item = (f32, T)>, k: usize) -> Vec<(f32, T)> {
