@@ -3,7 +3,9 @@ bidirectional) and jina-embeddings-v3, with random weights and few layers.
 
     python bench/peer_shapes.py make --config REAL_CONFIG_JSON --fixture TINY_DIR --layers N --seed S --out OUT_DIR
     python bench/peer_shapes.py run --model OUT_DIR --arch qwen2|qwen3|jina --texts TEXTS.json
-        [--max-len 256] [--batch 32] [--repeat 3] [--threads 2] [--dtype f32|bf16] [--autocast] [--ours OURS.json] [--task T]
+        [--max-len 256] [--batch 32] [--repeat 3] [--threads 2] [--dtype f32|bf16] [--autocast | --openvino]
+        [--ours OURS.json] [--task T]
+    python bench/peer_shapes.py gemm --shapes K,N [K,N ...] [--m 1024] [--threads 2]
     python bench/peer_shapes.py selftest
 
 `make` writes a model folder: the real config.json (from ../shared/real-configs) with
@@ -14,7 +16,14 @@ the fixture's tokenizer and sentence-transformers files (truncation length raise
 `run` embeds the texts the way the upstream stack does (Qwen2/Qwen3: transformers' Qwen2Model /
 Qwen3Model with sdpa attention, last-token pooling; Jina: bench/jina_torch.py, mean pooling; then L2
 normalisation) and prints one JSON object with the throughput (best of REPEAT full passes, tokenisation
-included, after a warm-up batch), and with --ours the max |difference| to sembed's vectors.
+included, after a warm-up batch), and with --ours the max |difference| to sembed's vectors. With
+--openvino the same PyTorch module (embedding, pooling and normalisation) is converted by
+`openvino.convert_model` (dynamic batch and length) and compiled for the CPU at OpenVINO's default
+precision (bf16 where the CPU has AVX-512 BF16 or AMX; the output names the precision it chose).
+
+`gemm` times PyTorch's bf16 and f32 matrix products (`torch.matmul`, oneDNN on x86: its AMX or
+AVX-512 BF16 kernels in bf16) at m × k × n for each K,N: the practical ceiling of a bf16 GEMM on
+this CPU, for the bench's fraction-of-ceiling column.
 
 `selftest` proves that this peer computes the upstream function: on the golden fixtures of
 tests/fixtures it checks tensor names and shapes, token ids, and the embeddings of every case and
@@ -293,6 +302,49 @@ def max_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class Pooled(torch.nn.Module):
+    """ids, mask → L2-normalised pooled vectors: the whole embedding path as one module, for
+    `openvino.convert_model`."""
+
+    def __init__(self, embedder):
+        super().__init__()
+        self.embedder = embedder
+        self.model = embedder.model
+
+    def forward(self, input_ids, attention_mask):
+        return torch.nn.functional.normalize(self.embedder.pooled(input_ids, attention_mask), dim=-1)
+
+
+class OpenVinoEmbedder:
+    """An `Embedder` converted by OpenVINO and compiled for the CPU at its default precision."""
+
+    def __init__(self, embedder, tok, texts, threads):
+        import openvino as ov
+
+        self.prefix = embedder.prefix
+        # Right padding for every model (last-token pooling finds the last real token either way,
+        # and under a causal mask no real token sees the padding after it, so the vectors are the
+        # same). Left padding leaves the padding rows fully masked, which OpenVINO's bf16 turns into
+        # NaN that then spreads through the attention values.
+        tok.left = False
+        example = tok.pad(tok.ids([self.prefix + t for t in texts[:2]]))
+        with torch.inference_mode():
+            model = ov.convert_model(
+                Pooled(embedder).eval(),
+                example_input=example,
+                input=[(ov.PartialShape([-1, -1]), ov.Type.i64)] * 2,
+            )
+        core = ov.Core()
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads})
+        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.req = self.compiled.create_infer_request()
+        self.version = f"openvino {ov.__version__.split('-')[0]}"
+
+    def pooled(self, ids, mask):
+        out = self.req.infer({0: ids.numpy(), 1: mask.numpy()})[self.compiled.output(0)]
+        return torch.from_numpy(np.array(out))
+
+
 def run(args):
     # The tokenizer's Rayon pool reads this when it first starts.
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)
@@ -301,6 +353,14 @@ def run(args):
     rss_before_load = max_rss_mb()
     embedder = Embedder(args.model, args.arch, DTYPES[args.dtype], args.task)
     tok = TextTokenizer(args.model, args.max_len)
+    dtype = args.dtype + (" (bf16 autocast)" if args.autocast else "")
+    version = f"torch {torch.__version__} transformers {transformers.__version__}"
+    if args.arch == "jina":
+        version = f"torch {torch.__version__} (bench/jina_torch.py)"
+    if args.openvino:
+        embedder = OpenVinoEmbedder(embedder, tok, texts, args.threads)
+        dtype = f"OpenVINO default precision: {embedder.precision}"
+        version = embedder.version
     # --autocast: f32 weights, bf16 compute (oneDNN's AMX / AVX-512 BF16 kernels where the CPU has
     # them), what a PyTorch user reaches for on such a CPU.
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast)
@@ -312,9 +372,6 @@ def run(args):
         with autocast:
             vectors, tokens = embed_all(embedder, tok, texts, args.batch)
         best = min(best, time.perf_counter() - t)
-    version = f"torch {torch.__version__} transformers {transformers.__version__}"
-    if args.arch == "jina":
-        version = f"torch {torch.__version__} (bench/jina_torch.py)"
     out = {
         "texts_per_s": len(texts) / best,
         "tokens_per_s": tokens / best,
@@ -324,7 +381,7 @@ def run(args):
         "batch": args.batch,
         "max_len": args.max_len,
         "threads": args.threads,
-        "dtype": args.dtype + (" (bf16 autocast)" if args.autocast else ""),
+        "dtype": dtype,
         "version": version,
     }
     if args.ours:
@@ -333,6 +390,33 @@ def run(args):
     # Peak resident memory of the whole process; the libraries alone take rss_before_load_mb of it.
     out["peak_rss_mb"] = max_rss_mb()
     out["rss_before_load_mb"] = rss_before_load
+    print(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# gemm
+
+
+def gemm(args):
+    """GFLOP/s of torch.matmul (m × k) · (k × n), best of 5 after a warm-up, bf16 and f32."""
+    torch.set_num_threads(args.threads)
+    out = {"m": args.m, "threads": args.threads, "version": f"torch {torch.__version__}", "shapes": []}
+    for shape in args.shapes:
+        k, n = (int(v) for v in shape.split(","))
+        row = {"k": k, "n": n}
+        for name, dtype in (("bf16", torch.bfloat16), ("f32", torch.float32)):
+            gen = torch.Generator().manual_seed(0)
+            a = torch.randn(args.m, k, generator=gen).to(dtype)
+            b = torch.randn(k, n, generator=gen).to(dtype)
+            with torch.inference_mode():
+                torch.matmul(a, b)
+                best = math.inf
+                for _ in range(5):
+                    t = time.perf_counter()
+                    torch.matmul(a, b)
+                    best = min(best, time.perf_counter() - t)
+            row[f"{name}_gflops"] = 2 * args.m * k * n / best / 1e9
+        out["shapes"].append(row)
     print(json.dumps(out))
 
 
@@ -423,9 +507,16 @@ def main():
     r.add_argument("--threads", type=int, default=os.cpu_count())
     r.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
     r.add_argument("--ours", help="JSON list of sembed's normalised vectors, in text order")
-    r.add_argument("--autocast", action="store_true", help="run under torch.autocast('cpu', bfloat16)")
+    how = r.add_mutually_exclusive_group()
+    how.add_argument("--autocast", action="store_true", help="run under torch.autocast('cpu', bfloat16)")
+    how.add_argument("--openvino", action="store_true", help="convert to OpenVINO, run at its default precision")
     r.add_argument("--task", help="Jina task: its instruction is prefixed and its adapter merged")
     r.set_defaults(fn=run)
+    g = sub.add_parser("gemm", help="time PyTorch's bf16 and f32 matrix products")
+    g.add_argument("--shapes", nargs="+", required=True, help="K,N pairs")
+    g.add_argument("--m", type=int, default=1024)
+    g.add_argument("--threads", type=int, default=os.cpu_count())
+    g.set_defaults(fn=gemm)
     s = sub.add_parser("selftest", help="check this peer against the golden fixtures")
     s.set_defaults(fn=selftest)
     args = ap.parse_args()

@@ -4,18 +4,8 @@
 //! `{:error, "panic: …"}`. Options arrive validated by the Elixir side (`Sembed`); errors go back
 //! as `{:error, message}` strings, which `Sembed` wraps in `%Sembed.Error{}`.
 //!
-//! TO MOVE BEFORE THIS BUILDS. Three functions this file calls live in the CLI crate
-//! (`crates/sembed-cli/src/code.rs`, returning `anyhow` errors there); it is written against the
-//! names they would have in `sembed-index`, returning `sembed_index::Result` (`bail!`/`context`
-//! becoming `Error::Invalid` with the same messages), and the CLI would call them from there:
-//! - `code::open_existing(target, ann_threshold)` → `sembed_index::store::open_existing`:
-//!   opens an index that exists, never creating a SQLite file where a search looks.
-//! - `code::absolute_refs(models)` → `sembed_index::index::absolute_refs`: what
-//!   `open_for_search` (and `sembed index`) record and reload.
-//! - `code::open_for_search(db, models, ann_threshold)` → `sembed_index::search::open_for_search`:
-//!   the store and the model its vectors came from, in their precision (from the recorded
-//!   identity), checked against the index. Signature kept:
-//!   `fn(Option<&str>, &[String], usize) -> Result<(String, Box<dyn Store>, Box<dyn Embed>)>`.
+//! Opening an index for search is `sembed_index::search::open_for_search`, the same function the
+//! CLI's `search` and `serve --index` call.
 //!
 //! One small rule is restated rather than called: the CLI's `EngineArgs::engine` (its `--engine`
 //! and `--quantize` clap enums → `sembed::fast::Engine`) is a match on clap types; [`dtype_engine`]
