@@ -1,6 +1,10 @@
 # The NIF is built by the compiler defined below (no Hex package is needed): `mix compile` runs
-# `cargo build --release -p sembed-nif` in the repository this package lives in and copies the
-# library to `priv/native/`, or takes a prebuilt one from $SEMBED_NIF_PATH.
+# `cargo build --release -p sembed-cli -p sembed-nif` in the repository this package lives in and
+# copies the library to `priv/native/`, or takes a prebuilt one from $SEMBED_NIF_PATH. The command
+# line comes with it because `sembed index` builds the indexes `Sembed.search/3` reads, and because
+# building the two together resolves the dependencies' features as the quick start's
+# `cargo run --release -p sembed-cli` does: the NIF then reuses that build instead of compiling
+# its dependencies a second time.
 defmodule Mix.Tasks.Compile.SembedNif do
   @moduledoc "Builds (or takes) the sembed NIF and puts it under `priv/native/sembed_nif.so`."
   use Mix.Task.Compiler
@@ -44,10 +48,10 @@ defmodule Mix.Tasks.Compile.SembedNif do
   defp cargo_build do
     root = Path.expand("../..", __DIR__)
     target = System.get_env("CARGO_TARGET_DIR") || Path.join(root, "target")
-    Mix.shell().info("sembed: cargo build --release -p sembed-nif (in #{root})")
+    Mix.shell().info("sembed: cargo build --release -p sembed-cli -p sembed-nif (in #{root})")
 
     {_, status} =
-      System.cmd("cargo", ["build", "--release", "-p", "sembed-nif"],
+      System.cmd("cargo", ["build", "--release", "-p", "sembed-cli", "-p", "sembed-nif"],
         cd: root,
         into: IO.stream(:stdio, :line),
         stderr_to_stdout: true
