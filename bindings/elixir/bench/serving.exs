@@ -39,11 +39,16 @@ json_escape = fn s ->
   |> String.replace("\n", "\\n")
   |> String.replace("\r", "\\r")
   |> String.replace("\t", "\\t")
-  |> then(&Regex.replace(~r/[\x00-\x1f]/u, &1, fn c -> :io_lib.format("\\u~4.16.0B", [:binary.first(c)]) |> to_string() end))
+  |> then(
+    &Regex.replace(~r/[\x00-\x1f]/u, &1, fn c ->
+      :io_lib.format("\\u~4.16.0B", [:binary.first(c)]) |> to_string()
+    end)
+  )
 end
 
 dir = Path.join(System.tmp_dir!(), "sembed-serving-bench")
 File.mkdir_p!(dir)
+
 write_jsonl = fn name, ts ->
   p = Path.join(dir, name)
   File.write!(p, Enum.map_join(ts, "", fn t -> ~s({"text":"#{json_escape.(t)}"}\n) end))
@@ -62,7 +67,12 @@ end
 
 cli = fn file ->
   {ms, {_, 0}} =
-    time_ms.(fn -> System.cmd(bin, ["embed", "-q", "-i", file, "--format", "npy", "-o", Path.join(dir, "out.npy")] ++ model_flags) end)
+    time_ms.(fn ->
+      System.cmd(
+        bin,
+        ["embed", "-q", "-i", file, "--format", "npy", "-o", Path.join(dir, "out.npy")] ++ model_flags
+      )
+    end)
 
   ms
 end
@@ -78,12 +88,21 @@ cpu =
   File.read!("/proc/cpuinfo")
   |> then(fn c ->
     name = Regex.run(~r/model name\s*:\s*(.*)/, c) |> Enum.at(1)
-    flags = Regex.scan(~r/\b(avx512[a-z_0-9]*|amx[a-z_0-9]*)\b/, c) |> Enum.map(&hd/1) |> Enum.uniq() |> Enum.join(" ")
+
+    flags =
+      Regex.scan(~r/\b(avx512[a-z_0-9]*|amx[a-z_0-9]*)\b/, c)
+      |> Enum.map(&hd/1)
+      |> Enum.uniq()
+      |> Enum.join(" ")
+
     "#{name}; #{System.schedulers_online()} schedulers; flags: #{flags}"
   end)
 
 IO.puts("CPU: #{cpu}")
-IO.puts("texts: #{n} paragraphs of crates/*/src (#{texts |> Enum.map(&String.length/1) |> Enum.sum() |> div(n)} chars on average)")
+
+IO.puts(
+  "texts: #{n} paragraphs of crates/*/src (#{texts |> Enum.map(&String.length/1) |> Enum.sum() |> div(n)} chars on average)"
+)
 
 rss0 = rss_kib.()
 {:ok, model} = if model_arg, do: Sembed.load(model_arg), else: Sembed.load()
@@ -97,13 +116,19 @@ cli_embed = cli_all - cli_one
 
 # The NIF, one call (what `sembed embed` does inside).
 {:ok, _} = Sembed.embed(model, Enum.take(texts, 32))
-nif_ms = best.(fn -> {ms, {:ok, _}} = time_ms.(fn -> Sembed.embed(model, texts) end); ms end)
+
+nif_ms =
+  best.(fn ->
+    {ms, {:ok, _}} = time_ms.(fn -> Sembed.embed(model, texts) end)
+    ms
+  end)
 
 # Sembed.Serving: every text its own caller, all at once; then 100 callers of 3 texts each.
 {:ok, serving} = Sembed.Serving.start_link(model: model, batch_size: 32, batch_timeout: 10)
 
 sampler_peak = fn ->
   parent = self()
+
   spawn_link(fn ->
     loop = fn loop, peak ->
       receive do
@@ -112,6 +137,7 @@ sampler_peak = fn ->
         5 -> loop.(loop, max(peak, rss_kib.()))
       end
     end
+
     loop.(loop, 0)
   end)
 end
@@ -133,7 +159,12 @@ serve = fn callers ->
     end)
 
   send(sampler, :stop)
-  peak = receive do {:peak, p} -> p end
+
+  peak =
+    receive do
+      {:peak, p} -> p
+    end
+
   lat = Enum.sort(lat)
   pct = fn p -> Enum.at(lat, min(length(lat) - 1, round(p * (length(lat) - 1)))) end
   %{ms: ms, p50: pct.(0.5), p95: pct.(0.95), peak_kib: peak}
@@ -145,15 +176,38 @@ by_three = best_of.(fn -> serve.(Enum.chunk_every(texts, 3)) end)
 stats = Sembed.Serving.stats(serving)
 
 tps = fn ms -> Float.round(n / (ms / 1000), 1) end
-row = fn name, ms, extra -> IO.puts("| #{name} | #{tps.(ms)} | #{Float.round(cli_embed / ms, 3)}× | #{extra} |") end
+
+row = fn name, ms, extra ->
+  IO.puts("| #{name} | #{tps.(ms)} | #{Float.round(cli_embed / ms, 3)}× | #{extra} |")
+end
 
 IO.puts("\n| path | texts/s | vs `sembed embed` | latency per caller (p50 / p95 ms) |")
 IO.puts("|---|---:|---:|---|")
-row.("`sembed embed` (process, load time taken out)", cli_embed, "(whole process #{round(cli_all)} ms, of which load #{round(cli_one)} ms)")
+
+row.(
+  "`sembed embed` (process, load time taken out)",
+  cli_embed,
+  "(whole process #{round(cli_all)} ms, of which load #{round(cli_one)} ms)"
+)
+
 row.("`Sembed.embed/3`, one call", nif_ms, "")
-row.("`Sembed.Serving`, #{n} callers × 1 text", each_alone.ms, "#{round(each_alone.p50)} / #{round(each_alone.p95)}")
-row.("`Sembed.Serving`, #{div(n, 3)} callers × 3 texts", by_three.ms, "#{round(by_three.p50)} / #{round(by_three.p95)}")
+
+row.(
+  "`Sembed.Serving`, #{n} callers × 1 text",
+  each_alone.ms,
+  "#{round(each_alone.p50)} / #{round(each_alone.p95)}"
+)
+
+row.(
+  "`Sembed.Serving`, #{div(n, 3)} callers × 3 texts",
+  by_three.ms,
+  "#{round(by_three.p50)} / #{round(by_three.p95)}"
+)
+
 IO.puts("\nbatches run by the serving: #{stats.batches} for #{stats.texts} texts")
 
 mib = fn kib -> Float.round(kib / 1024, 1) end
-IO.puts("BEAM RSS: #{mib.(rss0)} MiB before the model, #{mib.(rss_loaded)} MiB loaded, peak while serving #{mib.(max(each_alone.peak_kib, by_three.peak_kib))} MiB; :erlang.memory(:total) #{mib.(div(:erlang.memory(:total), 1024))} MiB")
+
+IO.puts(
+  "BEAM RSS: #{mib.(rss0)} MiB before the model, #{mib.(rss_loaded)} MiB loaded, peak while serving #{mib.(max(each_alone.peak_kib, by_three.peak_kib))} MiB; :erlang.memory(:total) #{mib.(div(:erlang.memory(:total), 1024))} MiB"
+)

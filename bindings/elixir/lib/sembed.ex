@@ -202,9 +202,14 @@ defmodule Sembed do
 
     model_resource =
       case opts[:model] do
-        nil -> nil
-        %Model{resource: r} -> r
-        other -> raise ArgumentError, "Sembed.open_index/2: :model must be a %Sembed.Model{}, got: #{inspect(other)}"
+        nil ->
+          nil
+
+        %Model{resource: r} ->
+          r
+
+        other ->
+          raise ArgumentError, "Sembed.open_index/2: :model must be a %Sembed.Model{}, got: #{inspect(other)}"
       end
 
     refs = if opts[:models] == [], do: [], else: refs!(opts[:models])
@@ -251,7 +256,10 @@ defmodule Sembed do
 
   def search(%Index{resource: r}, query, opts) when is_binary(query) do
     opts = Keyword.validate!(opts, k: 10, lang: nil, path: nil, exact: false)
-    k = pos_int_or_nil!(opts[:k], :k) || raise(ArgumentError, "option :k must be a positive integer, got: nil")
+
+    k =
+      pos_int_or_nil!(opts[:k], :k) || raise(ArgumentError, "option :k must be a positive integer, got: nil")
+
     lang = string_or_nil!(opts[:lang], :lang)
     path = string_or_nil!(opts[:path], :path)
     exact = bool!(opts[:exact], :exact)
@@ -284,9 +292,14 @@ defmodule Sembed do
 
     input_type =
       case opts[:input_type] do
-        nil -> nil
-        t when t in [:query, :document] -> Atom.to_string(t)
-        other -> raise ArgumentError, "option :input_type must be :query, :document or nil, got: #{inspect(other)}"
+        nil ->
+          nil
+
+        t when t in [:query, :document] ->
+          Atom.to_string(t)
+
+        other ->
+          raise ArgumentError, "option :input_type must be :query, :document or nil, got: #{inspect(other)}"
       end
 
     %{
@@ -338,7 +351,8 @@ defmodule Sembed do
   defp member!(v, allowed, key) do
     if v in allowed,
       do: v,
-      else: raise(ArgumentError, "option #{inspect(key)} must be one of #{inspect(allowed)}, got: #{inspect(v)}")
+      else:
+        raise(ArgumentError, "option #{inspect(key)} must be one of #{inspect(allowed)}, got: #{inspect(v)}")
   end
 
   defp pos_int_or_nil!(nil, _), do: nil
@@ -350,10 +364,14 @@ defmodule Sembed do
   defp string_or_nil!(nil, _), do: nil
   defp string_or_nil!(s, _) when is_binary(s), do: s
   defp string_or_nil!(a, _) when is_atom(a), do: Atom.to_string(a)
-  defp string_or_nil!(v, key), do: raise(ArgumentError, "option #{inspect(key)} must be a string, got: #{inspect(v)}")
+
+  defp string_or_nil!(v, key),
+    do: raise(ArgumentError, "option #{inspect(key)} must be a string, got: #{inspect(v)}")
 
   defp bool!(b, _) when is_boolean(b), do: b
-  defp bool!(v, key), do: raise(ArgumentError, "option #{inspect(key)} must be true or false, got: #{inspect(v)}")
+
+  defp bool!(v, key),
+    do: raise(ArgumentError, "option #{inspect(key)} must be true or false, got: #{inspect(v)}")
 
   defp wrap({:ok, v}, _), do: {:ok, v}
   defp wrap({:error, msg}, reason) when is_binary(msg), do: {:error, Error.wrap(reason, msg)}

@@ -26,7 +26,12 @@ defmodule Sembed.ReadmeTest do
     repo = Path.join(dir, "repo")
     File.mkdir_p!(Path.join(repo, "lib"))
     File.write!(Path.join(repo, "lib/math.ex"), "defmodule Math do\n  def add(a, b), do: a + b\nend\n")
-    File.write!(Path.join(repo, "lib/greet.ex"), "defmodule Greet do\n  def hello(name), do: \"hello \" <> name\nend\n")
+
+    File.write!(
+      Path.join(repo, "lib/greet.ex"),
+      "defmodule Greet do\n  def hello(name), do: \"hello \" <> name\nend\n"
+    )
+
     index_path = Path.join(dir, "index.sqlite")
     sembed!(["index", repo, "--db", index_path, "-q"])
 

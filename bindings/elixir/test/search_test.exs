@@ -23,7 +23,10 @@ defmodule Sembed.SearchTest do
 
   defp repo do
     dir = tmp_dir("repo")
-    for {p, body} <- @files, do: File.mkdir_p!(Path.dirname(Path.join(dir, p))) && File.write!(Path.join(dir, p), body)
+
+    for {p, body} <- @files,
+        do: File.mkdir_p!(Path.dirname(Path.join(dir, p))) && File.write!(Path.join(dir, p), body)
+
     dir
   end
 

@@ -90,12 +90,26 @@ defmodule SembedTest do
 
     test "not a binary, an empty list, an unknown or mistyped option raise ArgumentError", %{model: m} do
       assert_raise ArgumentError, ~r/expected a text/, fn -> Sembed.embed(m, 42) end
-      assert_raise ArgumentError, ~r/every text must be a binary.*:atom/, fn -> Sembed.embed(m, ["ok", :atom]) end
+
+      assert_raise ArgumentError, ~r/every text must be a binary.*:atom/, fn ->
+        Sembed.embed(m, ["ok", :atom])
+      end
+
       assert_raise ArgumentError, ~r/list of texts is empty/, fn -> Sembed.embed(m, []) end
       assert_raise ArgumentError, ~r/unknown keys \[:colour\]/, fn -> Sembed.embed(m, "x", colour: :red) end
-      assert_raise ArgumentError, ~r/:input_type must be/, fn -> Sembed.embed(m, "x", input_type: :passage) end
-      assert_raise ArgumentError, ~r/:dimensions must be a positive integer/, fn -> Sembed.embed(m, "x", dimensions: -3) end
-      assert_raise ArgumentError, ~r/:precision must be one of/, fn -> Sembed.load(fixture("bert-tiny"), precision: :f64) end
+
+      assert_raise ArgumentError, ~r/:input_type must be/, fn ->
+        Sembed.embed(m, "x", input_type: :passage)
+      end
+
+      assert_raise ArgumentError, ~r/:dimensions must be a positive integer/, fn ->
+        Sembed.embed(m, "x", dimensions: -3)
+      end
+
+      assert_raise ArgumentError, ~r/:precision must be one of/, fn ->
+        Sembed.load(fixture("bert-tiny"), precision: :f64)
+      end
+
       assert_raise ArgumentError, ~r/expected a %Sembed.Model/, fn -> Sembed.embed("not a model", "x") end
     end
 

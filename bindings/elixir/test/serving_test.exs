@@ -28,7 +28,8 @@ defmodule Sembed.ServingTest do
 
   test "lists, options batched apart, and the serving loading its own model" do
     start_supervised!(
-      {Sembed.Serving, name: :serving_opts, model: fixture("qwen3-causal-tiny"), batch_size: 8, batch_timeout: 20}
+      {Sembed.Serving,
+       name: :serving_opts, model: fixture("qwen3-causal-tiny"), batch_size: 8, batch_timeout: 20}
     )
 
     {:ok, m} = Sembed.load(fixture("qwen3-causal-tiny"))
@@ -37,7 +38,7 @@ defmodule Sembed.ServingTest do
     calls =
       for i <- 1..12 do
         type = if rem(i, 2) == 0, do: :query, else: :document
-        texts = for j <- 1..rem(i, 3) + 1, do: "text #{i}.#{j}"
+        texts = for j <- 1..(rem(i, 3) + 1), do: "text #{i}.#{j}"
         {type, texts, Task.async(fn -> Sembed.Serving.embed(:serving_opts, texts, input_type: type) end)}
       end
 

@@ -7,7 +7,10 @@ defmodule Sembed.TestHelper do
 
   def sembed_bin do
     bin = System.get_env("SEMBED_BIN") || Path.join([root(), "target", "release", "sembed"])
-    File.regular?(bin) || raise "the sembed binary #{bin} is missing: cargo build --release first, or set SEMBED_BIN"
+
+    File.regular?(bin) ||
+      raise "the sembed binary #{bin} is missing: cargo build --release first, or set SEMBED_BIN"
+
     bin
   end
 

@@ -232,8 +232,11 @@ pub fn index(args: IndexArgs) -> Result<()> {
 }
 
 pub fn search(args: SearchArgs) -> Result<()> {
-    let (_, mut store, model) =
-        sembed_index::search::open_for_search(args.db.as_deref(), &args.models, args.ann_threshold)?;
+    let (_, mut store, model) = sembed_index::search::open_for_search(
+        args.db.as_deref(),
+        &args.models,
+        args.ann_threshold,
+    )?;
     store.set_exact(args.exact);
     let filter = Filter {
         lang: args.lang.clone(),

@@ -547,8 +547,10 @@ fn serve(args: ServeArgs) -> Result<()> {
             });
         } else {
             // One of the --model ones must have made it (matched below, once they are loaded).
-            let mut store =
-                sembed_index::store::open_existing(target, sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD)?;
+            let mut store = sembed_index::store::open_existing(
+                target,
+                sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD,
+            )?;
             let meta = store.meta()?.with_context(|| {
                 format!("{target}: the index is empty; run `sembed index` first")
             })?;

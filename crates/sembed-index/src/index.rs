@@ -121,7 +121,6 @@ pub fn chunk_tokens(model: &dyn Embed, opts: &IndexOptions) -> usize {
         .max(16)
 }
 
-
 /// Local folders as absolute paths, so the index records a reference that loads from anywhere
 /// (`NAME=REF` parts of a fusion keep their name; `hf:` references stay as given).
 pub fn absolute_refs(models: &[String]) -> Vec<String> {

@@ -4,8 +4,8 @@
 use crate::error::{Error, Result};
 use crate::index;
 use crate::store::{self, Filter, Hit, Method, Store};
-use std::path::Path;
 use sembed::embed::{Embed, EmbedOptions, InputRole};
+use std::path::Path;
 
 /// Ranked hits and how they were found.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -98,7 +98,11 @@ fn dtype_engine(precision: &str, engine: &str) -> Out<(DType, Engine)> {
             return Err("precision int8 runs on the fast engine, not with engine candle".into())
         }
         "int8" => (DType::F32, Engine::Fast(Precision::Int8)),
-        other => return Err(format!("precision `{other}`: expected f32, bf16, f16 or int8")),
+        other => {
+            return Err(format!(
+                "precision `{other}`: expected f32, bf16, f16 or int8"
+            ))
+        }
     })
 }
 
@@ -252,8 +256,7 @@ fn open_index(
         let ann = ann_threshold.unwrap_or(sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD);
         let (store, model) = match model {
             Some(m) => {
-                let mut store =
-                    sembed_index::store::open_existing(&target, ann).map_err(text)?;
+                let mut store = sembed_index::store::open_existing(&target, ann).map_err(text)?;
                 let meta = store.meta().map_err(text)?.ok_or_else(|| {
                     format!("{target}: the index is empty; run `sembed index` first")
                 })?;
@@ -339,14 +342,9 @@ fn search(
         let mut store = index.store.lock().unwrap_or_else(PoisonError::into_inner);
         store.set_exact(exact);
         let filter = Filter { lang, path };
-        let results = sembed_index::search::search(
-            &mut **store,
-            index.model.embedder(),
-            &query,
-            k,
-            &filter,
-        )
-        .map_err(text)?;
+        let results =
+            sembed_index::search::search(&mut **store, index.model.embedder(), &query, k, &filter)
+                .map_err(text)?;
         Ok(results
             .hits
             .into_iter()
@@ -387,7 +385,10 @@ mod tests {
 
     #[test]
     fn precisions_and_engines_map_as_on_the_command_line() {
-        assert_eq!(dtype_engine("f32", "auto").unwrap(), (DType::F32, Engine::Auto));
+        assert_eq!(
+            dtype_engine("f32", "auto").unwrap(),
+            (DType::F32, Engine::Auto)
+        );
         assert_eq!(
             dtype_engine("bf16", "fast").unwrap(),
             (DType::BF16, Engine::Fast(Precision::F32))
@@ -396,7 +397,9 @@ mod tests {
             dtype_engine("int8", "auto").unwrap(),
             (DType::F32, Engine::Fast(Precision::Int8))
         );
-        assert!(dtype_engine("int8", "candle").unwrap_err().contains("candle"));
+        assert!(dtype_engine("int8", "candle")
+            .unwrap_err()
+            .contains("candle"));
         assert!(dtype_engine("f64", "auto").unwrap_err().contains("f64"));
         assert!(dtype_engine("f32", "gpu").is_err());
     }

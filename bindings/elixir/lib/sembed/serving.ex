@@ -57,14 +57,23 @@ defmodule Sembed.Serving do
 
     {texts, single?} =
       case input do
-        t when is_binary(t) -> {[t], true}
-        [_ | _] = ts -> {ts, false}
-        [] -> raise ArgumentError, "Sembed.Serving.embed/3: the list of texts is empty"
-        other -> raise ArgumentError, "Sembed.Serving.embed/3: expected a text or a list of texts, got: #{inspect(other)}"
+        t when is_binary(t) ->
+          {[t], true}
+
+        [_ | _] = ts ->
+          {ts, false}
+
+        [] ->
+          raise ArgumentError, "Sembed.Serving.embed/3: the list of texts is empty"
+
+        other ->
+          raise ArgumentError,
+                "Sembed.Serving.embed/3: expected a text or a list of texts, got: #{inspect(other)}"
       end
 
     Enum.each(texts, fn t ->
-      is_binary(t) || raise ArgumentError, "Sembed.Serving.embed/3: every text must be a binary, got: #{inspect(t)}"
+      is_binary(t) ||
+        raise ArgumentError, "Sembed.Serving.embed/3: every text must be a binary, got: #{inspect(t)}"
     end)
 
     if Keyword.has_key?(opts, :batch_size) do
@@ -111,10 +120,18 @@ defmodule Sembed.Serving do
     timeout = opts[:batch_timeout]
 
     unless is_integer(batch_size) and batch_size > 0,
-      do: raise(ArgumentError, "Sembed.Serving: :batch_size must be a positive integer, got: #{inspect(batch_size)}")
+      do:
+        raise(
+          ArgumentError,
+          "Sembed.Serving: :batch_size must be a positive integer, got: #{inspect(batch_size)}"
+        )
 
     unless is_integer(timeout) and timeout >= 0,
-      do: raise(ArgumentError, "Sembed.Serving: :batch_timeout must be a non-negative integer, got: #{inspect(timeout)}")
+      do:
+        raise(
+          ArgumentError,
+          "Sembed.Serving: :batch_timeout must be a non-negative integer, got: #{inspect(timeout)}"
+        )
 
     _ = Sembed.embed_opts!(opts[:embed_options])
 
@@ -169,16 +186,23 @@ defmodule Sembed.Serving do
   @impl true
   def handle_info({:batch_timeout, opts, ref}, s) do
     case s.timers do
-      %{^opts => ^ref} -> {:noreply, s |> Map.update!(:timers, &Map.delete(&1, opts)) |> mark_ready(opts) |> run_next()}
-      _ -> {:noreply, s}
+      %{^opts => ^ref} ->
+        {:noreply, s |> Map.update!(:timers, &Map.delete(&1, opts)) |> mark_ready(opts) |> run_next()}
+
+      _ ->
+        {:noreply, s}
     end
   end
 
   def handle_info({:DOWN, mref, :process, _pid, reason}, %{running: {mref, entries}} = s) do
     result =
       case reason do
-        {:sembed_batch, result} -> result
-        other -> {:error, %Error{reason: :panic, message: "Sembed.Serving: the batch process died: #{inspect(other)}"}}
+        {:sembed_batch, result} ->
+          result
+
+        other ->
+          {:error,
+           %Error{reason: :panic, message: "Sembed.Serving: the batch process died: #{inspect(other)}"}}
       end
 
     reply_all(entries, result)
@@ -237,7 +261,8 @@ defmodule Sembed.Serving do
   defp backlog_batches!(n) when is_integer(n) and n > 0, do: n
 
   defp backlog_batches!(n),
-    do: raise(ArgumentError, "Sembed.Serving: :backlog_batches must be a positive integer, got: #{inspect(n)}")
+    do:
+      raise(ArgumentError, "Sembed.Serving: :backlog_batches must be a positive integer, got: #{inspect(n)}")
 
   defp take([], _max, _n, acc), do: {Enum.reverse(acc), []}
 
