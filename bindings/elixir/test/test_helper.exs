@@ -43,11 +43,14 @@ defmodule Sembed.TestHelper do
     Enum.zip(Sembed.to_list(a), Sembed.to_list(b)) |> Enum.map(fn {x, y} -> abs(x - y) end) |> Enum.max()
   end
 
+  @doc "A fresh folder under this run's scratch root (removed when the suite ends)."
   def tmp_dir(tag) do
-    dir = Path.join(System.tmp_dir!(), "sembed-ex-#{tag}-#{System.unique_integer([:positive])}")
+    dir = Path.join(scratch_root(), "#{tag}-#{System.unique_integer([:positive])}")
     File.mkdir_p!(dir)
     dir
   end
+
+  def scratch_root, do: Path.join(System.tmp_dir!(), "sembed-ex-#{System.pid()}")
 
   @doc "Resident set of this BEAM in KiB (/proc/self/status VmRSS)."
   def rss_kib do
@@ -75,4 +78,5 @@ defmodule Sembed.TestHelper do
   end
 end
 
+ExUnit.after_suite(fn _ -> File.rm_rf!(Sembed.TestHelper.scratch_root()) end)
 ExUnit.start()
