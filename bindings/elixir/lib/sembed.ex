@@ -145,25 +145,12 @@ defmodule Sembed do
           {:ok, vector() | [vector()]} | {:error, Error.t()}
   def embed(model, input, opts \\ [])
 
-  def embed(%Model{} = model, text, opts) when is_binary(text) do
-    with {:ok, [v]} <- embed(model, [text], opts), do: {:ok, v}
-  end
+  def embed(%Model{resource: resource}, input, opts) do
+    {texts, single?} = texts!(input, "Sembed.embed/3")
 
-  def embed(%Model{resource: resource}, texts, opts) when is_list(texts) do
-    if texts == [], do: raise(ArgumentError, "Sembed.embed/3: the list of texts is empty")
-
-    Enum.each(texts, fn t ->
-      unless is_binary(t) do
-        raise ArgumentError, "Sembed.embed/3: every text must be a binary, got: #{inspect(t)}"
-      end
-    end)
-
-    wrap(Native.embed(resource, texts, embed_opts!(opts)), :embed)
-  end
-
-  def embed(%Model{}, other, _opts) do
-    raise ArgumentError,
-          "Sembed.embed/3: expected a text (binary) or a list of texts, got: #{inspect(other)}"
+    with {:ok, vectors} <- wrap(Native.embed(resource, texts, embed_opts!(opts)), :embed) do
+      {:ok, if(single?, do: hd(vectors), else: vectors)}
+    end
   end
 
   def embed(other, _input, _opts) do
@@ -240,11 +227,13 @@ defmodule Sembed do
   end
 
   @doc """
-  The `:k` (default 10) chunks nearest to `query`, best first, each a map with `:score` (cosine),
-  `:path`, `:lang`, `:kind`, `:symbol`, `:start_line`, `:end_line`, `:text` and the rest of what
-  `sembed search --json` prints. `index` is an opened `Sembed.Index` (open it once) or a target,
-  opened for this call. Options: `:k`, `:lang` (e.g. `"elixir"`), `:path` (a glob such as
-  `"lib/**"`), `:exact` (scan every row instead of the HNSW graph).
+  The `:k` (default 10) best chunks for `query`, best first, each a map with `:score` (what it was
+  ranked by), `:cosine` and `:bm25` (`nil` where the hit was not in that ranking), `:path`, `:lang`,
+  `:kind`, `:symbol`, `:start_line`, `:end_line`, `:text` and the rest of what `sembed search --json`
+  prints. `index` is an opened `Sembed.Index` (open it once) or a target, opened for this call.
+  Options: `:k`, `:mode` (`:hybrid`, the default: the dense and the BM25 rankings fused by reciprocal
+  rank; `:dense`; `:lexical`), `:lang` (e.g. `"elixir"`), `:path` (a glob such as `"lib/**"`),
+  `:exact` (scan every vector instead of the HNSW graph).
   """
   @spec search(Index.t() | String.t(), String.t(), keyword()) ::
           {:ok, [map()]} | {:error, Error.t()}
@@ -255,7 +244,7 @@ defmodule Sembed do
   end
 
   def search(%Index{resource: r}, query, opts) when is_binary(query) do
-    opts = Keyword.validate!(opts, k: 10, lang: nil, path: nil, exact: false)
+    opts = Keyword.validate!(opts, k: 10, lang: nil, path: nil, exact: false, mode: :hybrid)
 
     k =
       pos_int_or_nil!(opts[:k], :k) || raise(ArgumentError, "option :k must be a positive integer, got: nil")
@@ -263,7 +252,18 @@ defmodule Sembed do
     lang = string_or_nil!(opts[:lang], :lang)
     path = string_or_nil!(opts[:path], :path)
     exact = bool!(opts[:exact], :exact)
-    wrap(Native.search(r, query, k, lang, path, exact), :search)
+
+    mode =
+      case opts[:mode] do
+        m when m in [:hybrid, :dense, :lexical] ->
+          Atom.to_string(m)
+
+        other ->
+          raise ArgumentError,
+                "option :mode must be :hybrid, :dense or :lexical, got: #{inspect(other)}"
+      end
+
+    wrap(Native.search(r, query, k, lang, path, exact, mode), :search)
   end
 
   def search(index, query, _opts) do
@@ -276,6 +276,32 @@ defmodule Sembed do
   def __panic_for_test__, do: wrap(Native.panic_for_test(), :embed)
 
   ## Helpers
+
+  @doc false
+  # What `embed/3` and `Sembed.Serving.embed/3` take: one text, or a non-empty list of texts, as
+  # `{texts, single?}`. Anything else raises, naming `fun`, the function the caller wrote.
+  def texts!(input, fun) do
+    texts =
+      case input do
+        t when is_binary(t) ->
+          [t]
+
+        [_ | _] = ts ->
+          ts
+
+        [] ->
+          raise ArgumentError, "#{fun}: the list of texts is empty"
+
+        other ->
+          raise ArgumentError, "#{fun}: expected a text (binary) or a list of texts, got: #{inspect(other)}"
+      end
+
+    Enum.each(texts, fn t ->
+      is_binary(t) || raise ArgumentError, "#{fun}: every text must be a binary, got: #{inspect(t)}"
+    end)
+
+    {texts, is_binary(input)}
+  end
 
   @doc false
   def embed_opts!(opts) do

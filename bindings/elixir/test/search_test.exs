@@ -31,8 +31,8 @@ defmodule Sembed.SearchTest do
   end
 
   # `sembed search --json`'s hit paths, in rank order.
-  defp cli_paths(db, query, k) do
-    out = sembed!(["search", "--db", db, "--json", "-k", "#{k}", query])
+  defp cli_paths(db, query, k, mode \\ "hybrid") do
+    out = sembed!(["search", "--db", db, "--json", "-k", "#{k}", "--mode", mode, query])
     Regex.scan(~r/"path":\s*"([^"]+)"/, out) |> Enum.map(&Enum.at(&1, 1))
   end
 
@@ -46,11 +46,20 @@ defmodule Sembed.SearchTest do
     assert index.rows >= 3
     assert index.model.dimension == 32
 
-    for query <- ["multiply two numbers", "http get request", "parse json"] do
-      {:ok, hits} = Sembed.search(index, query, k: 5)
-      assert Enum.map(hits, & &1.path) == cli_paths(db, query, 5)
+    for query <- ["multiply two numbers", "http get request", "parse json"],
+        mode <- [:hybrid, :dense, :lexical] do
+      {:ok, hits} = Sembed.search(index, query, k: 5, mode: mode)
+      assert Enum.map(hits, & &1.path) == cli_paths(db, query, 5, Atom.to_string(mode))
       assert hits |> Enum.map(& &1.score) |> Enum.sort(:desc) == Enum.map(hits, & &1.score)
+
+      case mode do
+        :dense -> assert Enum.all?(hits, &(&1.cosine == &1.score and &1.bm25 == nil))
+        :lexical -> assert Enum.all?(hits, &(&1.bm25 == &1.score and &1.cosine == nil))
+        :hybrid -> assert Enum.all?(hits, &(&1.cosine != nil or &1.bm25 != nil))
+      end
     end
+
+    assert_raise ArgumentError, ~r/:mode/, fn -> Sembed.search(index, "x", mode: :fuzzy) end
 
     {:ok, [hit | _]} = Sembed.search(index, "add", k: 1, lang: "python")
     assert hit.lang == "python"

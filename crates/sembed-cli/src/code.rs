@@ -45,6 +45,18 @@ pub struct IndexArgs {
     /// Vectors from which the embedded store searches with its HNSW graph (below: exact).
     #[arg(long, default_value_t = store::sqlite::DEFAULT_ANN_THRESHOLD)]
     pub ann_threshold: usize,
+    /// Embed each chunk after a first line naming its path and symbol (contextual chunks: finds
+    /// code without documentation much better; `false` embeds the bare code).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub chunk_header: bool,
+    /// After indexing, keep the index current as files change (debounced: a branch switch is one
+    /// run) until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+    /// With --watch: run once no file changed for this long (and at the latest 10 s after the first
+    /// unindexed change).
+    #[arg(long, default_value_t = 500)]
+    pub debounce_ms: u64,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -88,6 +100,10 @@ pub struct SearchArgs {
     /// Compare every vector even where the HNSW graph would answer (to check its recall).
     #[arg(long)]
     pub exact: bool,
+    /// How to rank: hybrid (the vectors' and BM25's rankings fused by reciprocal rank), dense (cosine
+    /// only) or lexical (BM25 over split identifiers, paths and words only).
+    #[arg(long, default_value = "hybrid")]
+    pub mode: sembed_index::search::Mode,
 }
 
 struct Bar(Option<indicatif::ProgressBar>, bool);
@@ -103,6 +119,33 @@ impl Progress for Bar {
     }
 }
 
+/// The folder stored paths are relative to: `base`, or the first path (its folder, for a file).
+pub fn base_of(paths: &[PathBuf], base: Option<&Path>) -> PathBuf {
+    match base {
+        Some(b) => b.to_path_buf(),
+        None if paths[0].is_dir() => paths[0].clone(),
+        None => paths[0]
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    }
+}
+
+/// Make the `.sembed` folder an index in `FOLDER/.sembed/` goes in. Like .pytest_cache, the folder
+/// ignores itself, so the index never shows up in git.
+pub fn prepare_default_folder(target: &Path) -> Result<()> {
+    if let Some(dir) = target.parent().filter(|d| d.ends_with(".sembed")) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ignore = dir.join(".gitignore");
+        if !ignore.exists() {
+            std::fs::write(&ignore, "# Created by sembed index.\n*\n")
+                .with_context(|| format!("writing {}", ignore.display()))?;
+        }
+    }
+    Ok(())
+}
+
 pub fn index(args: IndexArgs) -> Result<()> {
     let paths = if args.paths.is_empty() {
         vec![PathBuf::from(".")]
@@ -114,29 +157,12 @@ pub fn index(args: IndexArgs) -> Result<()> {
             bail!("{}: no such file or folder", p.display());
         }
     }
-    let base = match &args.base {
-        Some(b) => b.clone(),
-        None if paths[0].is_dir() => paths[0].clone(),
-        None => paths[0]
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from(".")),
-    };
+    let base = base_of(&paths, args.base.as_deref());
     let target = match &args.db {
         Some(t) => t.clone(),
         None => {
             let target = index::default_target(&base);
-            // Like .pytest_cache: the folder ignores itself, so the index never shows up in git.
-            if let Some(dir) = target.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                let ignore = dir.join(".gitignore");
-                if !ignore.exists() {
-                    std::fs::write(&ignore, "# Created by sembed index.\n*\n")
-                        .with_context(|| format!("writing {}", ignore.display()))?;
-                }
-            }
+            prepare_default_folder(&target)?;
             target.display().to_string()
         }
     };
@@ -148,18 +174,24 @@ pub fn index(args: IndexArgs) -> Result<()> {
         args.engine.engine()?,
     )
     .context("loading the model")?;
+    let model: Arc<dyn sembed::embed::Embed> = Arc::from(model);
     let mut store = store::open(&target, args.ann_threshold)?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let flag = stop.clone();
+        let watching = args.watch;
         ctrlc::set_handler(move || {
             if flag.swap(true, Ordering::SeqCst) {
                 // A second Ctrl-C: leave now; the last committed batch is what stays.
                 std::process::exit(130);
             }
-            eprintln!(
-                "\nsembed: interrupt received, keeping what is written (Ctrl-C again to leave now)"
-            );
+            if watching {
+                eprintln!("\nsembed: stopping the watch (what is written is kept)");
+            } else {
+                eprintln!(
+                    "\nsembed: interrupt received, keeping what is written (Ctrl-C again to leave now)"
+                );
+            }
         })
         .context("installing the Ctrl-C handler")?;
     }
@@ -171,6 +203,7 @@ pub fn index(args: IndexArgs) -> Result<()> {
     opts.replace = args.replace;
     opts.shard = args.shard;
     opts.model_refs = refs;
+    opts.header = args.chunk_header;
     let mut bar = Bar(None, args.quiet);
     let t = std::time::Instant::now();
     let report = index::run(
@@ -191,12 +224,82 @@ pub fn index(args: IndexArgs) -> Result<()> {
         v["target"] = serde_json::json!(target);
         println!("{v}");
     }
+    eprintln!("{}", summary(&report, secs, model.as_ref(), &opts, &target));
     let skipped: Vec<String> = report
         .skipped
         .iter()
         .map(|(why, n)| format!("{n} {why}"))
         .collect();
-    eprintln!(
+    if !skipped.is_empty() {
+        eprintln!("sembed: skipped {}", skipped.join(", "));
+    }
+    if report.interrupted {
+        eprintln!(
+            "sembed: interrupted; what was written is kept, run the same command again to continue"
+        );
+        std::process::exit(130);
+    }
+    if args.watch {
+        let opts = opts.clone();
+        let indexer = sembed_index::watch::Indexer::new(
+            target.clone(),
+            store,
+            model.clone(),
+            opts.clone(),
+            stop.clone(),
+        );
+        let debounce = sembed_index::watch::Debounce {
+            quiet: std::time::Duration::from_millis(args.debounce_ms),
+            ..Default::default()
+        };
+        eprintln!(
+            "sembed: watching {} for changes (Ctrl-C to stop)",
+            opts.roots
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        indexer.watch(debounce, &mut |r, secs| match r {
+            Ok(rep) => {
+                let status = indexer.status();
+                if args.json {
+                    let mut v = serde_json::to_value(rep).unwrap_or_default();
+                    v["seconds"] = serde_json::json!(secs);
+                    v["target"] = serde_json::json!(target);
+                    println!("{v}");
+                }
+                eprintln!(
+                    "{}; {}",
+                    summary(rep, secs, model.as_ref(), &opts, &target),
+                    if status.pending > 0 {
+                        format!(
+                            "{} more changes waiting, the oldest {:.1} s ago",
+                            status.pending,
+                            status.stale_seconds()
+                        )
+                    } else {
+                        "index current".to_string()
+                    }
+                );
+            }
+            Err(e) => {
+                eprintln!("sembed: indexing the changes failed: {e}; retrying on the next change")
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// The one-line report of a run.
+fn summary(
+    report: &sembed_index::index::Report,
+    secs: f64,
+    model: &dyn sembed::embed::Embed,
+    opts: &IndexOptions,
+    target: &str,
+) -> String {
+    format!(
         "sembed: {} files ({} changed, {} removed), {} chunks: {} unchanged, {} added ({} embedded, {} reused), {} removed{}; {:.1} s, {:.1} chunks/s embedded → {target}",
         report.files,
         report.files_changed,
@@ -211,24 +314,14 @@ pub fn index(args: IndexArgs) -> Result<()> {
             format!(
                 ", {} definitions split into windows to fit {} tokens",
                 report.split,
-                sembed_index::index::chunk_tokens(model.as_ref(), &opts)
+                sembed_index::index::chunk_tokens(model, opts)
             )
         } else {
             String::new()
         },
         secs,
         report.embedded as f64 / secs.max(1e-9),
-    );
-    if !skipped.is_empty() {
-        eprintln!("sembed: skipped {}", skipped.join(", "));
-    }
-    if report.interrupted {
-        eprintln!(
-            "sembed: interrupted; what was written is kept, run the same command again to continue"
-        );
-        std::process::exit(130);
-    }
-    Ok(())
+    )
 }
 
 pub fn search(args: SearchArgs) -> Result<()> {
@@ -243,8 +336,14 @@ pub fn search(args: SearchArgs) -> Result<()> {
         path: args.path.clone(),
     };
     let t = std::time::Instant::now();
-    let results =
-        sembed_index::search::search(store.as_mut(), model.as_ref(), &args.query, args.k, &filter)?;
+    let results = sembed_index::search::search(
+        store.as_mut(),
+        model.as_ref(),
+        &args.query,
+        args.k,
+        &filter,
+        args.mode,
+    )?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     if args.json {
         let mut v = serde_json::to_value(&results)?;
@@ -263,9 +362,12 @@ pub fn search(args: SearchArgs) -> Result<()> {
         };
         writeln!(
             out,
-            "{:>2}. {:.3}  {}:{}-{}  {} {}{part}",
+            "{:>2}. {}  {}:{}-{}  {} {}{part}",
             i + 1,
-            h.score,
+            match results.mode {
+                sembed_index::search::Mode::Hybrid => format!("{:.4}", h.score),
+                _ => format!("{:.3}", h.score),
+            },
             r.path,
             r.start_line,
             r.end_line,
@@ -282,9 +384,12 @@ pub fn search(args: SearchArgs) -> Result<()> {
     eprintln!(
         "sembed: {} hits in {ms:.0} ms ({})",
         results.hits.len(),
-        match results.method {
-            store::Method::Exact => "exact",
-            store::Method::Ann => "HNSW",
+        match (results.mode, results.method) {
+            (_, store::Method::Lexical) => "BM25",
+            (sembed_index::search::Mode::Hybrid, store::Method::Exact) => "exact vectors + BM25",
+            (sembed_index::search::Mode::Hybrid, store::Method::Ann) => "HNSW + BM25",
+            (_, store::Method::Exact) => "exact",
+            (_, store::Method::Ann) => "HNSW",
         }
     );
     Ok(())

@@ -10,6 +10,7 @@ mod alloc;
 mod bench;
 mod code;
 mod input;
+mod mcp;
 mod mimalloc_options;
 mod output;
 mod progress;
@@ -55,6 +56,9 @@ enum Command {
     Index(Box<code::IndexArgs>),
     /// Search an index: ranked chunks with score, path:lines, symbol and a snippet.
     Search(Box<code::SearchArgs>),
+    /// Serve the code index to AI coding agents over MCP (stdio): search, symbol lookup, index
+    /// status and refresh; indexes in the background at start, and keeps it current with --watch.
+    Mcp(Box<mcp::McpArgs>),
     /// Print the header of a safetensors file (names, dtypes, shapes, parameter count, bytes),
     /// describe an ONNX model (opset, inputs and outputs with their dynamic axes, every initializer
     /// and where its bytes are, operator counts; external data checked), or describe a model folder:
@@ -447,6 +451,7 @@ fn main() {
         Command::Bench(args) => bench::run(*args),
         Command::Index(args) => code::index(*args),
         Command::Search(args) => code::search(*args),
+        Command::Mcp(args) => mcp::run(*args),
         Command::Inspect { file } => inspect(&file),
         Command::Export(args) => export(args),
     };

@@ -345,13 +345,58 @@ fn server_search_equals_cli_search() {
         r#"{"query": "grow the box", "k": 4, "lang": "python"}"#,
     );
     let (bad, err) = post(port, "/search", r#"{"query": "x", "k": 0}"#);
+    // Every mode, each as the CLI ranks it.
+    let mut modes = Vec::new();
+    for mode in ["dense", "lexical", "hybrid"] {
+        let cli = ok(&sembed_in(
+            &dir,
+            &[
+                "search",
+                "function of module",
+                "--json",
+                "-k",
+                "3",
+                "--mode",
+                mode,
+            ],
+        ));
+        let cli: serde_json::Value = serde_json::from_str(cli.trim()).unwrap();
+        let body = format!(r#"{{"query": "function of module", "k": 3, "mode": "{mode}"}}"#);
+        modes.push((mode, cli, post(port, "/search", &body)));
+    }
+    let (bad_mode, mode_err) = post(port, "/search", r#"{"query": "x", "mode": "fuzzy"}"#);
     let _ = server.kill();
     let _ = server.wait();
     assert_eq!(status, 200, "{served}");
     assert_eq!(served["hits"], cli["hits"]);
+    assert_eq!(served["mode"], "hybrid");
     assert_eq!(served["hits"].as_array().unwrap().len(), 4);
     assert_eq!(bad, 422, "{err}");
     assert!(err["error"].as_str().unwrap().contains("`k`"), "{err}");
+    for (mode, cli, (status, served)) in modes {
+        assert_eq!(status, 200, "{served}");
+        assert_eq!(served["mode"], mode);
+        assert_eq!(cli["mode"], mode);
+        assert_eq!(served["hits"], cli["hits"], "{mode}");
+        assert_eq!(served["hits"].as_array().unwrap().len(), 3, "{mode}");
+        let hit = &served["hits"][0];
+        match mode {
+            "dense" => assert!(hit["bm25"].is_null() && hit["cosine"] == hit["score"]),
+            "lexical" => {
+                assert_eq!(served["method"], "lexical");
+                assert!(hit["cosine"].is_null() && hit["bm25"] == hit["score"]);
+            }
+            _ => assert!(hit["score"].as_f64().unwrap() <= 2.0 / 11.0 + 1e-6),
+        }
+    }
+    assert_eq!(bad_mode, 422, "{mode_err}");
+    assert!(
+        mode_err["error"]
+            .as_str()
+            .unwrap()
+            .contains("dense, lexical, hybrid"),
+        "{mode_err}"
+    );
 }
 
 /// `sembed mine` over every language, with hard negatives from a base model: each training pair gets

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 const CHUNKER_VERSION: u32 = 1;
 
 /// Settings of one run.
+#[derive(Debug, Clone)]
 pub struct IndexOptions {
     pub roots: Vec<PathBuf>,
     /// Stored paths are relative to this folder.
@@ -36,6 +37,59 @@ pub struct IndexOptions {
     pub shard: Option<Shard>,
     /// The model references to record (what `-m` said).
     pub model_refs: Vec<String>,
+    /// Embed each chunk with a first line naming its path and symbol ([`embedded_text`]).
+    pub header: bool,
+    /// Only these files and the files under these folders (absolute paths, as the walk gives them
+    /// under canonical roots) can have changed since the last run: a stored file not among them is
+    /// not read again. A watcher's hint;
+    /// new files and deleted ones are still found by the walk. `None`: read every file.
+    pub changed: Option<HashSet<PathBuf>>,
+}
+
+/// What an index was made from and how, recorded in it (the `source` setting) so that a refresh, a
+/// watcher, `sembed index --watch` or `sembed mcp` index the same tree the same way.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Source {
+    pub roots: Vec<PathBuf>,
+    pub base: PathBuf,
+    pub chunk_tokens: Option<usize>,
+    pub window_lines: usize,
+    pub overlap_lines: usize,
+    pub max_file_bytes: u64,
+    pub batch_size: usize,
+    pub shard: Option<(usize, usize)>,
+    pub model_refs: Vec<String>,
+    pub header: bool,
+}
+
+impl Source {
+    /// The options that index this source again.
+    pub fn options(&self) -> IndexOptions {
+        IndexOptions {
+            roots: self.roots.clone(),
+            base: self.base.clone(),
+            chunk_tokens: self.chunk_tokens,
+            window_lines: self.window_lines,
+            overlap_lines: self.overlap_lines,
+            max_file_bytes: self.max_file_bytes,
+            batch_size: self.batch_size,
+            replace: false,
+            shard: self.shard.map(|(index, count)| Shard { index, count }),
+            model_refs: self.model_refs.clone(),
+            header: self.header,
+            changed: None,
+        }
+    }
+
+    /// What `store` records as its source, if it does.
+    pub fn of(store: &mut dyn Store) -> Result<Option<Source>> {
+        match store.setting("source")? {
+            None => Ok(None),
+            Some(json) => serde_json::from_str(&json)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("the index's source record: {e}"))),
+        }
+    }
 }
 
 impl IndexOptions {
@@ -51,7 +105,31 @@ impl IndexOptions {
             replace: false,
             shard: None,
             model_refs: Vec::new(),
+            header: true,
+            changed: None,
         }
+    }
+
+    /// The source these options index, with absolute roots and base.
+    pub fn source(&self) -> Result<Source> {
+        let abs = |p: &PathBuf| {
+            p.canonicalize().map_err(|e| Error::Io {
+                path: p.display().to_string(),
+                source: e,
+            })
+        };
+        Ok(Source {
+            roots: self.roots.iter().map(abs).collect::<Result<_>>()?,
+            base: abs(&self.base)?,
+            chunk_tokens: self.chunk_tokens,
+            window_lines: self.window_lines,
+            overlap_lines: self.overlap_lines,
+            max_file_bytes: self.max_file_bytes,
+            batch_size: self.batch_size,
+            shard: self.shard.map(|s| (s.index, s.count)),
+            model_refs: self.model_refs.clone(),
+            header: self.header,
+        })
     }
 }
 
@@ -107,8 +185,10 @@ pub fn meta_for(model: &dyn Embed, opts: &IndexOptions) -> Meta {
         model_refs: opts.model_refs.clone(),
         dimension: model.dimension(),
         chunker: format!(
-            "v{CHUNKER_VERSION} tokens={tokens} window={} overlap={}",
-            opts.window_lines, opts.overlap_lines
+            "v{CHUNKER_VERSION} tokens={tokens} window={} overlap={}{}",
+            opts.window_lines,
+            opts.overlap_lines,
+            if opts.header { " header" } else { "" }
         ),
     }
 }
@@ -177,7 +257,12 @@ pub fn run(
         }
         _ => store.init(&meta, opts.replace)?,
     }
+    let source = serde_json::to_string(&opts.source()?).expect("serialisable");
+    if store.setting("source")?.as_deref() != Some(source.as_str()) {
+        store.set_setting("source", &source)?;
+    }
     let max_tokens = chunk_tokens(model, opts);
+
     let doc_opts = EmbedOptions {
         role: Some(InputRole::Document),
         batch_size: opts.batch_size,
@@ -219,6 +304,16 @@ pub fn run(
     let mut seen: HashSet<String> = HashSet::new();
     let mut updates: Vec<FileUpdate> = Vec::new();
     for f in &files {
+        if let (Some(changed), Some(old)) = (&opts.changed, stored.get(&f.rel)) {
+            // A hint names files or folders (a folder moved or swapped as a whole).
+            if !f.abs.ancestors().any(|a| changed.contains(a)) {
+                seen.insert(f.rel.clone());
+                report.files += 1;
+                report.chunks += old.chunks.len();
+                report.unchanged += old.chunks.len();
+                continue;
+            }
+        }
         let bytes = match std::fs::read(&f.abs) {
             Ok(b) => b,
             Err(_) => {
@@ -248,6 +343,12 @@ pub fn run(
                 path: f.rel.clone(),
                 lang: lang.to_string(),
                 kind: c.kind.to_string(),
+                hash: hash_text(&embedded_text(
+                    &f.rel,
+                    c.symbol.as_deref(),
+                    &c.text,
+                    opts.header,
+                )),
                 symbol: c.symbol,
                 start_line: c.start_line,
                 end_line: c.end_line,
@@ -255,7 +356,6 @@ pub fn run(
                 end_byte: c.end_byte,
                 part: c.part,
                 parts: c.parts,
-                hash: hash_text(&c.text),
                 text: c.text,
             })
             .collect();
@@ -319,7 +419,10 @@ pub fn run(
         while j < updates.len() && (texts.len() < per_commit || j == i) {
             for r in &updates[j].rows {
                 if !done_hashes.contains(&r.hash) && pending.insert(r.hash) {
-                    texts.push((r.hash, r.text.clone()));
+                    texts.push((
+                        r.hash,
+                        embedded_text(&r.path, r.symbol.as_deref(), &r.text, opts.header),
+                    ));
                 }
             }
             j += 1;
@@ -350,6 +453,26 @@ pub fn run(
     }
     store.finish()?;
     Ok(report)
+}
+
+/// What is embedded for a chunk: its text, after a first line with its file's name and its symbol
+/// when `header` (contextual chunks: code whose documentation is gone is still found by the names
+/// around it). The file's name, not its path: a folder moved or renamed keeps its vectors, and it
+/// measured better than the whole path (bench/heldout_search.py, development sets: Python hybrid
+/// NDCG@10 0.617 vs 0.613 with the symbol alone and 0.574→0.557 dense with the whole path; Elixir dense
+/// 0.480 vs 0.466 with the path). The chunks are cut to the token budget without the header: a chunk at
+/// the limit loses its last few tokens to it (keeping room for it split a third more definitions,
+/// which cost more). A chunk's hash is the hash of this text, so its vector is reused exactly when
+/// this text recurs.
+pub fn embedded_text(path: &str, symbol: Option<&str>, text: &str, header: bool) -> String {
+    if !header {
+        return text.to_string();
+    }
+    let name = path.rsplit('/').next().unwrap_or(path);
+    match symbol {
+        Some(s) => format!("{name} {s}\n{text}"),
+        None => format!("{name}\n{text}"),
+    }
 }
 
 /// A file's identity for skipping: its bytes and the chunker settings it was cut with.

@@ -1,8 +1,10 @@
 //! Answering a query: embed it as a query (the model's query prompt, or Jina's retrieval.query
-//! adapter) and ask the store for the nearest chunks.
+//! adapter) and ask the store for the nearest chunks, and (by default) for the chunks whose terms
+//! match best by BM25, fused by reciprocal rank ([`crate::lexical`]).
 
 use crate::error::{Error, Result};
 use crate::index;
+pub use crate::lexical::Mode;
 use crate::store::{self, Filter, Hit, Method, Store};
 use sembed::embed::{Embed, EmbedOptions, InputRole};
 use std::path::Path;
@@ -11,6 +13,8 @@ use std::path::Path;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Results {
     pub query: String,
+    pub mode: Mode,
+    /// How the dense ranking was answered (`lexical` when there was none).
     pub method: Method,
     pub hits: Vec<Hit>,
 }
@@ -25,18 +29,49 @@ pub fn embed_query(model: &dyn Embed, query: &str) -> Result<Vec<f32>> {
     Ok(v.pop().unwrap_or_default())
 }
 
-/// The `k` chunks nearest to `query`.
+/// The `k` best chunks for `query` by `mode`, embedding it with `model` when the mode needs it.
 pub fn search(
     store: &mut dyn Store,
     model: &dyn Embed,
     query: &str,
     k: usize,
     filter: &Filter,
+    mode: Mode,
 ) -> Result<Results> {
-    let q = embed_query(model, query)?;
-    let (hits, method) = store.search(&q, k, filter)?;
+    let v = match mode {
+        Mode::Lexical => None,
+        Mode::Dense | Mode::Hybrid => Some(embed_query(model, query)?),
+    };
+    ranked(store, query, v.as_deref(), k, filter, mode)
+}
+
+/// The `k` best chunks for `query` by `mode`, given the query's vector (`None` only for lexical
+/// search): dense and lexical rankings [`crate::lexical::depth`] deep, fused.
+pub fn ranked(
+    store: &mut dyn Store,
+    query: &str,
+    vector: Option<&[f32]>,
+    k: usize,
+    filter: &Filter,
+    mode: Mode,
+) -> Result<Results> {
+    let need_vector = || Error::Invalid("a dense or hybrid search needs the query's vector".into());
+    let (hits, method) = match mode {
+        Mode::Dense => store.search(vector.ok_or_else(need_vector)?, k, filter)?,
+        Mode::Lexical => (
+            store.lexical(&crate::lexical::query_terms(query), k, filter)?,
+            Method::Lexical,
+        ),
+        Mode::Hybrid => {
+            let depth = crate::lexical::depth(k);
+            let (dense, method) = store.search(vector.ok_or_else(need_vector)?, depth, filter)?;
+            let lexical = store.lexical(&crate::lexical::query_terms(query), depth, filter)?;
+            (crate::lexical::fuse(&dense, &lexical, k), method)
+        }
+    };
     Ok(Results {
         query: query.to_string(),
+        mode,
         method,
         hits,
     })
@@ -80,6 +115,17 @@ pub fn open_for_search(
             "{target}: the index is empty; run `sembed index` first"
         ))
     })?;
+    let model = load_model_of(&meta, models, &target)?;
+    Ok((target, store, model))
+}
+
+/// The model an index's vectors came from: `models`, or else the references the index recorded,
+/// loaded in the precision its vectors were made in and checked against the index's identity.
+pub fn load_model_of(
+    meta: &store::Meta,
+    models: &[String],
+    target: &str,
+) -> Result<Box<dyn Embed>> {
     let refs = if models.is_empty() {
         meta.model_refs.clone()
     } else {
@@ -102,6 +148,6 @@ pub fn open_for_search(
     };
     let model = sembed::fusion_config::load(&refs, dtype, &sembed::device::cpu(), engine)
         .map_err(|e| Error::Invalid(format!("loading the index's model: {e}")))?;
-    index::check_model(&meta, model.as_ref(), &target)?;
-    Ok((target, store, model))
+    index::check_model(meta, model.as_ref(), target)?;
+    Ok(model)
 }

@@ -83,7 +83,12 @@ fn rows(db: &Path, m: &dyn Embed) -> Vec<(String, usize, usize, Option<String>, 
         role: Some(sembed::InputRole::Document),
         ..Default::default()
     };
-    let texts: Vec<String> = all.iter().map(|(r, _)| r.text.clone()).collect();
+    let texts: Vec<String> = all
+        .iter()
+        .map(|(r, _)| {
+            sembed_index::index::embedded_text(&r.path, r.symbol.as_deref(), &r.text, true)
+        })
+        .collect();
     let want = m.embed(&texts, &opts).unwrap();
     for ((r, v), w) in all.iter().zip(&want) {
         let diff = v
@@ -164,10 +169,12 @@ fn incremental_counts_are_exact() {
         (total - 1, 1, 1, 1, 1)
     );
 
-    // Add a file with two functions, one a copy of an indexed function: two rows added, one vector
+    // Add a file with two functions, one a copy of an indexed function in a file of the same name
+    // (what is embedded is the file's name, the symbol and the text): two rows added, one vector
     // embedded, the other reused.
+    std::fs::create_dir_all(dir.join("vendor")).unwrap();
     std::fs::write(
-        dir.join("pkg/new.py"),
+        dir.join("vendor/mod0.py"),
         "def fresh(y):\n    \"\"\"Brand new.\"\"\"\n    return -y\n\n\ndef f0_0(x):\n    \"\"\"Function 0 of module 0.\"\"\"\n    return x * 0 + 0\n",
     )
     .unwrap();
@@ -193,8 +200,22 @@ fn incremental_counts_are_exact() {
     );
     let total = total - 5;
 
-    // Rename a file: rows move to the new path, every vector is reused.
-    std::fs::rename(dir.join("pkg/mod2.py"), dir.join("pkg/renamed.py")).unwrap();
+    // Move a file to another folder: rows move to the new path, every vector is reused.
+    std::fs::create_dir_all(dir.join("moved")).unwrap();
+    std::fs::rename(dir.join("pkg/mod2.py"), dir.join("moved/mod2.py")).unwrap();
+    let mv = index(&dir, &db, &m);
+    assert_eq!(
+        (
+            mv.unchanged,
+            mv.added,
+            mv.embedded,
+            mv.removed,
+            mv.files_removed
+        ),
+        (total - 5, 5, 0, 5, 1)
+    );
+    // Rename it: its name is part of what is embedded, so its chunks are embedded again.
+    std::fs::rename(dir.join("moved/mod2.py"), dir.join("moved/renamed.py")).unwrap();
     let ren = index(&dir, &db, &m);
     assert_eq!(
         (
@@ -204,12 +225,14 @@ fn incremental_counts_are_exact() {
             ren.removed,
             ren.files_removed
         ),
-        (total - 5, 5, 0, 5, 1)
+        (total - 5, 5, 5, 5, 1)
     );
     let stored = rows(&db, &m);
     assert_eq!(stored.len(), total);
-    assert!(stored.iter().any(|r| r.0 == "pkg/renamed.py"));
-    assert!(!stored.iter().any(|r| r.0 == "pkg/mod2.py"));
+    assert!(stored.iter().any(|r| r.0 == "moved/renamed.py"));
+    assert!(!stored
+        .iter()
+        .any(|r| r.0 == "pkg/mod2.py" || r.0 == "moved/mod2.py"));
 
     // The result equals a fresh index of the same tree.
     let fresh_db = tmp.path().join("fresh.sqlite");
@@ -559,8 +582,43 @@ fn postgres_matches_the_embedded_store() {
     assert_eq!(a, b);
     assert_eq!((b.embedded, b.removed, b.files_removed), (1, 6, 1));
 
+    // Symbol lookup: the same definitions, whole names and last parts, exact names first; LIKE's
+    // wildcards in a name are plain characters; the source each index records.
+    let py = Filter {
+        lang: Some("python".into()),
+        path: None,
+    };
+    for (name, filter, want) in [
+        ("get", Filter::default(), vec!["Cache::get"]),
+        ("Cache::get", Filter::default(), vec!["Cache::get"]),
+        ("grow", Filter::default(), vec!["Box.grow"]),
+        ("f1_2", py.clone(), vec!["f1_2"]),
+        ("f1%2", Filter::default(), vec![]),
+        ("f_", Filter::default(), vec![]),
+        ("et", Filter::default(), vec![]),
+    ] {
+        let a = lite.symbols(name, 10, &filter).unwrap();
+        let b = pgs.symbols(name, 10, &filter).unwrap();
+        assert_eq!(a, b, "{name}");
+        let got: Vec<&str> = a.iter().filter_map(|r| r.symbol.as_deref()).collect();
+        assert!(
+            want.iter().all(|w| got.contains(w))
+                && got
+                    .iter()
+                    .all(|g| want.contains(g) || g.ends_with(&format!(".{name}"))),
+            "{name}: {got:?}"
+        );
+    }
+    let src = sembed_index::index::Source::of(&mut lite).unwrap().unwrap();
+    assert_eq!(src, opts.source().unwrap());
+    assert_eq!(
+        sembed_index::index::Source::of(&mut pgs).unwrap(),
+        Some(src)
+    );
+
     for (q, f) in [
         ("a cache of strings", Filter::default()),
+        ("return x * 3", Filter::default()),
         ("grow the box", Filter::default()),
         (
             "module function",
@@ -577,20 +635,51 @@ fn postgres_matches_the_embedded_store() {
             },
         ),
     ] {
-        let x = sembed_index::search::search(&mut lite, &m, q, 5, &f).unwrap();
-        let y = sembed_index::search::search(&mut pgs, &m, q, 5, &f).unwrap();
-        let key = |r: &sembed_index::search::Results| {
-            r.hits
-                .iter()
-                .map(|h| (h.row.path.clone(), h.row.start_line))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(key(&x), key(&y), "{q}");
-        assert_eq!(x.hits.len(), 5, "{q}");
-        for (h, g) in x.hits.iter().zip(&y.hits) {
-            assert!((h.score - g.score).abs() < 1e-6);
+        use sembed_index::search::Mode;
+        for mode in [Mode::Dense, Mode::Lexical, Mode::Hybrid] {
+            let x = sembed_index::search::search(&mut lite, &m, q, 5, &f, mode).unwrap();
+            let y = sembed_index::search::search(&mut pgs, &m, q, 5, &f, mode).unwrap();
+            let key = |r: &sembed_index::search::Results| {
+                r.hits
+                    .iter()
+                    .map(|h| (h.row.path.clone(), h.row.start_line))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(key(&x), key(&y), "{q} {mode:?}");
+            if mode != Mode::Lexical {
+                assert_eq!(x.hits.len(), 5, "{q} {mode:?}");
+            } else if q != "anything" {
+                assert!(!x.hits.is_empty(), "{q} {mode:?}");
+            }
+            for (h, g) in x.hits.iter().zip(&y.hits) {
+                assert!((h.score - g.score).abs() < 1e-6, "{q} {mode:?}");
+                assert_eq!(h.bm25.is_some(), g.bm25.is_some());
+            }
         }
     }
+    // The lexical ranking is BM25 over the rows in PostgreSQL too.
+    for q in ["module function", "return x * 3"] {
+        let terms = sembed_index::lexical::query_terms(q);
+        let want = bm25_by_hand(&mut pgs, &terms);
+        let got = pgs.lexical(&terms, 6, &Filter::default()).unwrap();
+        assert_eq!(got.len(), 6);
+        for (h, w) in got.iter().zip(&want) {
+            assert_eq!((&h.row.path, h.row.start_byte), (&w.1, w.2), "{q}");
+            assert!((h.score as f64 - w.0).abs() <= 1e-5 * w.0.max(1.0), "{q}");
+        }
+    }
+    // A table from before the lexical columns gains them on first use, from its stored rows.
+    let before = lexical_hits(&mut pgs, "module function", 10);
+    {
+        let mut c = postgres::Client::connect(&pg_url().unwrap(), postgres::NoTls).unwrap();
+        c.batch_execute(
+            "ALTER TABLE sembed_test_parity DROP COLUMN tsv, DROP COLUMN n_terms;
+             DELETE FROM sembed_test_parity_meta WHERE key = 'lexical';",
+        )
+        .unwrap();
+    }
+    let mut again = store::pg::PgStore::connect(&pg_url().unwrap(), "sembed_test_parity").unwrap();
+    assert_eq!(lexical_hits(&mut again, "module function", 10), before);
     // A model mismatch is refused by PostgreSQL too.
     let other = model("qwen2-bidir-tiny");
     let err = run(&mut pgs, "pg", &other, &opts, &mut (), &stop).expect_err("refused");
@@ -688,4 +777,348 @@ fn postgres_shards_fill_one_index() {
     let r = run(&mut sharded, "shard", &m, &o, &mut (), &stop).unwrap();
     assert_eq!((r.added, r.removed), (0, 0));
     assert_eq!(sharded.count().unwrap(), a.len());
+}
+
+/// BM25 of every row for `terms`, computed here from the stored rows with the formula written out
+/// (not the crate's): k1 1.2, b 0.75, idf ln((N − n + 0.5)/(n + 0.5)) floored at 1e-6. Best first,
+/// ties by path and position; rows matching no term are left out.
+fn bm25_by_hand(store: &mut dyn Store, terms: &[String]) -> Vec<(f64, String, usize, usize)> {
+    let rows = store.rows().unwrap();
+    let docs: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(r, _)| sembed_index::lexical::of_row(r))
+        .collect();
+    let n = docs.len() as f64;
+    let avgdl = docs.iter().map(|d| d.len()).sum::<usize>() as f64 / n;
+    let mut out = Vec::new();
+    for ((r, _), d) in rows.iter().zip(&docs) {
+        let mut score = 0.0;
+        let mut any = false;
+        for t in terms {
+            let tf = d.iter().filter(|x| *x == t).count() as f64;
+            let df = docs.iter().filter(|x| x.contains(t)).count() as f64;
+            let mut idf = ((n - df + 0.5) / (df + 0.5)).ln();
+            if idf <= 0.0 {
+                idf = 1e-6;
+            }
+            any |= tf > 0.0;
+            score += idf * ((tf * 2.2) / (tf + 1.2 * (0.25 + 0.75 * d.len() as f64 / avgdl)));
+        }
+        if any {
+            out.push((score, r.path.clone(), r.start_byte, r.end_byte));
+        }
+    }
+    out.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then_with(|| (&a.1, a.2, a.3).cmp(&(&b.1, b.2, b.3)))
+    });
+    out
+}
+
+fn lexical_hits(store: &mut dyn Store, query: &str, k: usize) -> Vec<(f32, String, usize)> {
+    store
+        .lexical(
+            &sembed_index::lexical::query_terms(query),
+            k,
+            &Filter::default(),
+        )
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.score, h.row.path, h.row.start_line))
+        .collect()
+}
+
+/// The lexical ranking is BM25 over the terms, as written out by hand, with the rows filtered.
+#[test]
+fn lexical_search_is_bm25() {
+    let m = model("bert-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir(&dir).unwrap();
+    repo(&dir);
+    let db = tmp.path().join("index.sqlite");
+    index(&dir, &db, &m);
+    let mut store = SqliteStore::open(&db, 20_000).unwrap();
+    for q in [
+        "function of module 3",
+        "return x",
+        "cache strings",
+        "f2_4",
+        "Grow the box",
+    ] {
+        let terms = sembed_index::lexical::query_terms(q);
+        let want = bm25_by_hand(&mut store, &terms);
+        let got = store.lexical(&terms, 8, &Filter::default()).unwrap();
+        assert_eq!(got.len(), want.len().min(8), "{q}");
+        assert!(!got.is_empty(), "{q}");
+        for (h, w) in got.iter().zip(&want) {
+            assert_eq!((&h.row.path, h.row.start_byte), (&w.1, w.2), "{q}");
+            assert!(
+                (h.score as f64 - w.0).abs() <= 1e-5 * w.0.abs().max(1.0),
+                "{q}: {} vs {}",
+                h.score,
+                w.0
+            );
+            assert_eq!(h.bm25, Some(h.score));
+        }
+    }
+    // An identifier as written in code, or as words.
+    let hits = lexical_hits(&mut store, "f2_4", 1);
+    assert_eq!(hits[0].1, "pkg/mod2.py");
+    // Filters apply before the cut.
+    let f = Filter {
+        lang: None,
+        path: Some("pkg/mod1*".into()),
+    };
+    let got = store
+        .lexical(&sembed_index::lexical::query_terms("return x"), 50, &f)
+        .unwrap();
+    assert_eq!(got.len(), 5);
+    assert!(got.iter().all(|h| h.row.path == "pkg/mod1.py"));
+    // Stop words only: nothing to match.
+    assert!(lexical_hits(&mut store, "the of and", 5).is_empty());
+}
+
+/// The lexical index follows edits, renames and deletes in the same transactions as the vectors,
+/// and an index made before it gains it from its stored rows, embedding nothing.
+#[test]
+fn lexical_index_follows_the_tree() {
+    let m = model("bert-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir(&dir).unwrap();
+    repo(&dir);
+    std::fs::write(
+        dir.join("zoo.py"),
+        "def feed_zebra_quickly(n):\n    return n + 1\n",
+    )
+    .unwrap();
+    let db = tmp.path().join("index.sqlite");
+    index(&dir, &db, &m);
+    let fts_rows = |db: &Path| -> (i64, i64) {
+        let c = rusqlite_conn(db);
+        let lex: i64 = c
+            .query_row("SELECT count(*) FROM lexical", [], |r| r.get(0))
+            .unwrap();
+        let chunks: i64 = c
+            .query_row("SELECT count(*) FROM chunks", [], |r| r.get(0))
+            .unwrap();
+        (lex, chunks)
+    };
+    let (lex, chunks) = fts_rows(&db);
+    assert_eq!(lex, chunks);
+    let top = |q: &str| {
+        let mut s = SqliteStore::open(&db, 20_000).unwrap();
+        lexical_hits(&mut s, q, 3)
+    };
+    assert_eq!(top("zebra")[0].1, "zoo.py");
+    assert_eq!(top("feedZebraQuickly")[0].1, "zoo.py");
+
+    // Edit: the old name is gone, the new one found.
+    std::fs::write(
+        dir.join("zoo.py"),
+        "def groom_yak_gently(n):\n    return n + 2\n",
+    )
+    .unwrap();
+    index(&dir, &db, &m);
+    assert!(top("zebra").is_empty());
+    assert_eq!(top("yak groom")[0].1, "zoo.py");
+    // Rename: found under the new path only.
+    std::fs::create_dir_all(dir.join("farm")).unwrap();
+    std::fs::rename(dir.join("zoo.py"), dir.join("farm/zoo.py")).unwrap();
+    let r = index(&dir, &db, &m);
+    assert_eq!(r.embedded, 0, "a moved file keeps its vectors: {r:?}");
+    let hits = top("yak");
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].1, "farm/zoo.py");
+    // Path terms: the folder's name finds it.
+    assert_eq!(top("farm")[0].1, "farm/zoo.py");
+    // Delete.
+    std::fs::remove_file(dir.join("farm/zoo.py")).unwrap();
+    index(&dir, &db, &m);
+    assert!(top("yak").is_empty());
+    let (lex, chunks) = fts_rows(&db);
+    assert_eq!(lex, chunks);
+
+    // An index from before the lexical index: it is made from the stored rows on open.
+    let before = {
+        let mut s = SqliteStore::open(&db, 20_000).unwrap();
+        lexical_hits(&mut s, "function module", 10)
+    };
+    {
+        let c = rusqlite_conn(&db);
+        c.execute_batch("DROP TABLE lexical; DELETE FROM meta WHERE key = 'lexical';")
+            .unwrap();
+    }
+    let after = {
+        let mut s = SqliteStore::open(&db, 20_000).unwrap();
+        lexical_hits(&mut s, "function module", 10)
+    };
+    assert_eq!(before, after);
+    assert_eq!(before.len(), 10);
+    let r = index(&dir, &db, &m);
+    assert_eq!((r.embedded, r.added, r.removed), (0, 0, 0), "{r:?}");
+}
+
+/// Hybrid ranking is the reciprocal-rank fusion of the dense and lexical rankings, each 50 deep.
+#[test]
+fn hybrid_is_the_fusion_of_both_rankings() {
+    let m = model("bert-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir(&dir).unwrap();
+    repo(&dir);
+    let db = tmp.path().join("index.sqlite");
+    index(&dir, &db, &m);
+    let mut store = SqliteStore::open(&db, 20_000).unwrap();
+    use sembed_index::search::{search, Mode};
+    let f = Filter::default();
+    for q in ["function 2 of module 1", "grow the box", "cache"] {
+        let dense = search(&mut store, &m, q, 50, &f, Mode::Dense).unwrap();
+        let lex = search(&mut store, &m, q, 50, &f, Mode::Lexical).unwrap();
+        let hyb = search(&mut store, &m, q, 5, &f, Mode::Hybrid).unwrap();
+        assert_eq!(hyb.mode, Mode::Hybrid);
+        let key = |h: &store::Hit| (h.row.path.clone(), h.row.start_byte, h.row.end_byte);
+        let mut want: Vec<(f64, usize, (String, usize, usize))> = Vec::new();
+        let mut all: Vec<_> = dense.hits.iter().map(key).collect();
+        for h in &lex.hits {
+            if !all.contains(&key(h)) {
+                all.push(key(h));
+            }
+        }
+        for (order, k) in all.iter().enumerate() {
+            let rr = |hits: &[store::Hit]| {
+                hits.iter()
+                    .position(|h| &key(h) == k)
+                    .map_or(0.0, |r| 1.0 / (10.0 + r as f64 + 1.0))
+            };
+            want.push((rr(&dense.hits) + rr(&lex.hits), order, k.clone()));
+        }
+        want.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let got: Vec<_> = hyb.hits.iter().map(key).collect();
+        let want_keys: Vec<_> = want.iter().take(5).map(|w| w.2.clone()).collect();
+        assert_eq!(got, want_keys, "{q}");
+        for (h, w) in hyb.hits.iter().zip(&want) {
+            assert!((h.score as f64 - w.0).abs() < 1e-6, "{q}");
+            // Each hit keeps the scores of the rankings it was in.
+            let d = dense.hits.iter().find(|x| key(x) == key(h));
+            assert_eq!(h.cosine, d.map(|x| x.score), "{q}");
+            let l = lex.hits.iter().find(|x| key(x) == key(h));
+            assert_eq!(h.bm25, l.map(|x| x.score), "{q}");
+        }
+    }
+}
+
+/// The watcher: an edit, a delete and a rename are indexed like a rerun would index them, and a
+/// burst of a thousand changed files (a branch switch) is one run.
+#[test]
+fn watch_follows_the_tree_and_a_branch_switch_is_one_run() {
+    use sembed_index::watch::{Debounce, Indexer};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().canonicalize().unwrap();
+    repo(&dir);
+    let db = dir.join(".sembed/index.sqlite");
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let m: Arc<dyn Embed> = Arc::new(model("bert-tiny"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut opts = IndexOptions::new(vec![dir.clone()], dir.clone());
+    opts.batch_size = 8;
+    let indexer = Arc::new(Indexer::new(
+        db.display().to_string(),
+        Box::new(SqliteStore::open(&db, 20_000).unwrap()),
+        m.clone(),
+        opts,
+        stop.clone(),
+    ));
+    let first = indexer.run_once(None).unwrap();
+    assert_eq!(first.embedded, first.chunks);
+    let runs = Arc::new(std::sync::Mutex::new(Vec::<Report>::new()));
+    let watcher = {
+        let (indexer, runs) = (indexer.clone(), runs.clone());
+        std::thread::spawn(move || {
+            let debounce = Debounce {
+                quiet: Duration::from_millis(700),
+                max_delay: Duration::from_secs(30),
+            };
+            indexer
+                .watch(debounce, &mut |r, _| {
+                    runs.lock().unwrap().push(r.as_ref().unwrap().clone())
+                })
+                .unwrap();
+        })
+    };
+    let wait = |n: usize| {
+        let t = Instant::now();
+        while runs.lock().unwrap().len() < n {
+            assert!(t.elapsed() < Duration::from_secs(60), "run {n} never came");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        runs.lock().unwrap()[n - 1].clone()
+    };
+    while !indexer.status().watching {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // What a plain rerun over the same tree stores, to compare with.
+    let expect = |tag: &str| {
+        let fresh = tempfile::tempdir().unwrap();
+        let other = fresh.path().join("x.sqlite");
+        index(&dir, &other, m.as_ref());
+        assert_eq!(rows(&db, m.as_ref()), rows(&other, m.as_ref()), "{tag}");
+    };
+
+    // An edit: one file read again, its new function embedded.
+    let mod1 = dir.join("pkg/mod1.py");
+    let mut src = std::fs::read_to_string(&mod1).unwrap();
+    src.push_str("def watched_edit(y):\n    return y * y\n");
+    std::fs::write(&mod1, src).unwrap();
+    let r = wait(1);
+    assert_eq!(
+        (r.files_changed, r.added, r.embedded, r.removed),
+        (1, 1, 1, 0),
+        "{r:?}"
+    );
+    assert_eq!(indexer.status().pending, 0);
+    expect("after an edit");
+
+    // A delete and a rename.
+    std::fs::remove_file(dir.join("pkg/mod2.py")).unwrap();
+    std::fs::rename(dir.join("pkg/mod3.py"), dir.join("pkg/renamed.py")).unwrap();
+    let r = wait(2);
+    assert_eq!((r.files_changed, r.files_removed), (1, 2), "{r:?}");
+    expect("after a delete and a rename");
+
+    // A branch switch: a thousand files written in one burst, in new folders too.
+    for b in 0..10 {
+        let sub = dir.join(format!("branch/b{b}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        for i in 0..100 {
+            std::fs::write(
+                sub.join(format!("m{i}.py")),
+                format!("def g{b}_{i}(x):\n    return x + {i}\n"),
+            )
+            .unwrap();
+        }
+    }
+    let r = wait(3);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        runs.lock().unwrap().len(),
+        3,
+        "the burst took more than one run"
+    );
+    assert_eq!(r.files_changed, 1000, "{r:?}");
+    expect("after a branch switch");
+    // Writes under hidden folders (.git, the index's own .sembed) are no changes.
+    std::fs::create_dir_all(dir.join(".git")).unwrap();
+    std::fs::write(dir.join(".git/HEAD"), "ref: refs/heads/other\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(runs.lock().unwrap().len(), 3);
+    assert_eq!(indexer.status().stale_seconds(), 0.0);
+
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    assert!(!indexer.status().watching);
 }

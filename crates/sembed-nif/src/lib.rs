@@ -310,10 +310,13 @@ fn index_info(index: ResourceArc<Index>) -> Out<IndexInfo> {
     })
 }
 
-/// One hit: the stored row (`sembed search --json`'s fields) and its cosine similarity.
+/// One hit: the stored row (`sembed search --json`'s fields), the score it was ranked by, and its
+/// cosine similarity and BM25 where it was in those rankings (`nil` where not).
 #[derive(NifMap)]
 struct HitOut {
     score: f32,
+    cosine: Option<f32>,
+    bm25: Option<f32>,
     path: String,
     lang: String,
     kind: String,
@@ -337,14 +340,22 @@ fn search(
     lang: Option<String>,
     path: Option<String>,
     exact: bool,
+    mode: String,
 ) -> Out<Vec<HitOut>> {
     guarded(move || {
+        let mode: sembed_index::search::Mode = mode.parse()?;
         let mut store = index.store.lock().unwrap_or_else(PoisonError::into_inner);
         store.set_exact(exact);
         let filter = Filter { lang, path };
-        let results =
-            sembed_index::search::search(&mut **store, index.model.embedder(), &query, k, &filter)
-                .map_err(text)?;
+        let results = sembed_index::search::search(
+            &mut **store,
+            index.model.embedder(),
+            &query,
+            k,
+            &filter,
+            mode,
+        )
+        .map_err(text)?;
         Ok(results
             .hits
             .into_iter()
@@ -352,6 +363,8 @@ fn search(
                 let r = h.row;
                 HitOut {
                     score: h.score,
+                    cosine: h.cosine,
+                    bm25: h.bm25,
                     hash: sembed_index::store::hex(&r.hash),
                     path: r.path,
                     lang: r.lang,

@@ -845,6 +845,10 @@ async fn search_inner(
         lang: opt_str(&v, "lang", f)?,
         path: opt_str(&v, "path", f)?,
     };
+    let mode: sembed_index::search::Mode = match opt_str(&v, "mode", f)? {
+        Some(m) => m.parse().map_err(|e: String| ApiError::validation(f, e))?,
+        None => sembed_index::search::Mode::Hybrid,
+    };
     let index = state
         .index
         .as_ref()
@@ -856,13 +860,18 @@ async fn search_inner(
         ..Default::default()
     };
     let started = Instant::now();
-    let mut out = run_embed(state, entry, vec![query.clone()], opts, f).await?;
-    let q = out.vectors.pop().unwrap_or_default();
+    let q = if mode == sembed_index::search::Mode::Lexical {
+        None
+    } else {
+        let mut out = run_embed(state, entry, vec![query.clone()], opts, f).await?;
+        Some(out.vectors.pop().unwrap_or_default())
+    };
     let st = state.clone();
+    let text = query.clone();
     let searched = tokio::task::spawn_blocking(move || {
         let ix = st.index.as_ref().expect("checked");
         let mut store = ix.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.search(&q, k, &filter)
+        sembed_index::search::ranked(store.as_mut(), &text, q.as_deref(), k, &filter, mode)
     })
     .await
     .map_err(|e| {
@@ -873,7 +882,7 @@ async fn search_inner(
             e.to_string(),
         )
     })?;
-    let (hits, method) = searched.map_err(|e| match e {
+    let results = searched.map_err(|e| match e {
         sembed_index::Error::Invalid(m) => ApiError::validation(f, m),
         other => ApiError::new(
             f,
@@ -889,8 +898,9 @@ async fn search_inner(
         .observe(started.elapsed().as_secs_f64());
     Ok(Json(json!({
         "query": query,
-        "method": method,
-        "hits": hits,
+        "mode": results.mode,
+        "method": results.method,
+        "hits": results.hits,
     })))
 }
 

@@ -173,14 +173,21 @@ pub struct SearchRequest {
     pub lang: Option<String>,
     /// Only paths matching this pattern (`*` any characters, `/` included; `?` one).
     pub path: Option<String>,
+    /// `hybrid` (default: the dense and BM25 rankings fused by reciprocal rank), `dense` or `lexical`.
+    pub mode: Option<String>,
 }
 
 /// One chunk found.
 #[derive(Serialize, Deserialize, ToSchema)]
 #[allow(dead_code)]
 pub struct SearchHit {
-    /// Cosine similarity to the query.
+    /// What the hit was ranked by: cosine similarity (dense), BM25 (lexical), or the sum of
+    /// 1/(10 + rank) over both rankings (hybrid).
     pub score: f32,
+    /// Cosine similarity to the query, where the hit was in the dense ranking.
+    pub cosine: Option<f32>,
+    /// BM25, where the hit was in the lexical ranking.
+    pub bm25: Option<f32>,
     pub path: String,
     pub lang: String,
     /// `function`, `method`, `class`, `module`, `code`, `text`...
@@ -202,7 +209,10 @@ pub struct SearchHit {
 #[allow(dead_code)]
 pub struct SearchResponse {
     pub query: String,
-    /// `exact` (every vector compared) or `ann` (the HNSW graph).
+    /// `hybrid`, `dense` or `lexical`.
+    pub mode: String,
+    /// How the dense ranking was answered: `exact` (every vector compared) or `ann` (the HNSW
+    /// graph); `lexical` when there was none.
     pub method: String,
     pub hits: Vec<SearchHit>,
 }

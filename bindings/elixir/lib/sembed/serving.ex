@@ -55,26 +55,7 @@ defmodule Sembed.Serving do
   def embed(server, input, opts \\ []) do
     {timeout, opts} = Keyword.pop(opts, :timeout, :infinity)
 
-    {texts, single?} =
-      case input do
-        t when is_binary(t) ->
-          {[t], true}
-
-        [_ | _] = ts ->
-          {ts, false}
-
-        [] ->
-          raise ArgumentError, "Sembed.Serving.embed/3: the list of texts is empty"
-
-        other ->
-          raise ArgumentError,
-                "Sembed.Serving.embed/3: expected a text or a list of texts, got: #{inspect(other)}"
-      end
-
-    Enum.each(texts, fn t ->
-      is_binary(t) ||
-        raise ArgumentError, "Sembed.Serving.embed/3: every text must be a binary, got: #{inspect(t)}"
-    end)
+    {texts, single?} = Sembed.texts!(input, "Sembed.Serving.embed/3")
 
     if Keyword.has_key?(opts, :batch_size) do
       raise ArgumentError, "Sembed.Serving.embed/3: :batch_size is the serving's, set it in start_link/1"
@@ -206,8 +187,7 @@ defmodule Sembed.Serving do
       end
 
     reply_all(entries, result)
-    n = entries |> Enum.map(fn {_, t, _} -> length(t) end) |> Enum.sum()
-    {:noreply, run_next(%{s | running: nil, batches: s.batches + 1, texts: s.texts + n})}
+    {:noreply, run_next(%{s | running: nil, batches: s.batches + 1, texts: s.texts + count(entries)})}
   end
 
   def handle_info(_msg, s), do: {:noreply, s}
@@ -230,7 +210,7 @@ defmodule Sembed.Serving do
     # call: it orders their texts by length before cutting forward passes of `:batch_size`, so
     # less padding is computed than with arrival-order batches.
     {batch, left} = take(Enum.reverse(entries), s.batch_size * s.backlog_batches, 0, [])
-    left_n = left |> Enum.map(fn {_, t, _} -> length(t) end) |> Enum.sum()
+    left_n = count(left)
 
     s = %{s | ready: rest, timers: Map.delete(s.timers, opts)}
 
@@ -257,6 +237,9 @@ defmodule Sembed.Serving do
   end
 
   defp run_next(s), do: s
+
+  # Texts of queued callers.
+  defp count(entries), do: entries |> Enum.map(fn {_, t, _} -> length(t) end) |> Enum.sum()
 
   defp backlog_batches!(n) when is_integer(n) and n > 0, do: n
 

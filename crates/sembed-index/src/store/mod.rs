@@ -93,12 +93,39 @@ impl Filter {
     }
 }
 
-/// A search result: the row and its cosine similarity to the query.
+/// A search result: the row, the score it was ranked by (the cosine similarity to the query in dense
+/// search, BM25 in lexical search, the reciprocal-rank sum in hybrid search), and the cosine and BM25
+/// where the row was in that ranking.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Hit {
     pub score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cosine: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bm25: Option<f32>,
     #[serde(flatten)]
     pub row: Row,
+}
+
+impl Hit {
+    /// A hit of dense search.
+    pub fn dense(cosine: f32, row: Row) -> Hit {
+        Hit {
+            score: cosine,
+            cosine: Some(cosine),
+            bm25: None,
+            row,
+        }
+    }
+    /// A hit of lexical search.
+    pub fn lexical(bm25: f32, row: Row) -> Hit {
+        Hit {
+            score: bm25,
+            cosine: None,
+            bm25: Some(bm25),
+            row,
+        }
+    }
 }
 
 /// How a search was answered.
@@ -109,6 +136,8 @@ pub enum Method {
     Exact,
     /// The HNSW graph.
     Ann,
+    /// No vector compared: a lexical search.
+    Lexical,
 }
 
 /// The operations indexing and searching need; each write is one transaction.
@@ -133,8 +162,63 @@ pub trait Store: Send {
     fn set_exact(&mut self, exact: bool);
     /// The `k` rows most similar to `query` (a unit vector).
     fn search(&mut self, query: &[f32], k: usize, filter: &Filter) -> Result<(Vec<Hit>, Method)>;
+    /// The `k` rows best matching these terms by BM25 (see [`crate::lexical`]), best first (ties: by
+    /// path and position).
+    fn lexical(&mut self, terms: &[String], k: usize, filter: &Filter) -> Result<Vec<Hit>>;
     /// Every row, ordered by path and position (for comparing indexes).
     fn rows(&mut self) -> Result<Vec<(Row, Vec<f32>)>>;
+    /// The rows of definitions named `name` ([`symbol_rank`]), at most `limit`, exact names first,
+    /// then shorter symbols, then by path and position.
+    fn symbols(&mut self, name: &str, limit: usize, filter: &Filter) -> Result<Vec<Row>>;
+    /// A value the index keeps beside its settings (`sembed index` records what it indexed under
+    /// `source`), if set.
+    fn setting(&mut self, key: &str) -> Result<Option<String>>;
+    /// Keep a value under `key` (after [`Store::init`]).
+    fn set_setting(&mut self, key: &str, value: &str) -> Result<()>;
+}
+
+/// Whether a stored symbol is a definition named `name`: the whole symbol (`Store::open`,
+/// `MyApp.Repo.get`), or its last parts after a `.` or `::` (`open`, `Repo.get`). 0 for the whole
+/// symbol, 1 for its last parts, `None` otherwise.
+pub fn symbol_rank(symbol: &str, name: &str) -> Option<u8> {
+    if name.is_empty() {
+        return None;
+    }
+    if symbol == name {
+        return Some(0);
+    }
+    let head = symbol.strip_suffix(name)?;
+    (head.ends_with('.') || head.ends_with("::")).then_some(1)
+}
+
+/// A `LIKE` pattern for symbols that end with `name` (`\` escapes), to narrow the rows
+/// [`symbol_rank`] then checks.
+pub fn like_suffix(name: &str) -> String {
+    let mut p = String::from("%");
+    for c in name.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p
+}
+
+/// Order and cut the candidate rows of a symbol lookup (see [`Store::symbols`]).
+pub fn rank_symbols(rows: Vec<Row>, name: &str, limit: usize, filter: &Filter) -> Vec<Row> {
+    let mut ranked: Vec<(u8, Row)> = rows
+        .into_iter()
+        .filter(|r| filter.accepts(&r.path, &r.lang))
+        .filter_map(|r| Some((symbol_rank(r.symbol.as_deref()?, name)?, r)))
+        .collect();
+    ranked.sort_by(|(a, x), (b, y)| {
+        let len = |r: &Row| r.symbol.as_ref().map_or(0, |s| s.len());
+        a.cmp(b).then(len(x).cmp(&len(y))).then_with(|| {
+            (&x.path, x.start_byte, x.end_byte).cmp(&(&y.path, y.start_byte, y.end_byte))
+        })
+    });
+    ranked.truncate(limit);
+    ranked.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Part `index` of `count`: the files whose path hashes to it (several `sembed index` processes can

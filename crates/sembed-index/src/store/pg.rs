@@ -117,6 +117,52 @@ fn read_row(r: &postgres::Row, table: &str) -> Result<Row> {
 const ROW_COLUMNS: &str =
     "path, lang, kind, symbol, start_line, end_line, start_byte, end_byte, part, parts, hash, text";
 
+/// A row's lexical terms as a `tsvector` (each term a lexeme with its positions), in PostgreSQL's
+/// binary format, so the terms go in exactly as [`crate::lexical`] made them (a text `tsvector` would
+/// go through the server's parser and dictionaries).
+#[derive(Debug)]
+struct TsVector(Vec<(String, Vec<u16>)>);
+
+impl TsVector {
+    fn of(terms: &[String]) -> TsVector {
+        let mut at: HashMap<&str, Vec<u16>> = HashMap::new();
+        for (i, t) in terms.iter().enumerate() {
+            // Positions from 1; row_terms keeps them under 16,384 and at most 256 per term.
+            at.entry(t).or_default().push(i as u16 + 1);
+        }
+        let mut v: Vec<(String, Vec<u16>)> =
+            at.into_iter().map(|(t, p)| (t.to_string(), p)).collect();
+        // PostgreSQL's lexeme order: bytes, then length.
+        v.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        TsVector(v)
+    }
+}
+
+impl ToSql for TsVector {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+    {
+        use bytes::BufMut;
+        out.put_i32(self.0.len() as i32);
+        for (lexeme, positions) in &self.0 {
+            out.put_slice(lexeme.as_bytes());
+            out.put_u8(0);
+            out.put_u16(positions.len() as u16);
+            for p in positions {
+                out.put_u16(*p);
+            }
+        }
+        Ok(postgres::types::IsNull::No)
+    }
+    fn accepts(ty: &Type) -> bool {
+        ty.name() == "tsvector"
+    }
+    postgres::types::to_sql_checked!();
+}
+
 /// A vector as a statement parameter of the embedding column's type (`halfvec` or `vector`).
 fn param(v: &[f32], half: bool) -> Box<dyn ToSql + Sync> {
     if half {
@@ -203,6 +249,7 @@ impl Store for PgStore {
              CREATE INDEX IF NOT EXISTS {t}_hash ON {t} (hash);"
         ))
         .map_err(&err)?;
+        ensure_lexical(&mut tx, &t)?;
         let current: Option<String> = tx
             .query_opt(
                 &format!("SELECT value FROM {t}_meta WHERE key = 'settings'"),
@@ -309,6 +356,8 @@ impl Store for PgStore {
         let t = self.table.clone();
         let err = self_err(&t);
         let mut tx = self.client.transaction().map_err(&err)?;
+        // A table from before the lexical columns gains them before its rows are written.
+        ensure_lexical(&mut tx, &t)?;
         // Vectors of reused chunks, read before the old rows (which may hold them) go.
         let mut have: HashMap<Hash, Vec<f32>> = vectors.iter().cloned().collect();
         let missing: Vec<&[u8]> = files
@@ -344,12 +393,15 @@ impl Store for PgStore {
             )
             .map_err(&err)?;
         }
-        let vtype = tx
-            .prepare(&format!("SELECT embedding FROM {t} LIMIT 0"))
-            .map_err(&err)?
-            .columns()[0]
-            .type_()
-            .clone();
+        let (vtype, tstype) = {
+            let st = tx
+                .prepare(&format!("SELECT embedding, tsv FROM {t} LIMIT 0"))
+                .map_err(&err)?;
+            (
+                st.columns()[0].type_().clone(),
+                st.columns()[1].type_().clone(),
+            )
+        };
         let types = [
             Type::TEXT,
             Type::TEXT,
@@ -364,10 +416,12 @@ impl Store for PgStore {
             Type::BYTEA,
             Type::TEXT,
             vtype,
+            tstype,
+            Type::INT4,
         ];
         let sink = tx
             .copy_in(&format!(
-                "COPY {t} ({ROW_COLUMNS}, embedding) FROM STDIN (FORMAT binary)"
+                "COPY {t} ({ROW_COLUMNS}, embedding, tsv, n_terms) FROM STDIN (FORMAT binary)"
             ))
             .map_err(&err)?;
         let mut writer = BinaryCopyInWriter::new(sink, &types);
@@ -397,6 +451,9 @@ impl Store for PgStore {
                 );
                 let hash = &r.hash[..];
                 let emb = param(v, half);
+                let terms = crate::lexical::of_row(r);
+                let n_terms = terms.len() as i32;
+                let tsv = TsVector::of(&terms);
                 writer
                     .write(&[
                         &r.path,
@@ -412,6 +469,8 @@ impl Store for PgStore {
                         &hash,
                         &r.text,
                         emb.as_ref(),
+                        &tsv,
+                        &n_terms,
                     ])
                     .map_err(&err)?;
             }
@@ -553,12 +612,156 @@ impl Store for PgStore {
         let best = top_k(scored.into_iter(), k);
         let hits = best
             .into_iter()
-            .map(|(score, i)| Hit {
-                score,
-                row: by_index[i].clone(),
-            })
+            .map(|(score, i)| Hit::dense(score, by_index[i].clone()))
             .collect();
         Ok((hits, if exact { Method::Exact } else { Method::Ann }))
+    }
+
+    fn lexical(&mut self, terms: &[String], k: usize, filter: &Filter) -> Result<Vec<Hit>> {
+        if terms.is_empty() || k == 0 || self.meta()?.is_none() {
+            return Ok(Vec::new());
+        }
+        let t = self.table.clone();
+        let err = self_err(&t);
+        let mut tx = self.client.transaction().map_err(&err)?;
+        // An index from before the lexical columns gets them (from the stored texts) on first use.
+        ensure_lexical(&mut tx, &t)?;
+        let stats = tx
+            .query_one(
+                &format!("SELECT count(*), coalesce(sum(n_terms), 0)::bigint FROM {t}"),
+                &[],
+            )
+            .map_err(&err)?;
+        let (n_rows, n_tokens): (i64, i64) = (stats.get(0), stats.get(1));
+        // Terms are letters and digits only, quoted as lexemes of a tsquery.
+        let tsquery = terms
+            .iter()
+            .map(|x| format!("'{x}'"))
+            .collect::<Vec<_>>()
+            .join(" | ");
+        // Every row holding a term (as FTS5 reads every match): its term counts, length and place.
+        let found = tx
+            .query(
+                &format!(
+                    "SELECT c.id, c.path, c.lang, c.start_byte, c.n_terms, u.lexeme,
+                            cardinality(u.positions)::int, c.end_byte
+                     FROM {t} c CROSS JOIN LATERAL unnest(c.tsv) u
+                     WHERE c.tsv @@ $1::text::tsquery AND u.lexeme = ANY($2)"
+                ),
+                &[&tsquery, &terms],
+            )
+            .map_err(&err)?;
+        let slot: HashMap<&str, usize> = terms
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (x.as_str(), i))
+            .collect();
+        struct Cand {
+            path: String,
+            lang: String,
+            start: i64,
+            end: i64,
+            len: i32,
+            tf: Vec<f64>,
+        }
+        let mut cands: HashMap<i64, Cand> = HashMap::new();
+        let mut df = vec![0f64; terms.len()];
+        for r in &found {
+            let lexeme: &str = r.get(5);
+            let Some(&i) = slot.get(lexeme) else { continue };
+            let c = cands.entry(r.get(0)).or_insert_with(|| Cand {
+                path: r.get(1),
+                lang: r.get(2),
+                start: r.get(3),
+                end: r.get(7),
+                len: r.get(4),
+                tf: vec![0.0; terms.len()],
+            });
+            c.tf[i] = r.get::<_, i32>(6) as f64;
+            df[i] += 1.0;
+        }
+        let (n, avgdl) = (n_rows as f64, n_tokens as f64 / (n_rows as f64).max(1.0));
+        let mut scored: Vec<(f64, &Cand, i64)> = cands
+            .iter()
+            .filter(|(_, c)| filter.accepts(&c.path, &c.lang))
+            .map(|(id, c)| {
+                (
+                    crate::lexical::bm25(&c.tf, &df, c.len as f64, n, avgdl),
+                    c,
+                    *id,
+                )
+            })
+            .collect();
+        scored.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then_with(|| (&a.1.path, a.1.start, a.1.end).cmp(&(&b.1.path, b.1.start, b.1.end)))
+        });
+        scored.truncate(k);
+        let ids: Vec<i64> = scored.iter().map(|s| s.2).collect();
+        let rows = tx
+            .query(
+                &format!("SELECT {ROW_COLUMNS}, id FROM {t} WHERE id = ANY($1)"),
+                &[&ids],
+            )
+            .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        let mut by_id: HashMap<i64, Row> = HashMap::new();
+        for r in &rows {
+            by_id.insert(r.get(12), read_row(r, &t)?);
+        }
+        Ok(scored
+            .into_iter()
+            .filter_map(|(s, _, id)| by_id.remove(&id).map(|row| Hit::lexical(s as f32, row)))
+            .collect())
+    }
+
+    fn symbols(&mut self, name: &str, limit: usize, filter: &Filter) -> Result<Vec<Row>> {
+        if name.is_empty() || limit == 0 || self.meta()?.is_none() {
+            return Ok(Vec::new());
+        }
+        let t = self.table.clone();
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM {t} WHERE symbol = $1 OR symbol LIKE $2 ESCAPE '\\'"
+                ),
+                &[&name, &super::like_suffix(name)],
+            )
+            .map_err(self.err())?;
+        let rows = rows
+            .iter()
+            .map(|r| read_row(r, &t))
+            .collect::<Result<Vec<Row>>>()?;
+        Ok(super::rank_symbols(rows, name, limit, filter))
+    }
+
+    fn setting(&mut self, key: &str) -> Result<Option<String>> {
+        if self.meta()?.is_none() {
+            return Ok(None);
+        }
+        let t = self.table.clone();
+        Ok(self
+            .client
+            .query_opt(
+                &format!("SELECT value FROM {t}_meta WHERE key = $1"),
+                &[&format!("user.{key}")],
+            )
+            .map_err(self.err())?
+            .map(|r| r.get(0)))
+    }
+
+    fn set_setting(&mut self, key: &str, value: &str) -> Result<()> {
+        let t = self.table.clone();
+        self.client
+            .execute(
+                &format!(
+                    "INSERT INTO {t}_meta VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2"
+                ),
+                &[&format!("user.{key}"), &value],
+            )
+            .map_err(self.err())?;
+        Ok(())
     }
 
     fn rows(&mut self) -> Result<Vec<(Row, Vec<f32>)>> {
@@ -578,6 +781,65 @@ impl Store for PgStore {
             .map(|r| Ok((read_row(r, &t)?, embedding(r, 12, half))))
             .collect()
     }
+}
+
+/// The lexical columns (`tsv`: the terms of [`crate::lexical`] as a `tsvector` with a GIN index;
+/// `n_terms`: how many), added to a table from before them and made again from the stored texts when
+/// the term rules changed. In the caller's transaction; one table migrates at a time.
+fn ensure_lexical(tx: &mut postgres::Transaction, t: &str) -> Result<()> {
+    let err = self_err(t);
+    let want = crate::lexical::VERSION.to_string();
+    let current = |tx: &mut postgres::Transaction| -> Result<Option<String>> {
+        Ok(tx
+            .query_opt(
+                &format!("SELECT value FROM {t}_meta WHERE key = 'lexical'"),
+                &[],
+            )
+            .map_err(self_err(t))?
+            .map(|r| r.get(0)))
+    };
+    if current(tx)?.as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1 || '_lexical'))",
+        &[&t],
+    )
+    .map_err(&err)?;
+    if current(tx)?.as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    tx.batch_execute(&format!(
+        "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS tsv tsvector,
+                        ADD COLUMN IF NOT EXISTS n_terms integer;
+         CREATE INDEX IF NOT EXISTS {t}_tsv ON {t} USING gin (tsv);"
+    ))
+    .map_err(&err)?;
+    let rows = tx
+        .query(&format!("SELECT id, path, symbol, text FROM {t}"), &[])
+        .map_err(&err)?;
+    let update = tx
+        .prepare(&format!(
+            "UPDATE {t} SET tsv = $2, n_terms = $3 WHERE id = $1"
+        ))
+        .map_err(&err)?;
+    for r in &rows {
+        let terms = crate::lexical::row_terms(r.get(1), r.get(2), r.get(3));
+        let id: i64 = r.get(0);
+        tx.execute(
+            &update,
+            &[&id, &TsVector::of(&terms), &(terms.len() as i32)],
+        )
+        .map_err(&err)?;
+    }
+    tx.execute(
+        &format!(
+            "INSERT INTO {t}_meta VALUES ('lexical', $1) ON CONFLICT (key) DO UPDATE SET value = $1"
+        ),
+        &[&want],
+    )
+    .map_err(&err)?;
+    Ok(())
 }
 
 /// A PostgreSQL error as the index reports it: the table, and the server's SQLSTATE and message.

@@ -31,8 +31,8 @@ pub struct SqliteStore {
     ann_threshold: usize,
     cache: Option<Loaded>,
     exact: bool,
-    /// The settings, read once at open and replaced by `init` (every search and commit needs the
-    /// dimension).
+    /// The settings, read at open, by `init` and again by every `meta` call and search (every
+    /// search and commit needs the dimension).
     meta: Option<Meta>,
 }
 
@@ -141,7 +141,55 @@ impl SqliteStore {
             meta: None,
         };
         store.meta = store.read_meta()?;
+        store.ensure_lexical()?;
         Ok(store)
+    }
+
+    /// The lexical index (FTS5 over the terms of [`crate::lexical`]), created, or made again from the
+    /// stored rows when the term rules changed (an index from before it gets one without embedding
+    /// anything).
+    fn ensure_lexical(&mut self) -> Result<()> {
+        let want = crate::lexical::VERSION.to_string();
+        let exists: bool = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'lexical'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(self.err())?
+            > 0;
+        if exists && self.meta_value("lexical")?.as_deref() == Some(want.as_str()) {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        let tx = self.conn.transaction().map_err(&err)?;
+        if exists {
+            tx.execute("DROP TABLE lexical", []).map_err(&err)?;
+        }
+        tx.execute(LEXICAL_TABLE, []).map_err(&err)?;
+        {
+            let mut read = tx
+                .prepare("SELECT id, path, symbol, text FROM chunks")
+                .map_err(&err)?;
+            let mut add = tx
+                .prepare("INSERT INTO lexical (rowid, terms) VALUES (?1, ?2)")
+                .map_err(&err)?;
+            let mut rows = read.query([]).map_err(&err)?;
+            while let Some(r) = rows.next().map_err(&err)? {
+                let id: i64 = r.get(0).map_err(&err)?;
+                let p: String = r.get(1).map_err(&err)?;
+                let sym: Option<String> = r.get(2).map_err(&err)?;
+                let text: String = r.get(3).map_err(&err)?;
+                let terms = crate::lexical::row_terms(&p, sym.as_deref(), &text);
+                add.execute(params![id, terms.join(" ")]).map_err(&err)?;
+            }
+        }
+        tx.execute("INSERT OR REPLACE INTO meta VALUES ('lexical', ?1)", [want])
+            .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(())
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -293,7 +341,7 @@ impl SqliteStore {
                 .map_err(self.err())?;
             for row in rows {
                 if filter.accepts(&row.path, &row.lang) {
-                    hits.push(Hit { score, row });
+                    hits.push(Hit::dense(score, row));
                     if hits.len() == k {
                         return Ok(hits);
                     }
@@ -421,6 +469,10 @@ impl SqliteStore {
         for id in stmt.query_map([path], |r| r.get(0))? {
             candidates.push(id?);
         }
+        tx.prepare_cached(
+            "DELETE FROM lexical WHERE rowid IN (SELECT id FROM chunks WHERE path = ?1)",
+        )?
+        .execute([path])?;
         tx.prepare_cached("DELETE FROM chunks WHERE path = ?1")?
             .execute([path])?;
         Ok(())
@@ -573,6 +625,11 @@ fn build_ann(
     }
 }
 
+/// The lexical index: contentless (the terms are made again from `chunks` whenever needed), rows
+/// deletable, and a tokenizer that keeps every character [`crate::lexical`] puts in a term.
+const LEXICAL_TABLE: &str = "CREATE VIRTUAL TABLE lexical USING fts5(terms, content='', \
+     contentless_delete=1, tokenize=\"unicode61 remove_diacritics 0 categories 'L* N* Co M*'\")";
+
 const ROW_COLUMNS: &str = "chunks.path, chunks.lang, chunks.kind, chunks.symbol, chunks.start_line,
     chunks.end_line, chunks.start_byte, chunks.end_byte, chunks.part, chunks.parts, chunks.hash, chunks.text";
 
@@ -632,6 +689,9 @@ fn hash_blob(r: &rusqlite::Row, i: usize) -> rusqlite::Result<Hash> {
 
 impl Store for SqliteStore {
     fn meta(&mut self) -> Result<Option<Meta>> {
+        // Read again: another connection (an indexer beside a searcher, another process) may
+        // have created or replaced the index since this one opened.
+        self.meta = self.read_meta()?;
         Ok(self.meta.clone())
     }
 
@@ -642,7 +702,8 @@ impl Store for SqliteStore {
         let tx = self.conn.transaction().map_err(&err)?;
         if replace {
             tx.execute_batch(
-                "DELETE FROM chunks; DELETE FROM files; DELETE FROM vectors; DELETE FROM ann_log;
+                "INSERT INTO lexical (lexical) VALUES ('delete-all');
+                 DELETE FROM chunks; DELETE FROM files; DELETE FROM vectors; DELETE FROM ann_log;
                  DELETE FROM meta WHERE key = 'ann_revision';",
             )
             .map_err(&err)?;
@@ -752,6 +813,9 @@ impl Store for SqliteStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 )
                 .map_err(&err)?;
+            let mut add_terms = tx
+                .prepare_cached("INSERT INTO lexical (rowid, terms) VALUES (?1, ?2)")
+                .map_err(&err)?;
             for f in files {
                 Self::delete_rows(&tx, &f.path, &mut candidates).map_err(&err)?;
                 file.execute(params![&f.path, &f.file_hash[..]])
@@ -784,6 +848,12 @@ impl Store for SqliteStore {
                             &r.hash[..],
                             &r.text,
                             id
+                        ])
+                        .map_err(&err)?;
+                    add_terms
+                        .execute(params![
+                            tx.last_insert_rowid(),
+                            crate::lexical::of_row(r).join(" ")
                         ])
                         .map_err(&err)?;
                 }
@@ -837,6 +907,7 @@ impl Store for SqliteStore {
     }
 
     fn search(&mut self, query: &[f32], k: usize, filter: &Filter) -> Result<(Vec<Hit>, Method)> {
+        self.meta()?;
         let dim = self.dimension()?;
         if dim == 0 {
             return Ok((Vec::new(), Method::Exact));
@@ -879,6 +950,93 @@ impl Store for SqliteStore {
             k,
         );
         Ok((self.rows_of_vectors(&scored, k, filter)?, Method::Exact))
+    }
+
+    fn lexical(&mut self, terms: &[String], k: usize, filter: &Filter) -> Result<Vec<Hit>> {
+        if terms.is_empty() || k == 0 {
+            return Ok(Vec::new());
+        }
+        // Terms are letters and digits only: quoted, each is one FTS5 phrase.
+        let query = terms
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let mut scored: Vec<(f64, String, i64, i64, i64)> = Vec::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT s.id, s.score, c.path, c.lang, c.start_byte, c.end_byte
+                     FROM (SELECT rowid AS id, bm25(lexical) AS score FROM lexical
+                           WHERE lexical MATCH ?1) s
+                     JOIN chunks c ON c.id = s.id",
+                )
+                .map_err(self.err())?;
+            let mut rows = stmt.query([&query]).map_err(self.err())?;
+            while let Some(r) = rows.next().map_err(self.err())? {
+                let path: String = r.get(2).map_err(self.err())?;
+                let lang: String = r.get(3).map_err(self.err())?;
+                if filter.accepts(&path, &lang) {
+                    let score: f64 = r.get(1).map_err(self.err())?;
+                    scored.push((
+                        -score,
+                        path,
+                        r.get(4).map_err(self.err())?,
+                        r.get(5).map_err(self.err())?,
+                        r.get(0).map_err(self.err())?,
+                    ));
+                }
+            }
+        }
+        scored.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then_with(|| (&a.1, a.2, a.3).cmp(&(&b.1, b.2, b.3)))
+        });
+        scored.truncate(k);
+        let mut get = self
+            .conn
+            .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM chunks WHERE id = ?1"))
+            .map_err(self.err())?;
+        scored
+            .into_iter()
+            .map(|(score, _, _, _, id)| {
+                let row = get.query_row([id], read_row).map_err(self.err())?;
+                Ok(Hit::lexical(score as f32, row))
+            })
+            .collect()
+    }
+
+    fn symbols(&mut self, name: &str, limit: usize, filter: &Filter) -> Result<Vec<Row>> {
+        if name.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {ROW_COLUMNS} FROM chunks WHERE symbol = ?1 OR symbol LIKE ?2 ESCAPE '\\'"
+            ))
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![name, super::like_suffix(name)], read_row)
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<Row>>>()
+            .map_err(self.err())?;
+        Ok(super::rank_symbols(rows, name, limit, filter))
+    }
+
+    fn setting(&mut self, key: &str) -> Result<Option<String>> {
+        self.meta_value(&format!("user.{key}"))
+    }
+
+    fn set_setting(&mut self, key: &str, value: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta VALUES (?1, ?2)",
+                params![format!("user.{key}"), value],
+            )
+            .map_err(self.err())?;
+        Ok(())
     }
 
     fn rows(&mut self) -> Result<Vec<(Row, Vec<f32>)>> {
