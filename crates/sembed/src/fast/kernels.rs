@@ -231,7 +231,7 @@ multiversion! {
 
 /// `1 / sqrt(mean(x²) + eps)` of one row.
 #[inline(always)]
-fn inv_rms(row: &[f32], eps: f32) -> f32 {
+pub(crate) fn inv_rms(row: &[f32], eps: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {

@@ -15,6 +15,7 @@ pub mod linear;
 pub mod load;
 pub mod quant;
 pub mod train;
+pub mod train_qwen;
 pub mod transformer;
 
 pub use transformer::release_scratch;

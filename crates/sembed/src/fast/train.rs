@@ -234,7 +234,15 @@ fn par_for(m: usize, n: usize, k: usize) -> Parallelism {
 
 /// `y[t, out] = x[t, in] · w[out, in]ᵀ`, rows of `y` `stride` apart (a column block of a wider
 /// matrix when `stride > out`).
-fn linear(x: &[f32], w: &[f32], t: usize, inp: usize, out: usize, y: &mut [f32], stride: usize) {
+pub(super) fn linear(
+    x: &[f32],
+    w: &[f32],
+    t: usize,
+    inp: usize,
+    out: usize,
+    y: &mut [f32],
+    stride: usize,
+) {
     matmul_acc(
         t,
         out,
@@ -252,7 +260,7 @@ fn linear(x: &[f32], w: &[f32], t: usize, inp: usize, out: usize, y: &mut [f32],
 
 /// `dx[t, in] (+)= dy[t, out] · w[out, in]`, rows of `dy` `stride` apart.
 #[allow(clippy::too_many_arguments)]
-fn linear_dx(
+pub(super) fn linear_dx(
     dy: &[f32],
     stride: usize,
     w: &[f32],
@@ -278,7 +286,14 @@ fn linear_dx(
 }
 
 /// `dw[out, in] = dy[t, out]ᵀ · x[t, in]`, rows of `dy` `stride` apart.
-fn linear_dw(dy: &[f32], stride: usize, x: &[f32], t: usize, inp: usize, out: usize) -> Vec<f32> {
+pub(super) fn linear_dw(
+    dy: &[f32],
+    stride: usize,
+    x: &[f32],
+    t: usize,
+    inp: usize,
+    out: usize,
+) -> Vec<f32> {
     let mut dw = vec![0f32; out * inp];
     matmul_acc(
         out,
@@ -297,13 +312,13 @@ fn linear_dw(dy: &[f32], stride: usize, x: &[f32], t: usize, inp: usize, out: us
 }
 
 /// Rows per parallel block of a `[t, width]` pass: a few blocks per thread.
-fn block_rows(t: usize, width: usize) -> usize {
+pub(super) fn block_rows(t: usize, width: usize) -> usize {
     let per = t.div_ceil(threads() * 4).max(1);
     per.max((4096 / width.max(1)).max(1))
 }
 
 /// Column sums of `x[t, n]`.
-fn col_sums(x: &[f32], n: usize) -> Vec<f32> {
+pub(super) fn col_sums(x: &[f32], n: usize) -> Vec<f32> {
     let t = x.len() / n;
     let rows = block_rows(t, n);
     x.par_chunks(rows * n)
@@ -394,7 +409,7 @@ multiversion! {
 
 multiversion! {
     /// Softmax backward in place: `dp ← scale · p ⊙ (dp − Σ_j dp ⊙ p)` per row of `n`.
-    fn softmax_backward_rows(dp: &mut [f32], p: &[f32], n: usize, scale: f32) {
+    pub(super) fn softmax_backward_rows(dp: &mut [f32], p: &[f32], n: usize, scale: f32) {
         for (dr, pr) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
             let mut dot = 0f32;
             for i in 0..n {
@@ -408,7 +423,7 @@ multiversion! {
 }
 
 /// Split `buf` into consecutive pieces of the given lengths.
-fn split_mut(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
+pub(super) fn split_mut(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
     let mut out = Vec::new();
     for n in lens {
         let (a, b) = std::mem::take(&mut buf).split_at_mut(n);
@@ -599,7 +614,6 @@ pub fn layer_forward(
     c: &Ctx,
     dr: &LayerDropout,
 ) -> (Vec<f32>, Saved) {
-    LAYER_PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let Dims {
         hidden: h,
         heads: nh,
@@ -893,42 +907,36 @@ fn view<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout) -> Result<&'a 
 /// Run `f` on the layers' weights read in place (under candle's read locks; the optimiser, which
 /// writes them, runs only between steps). Reading them costs no copy of the model per call, which
 /// matters with GradCache (a call per mini-batch and pass).
-fn with_weights<R>(params: &[LayerParams], f: impl FnOnce(&[LayerWeights<'_>]) -> R) -> Result<R> {
+fn with_weights<R>(params: &[Vec<Tensor>], f: impl FnOnce(&[Vec<&[f32]>]) -> R) -> Result<R> {
     let guards: Vec<Vec<_>> = params
         .iter()
         .map(|p| p.iter().map(Tensor::storage_and_layout).collect())
         .collect();
     let mut weights = Vec::with_capacity(params.len());
     for g in &guards {
-        let v = |i: usize| -> Result<&[f32]> {
-            let (s, l): &(candle_core::StorageRef<'_>, &candle_core::Layout) = &g[i];
-            view(s, l)
-        };
-        weights.push(LayerWeights {
-            wqkv: [v(0)?, v(2)?, v(4)?],
-            bqkv: [v(1)?, v(3)?, v(5)?].concat(),
-            wo: v(6)?,
-            bo: v(7)?,
-            ln1_g: v(8)?,
-            ln1_b: v(9)?,
-            w1: v(10)?,
-            b1: v(11)?,
-            w2: v(12)?,
-            b2: v(13)?,
-            ln2_g: v(14)?,
-            ln2_b: v(15)?,
-        });
+        let layer = g
+            .iter()
+            .map(|(s, l)| view(s, l))
+            .collect::<Result<Vec<&[f32]>>>()?;
+        weights.push(layer);
     }
     Ok(f(&weights))
 }
 
 /// Whether this pass can train a layer stack with these parameters: f32 variables on the CPU.
-pub fn supports(params: &[LayerParams]) -> bool {
+pub fn supports<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> bool {
     enabled()
         && params
-            .iter()
-            .flatten()
+            .into_iter()
             .all(|t| t.is_variable() && t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+/// Whether this pass can read these parameters, trained (variables) or frozen: f32 on the CPU.
+pub fn readable<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> bool {
+    enabled()
+        && params
+            .into_iter()
+            .all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
 }
 
 type GradSlots = Arc<Mutex<Vec<Option<Tensor>>>>;
@@ -966,39 +974,49 @@ impl candle_core::CustomOp1 for ParamSink {
     }
 }
 
-struct Encoder {
-    params: Vec<LayerParams>,
+/// A stack of layers this pass differentiates, one architecture's: the forward and backward of one
+/// layer on packed rows `[T, H]`, its weights read in place in the order of the parameter list the
+/// model hands [`run_stack`]. Everything else a layer reads (shapes, sequences, dropout masks,
+/// rotary tables) is the implementor's.
+pub(crate) trait Layers: Send + Sync + 'static {
+    /// What one layer's backward reads.
+    type Saved: Send + 'static;
+    /// The op's name in candle's graph.
+    const NAME: &'static str;
+    fn forward(&self, layer: usize, w: &[&[f32]], x: Vec<f32>) -> (Vec<f32>, Self::Saved);
+    /// The gradient of the layer's input and of each of its weights, in the parameter list's order
+    /// (an empty vector for a weight that is not trained).
+    fn backward(
+        &self,
+        layer: usize,
+        w: &[&[f32]],
+        saved: Self::Saved,
+        dy: &[f32],
+    ) -> (Vec<f32>, Vec<Vec<f32>>);
+}
+
+struct Encoder<L: Layers> {
+    params: Vec<Vec<Tensor>>,
     shapes: Vec<Vec<usize>>,
-    dims: Dims,
-    seqs: Vec<Seq>,
+    /// Per parameter (layer after layer): a variable, whose gradient candle gets.
+    trained: Vec<bool>,
+    layers: L,
     tokens: usize,
-    grid_cols: usize,
-    dropout: Vec<LayerDropout>,
+    hidden: usize,
     /// Per layer: everything backward reads, or (checkpointed) only the layer's input.
-    saved: Mutex<Vec<Option<Saved>>>,
+    saved: Mutex<Vec<Option<L::Saved>>>,
     inputs: Mutex<Vec<Option<Vec<f32>>>>,
     out: Mutex<Option<Vec<f32>>>,
     slots: GradSlots,
-}
-
-impl Encoder {
-    fn ctx(&self) -> Ctx<'_> {
-        Ctx {
-            dims: self.dims,
-            seqs: &self.seqs,
-            tokens: self.tokens,
-            grid_cols: self.grid_cols,
-        }
-    }
 }
 
 fn msg(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-impl candle_core::CustomOp2 for Encoder {
+impl<L: Layers> candle_core::CustomOp2 for Encoder<L> {
     fn name(&self) -> &'static str {
-        "fast-train-bert-encoder"
+        L::NAME
     }
 
     fn cpu_fwd(
@@ -1016,7 +1034,7 @@ impl candle_core::CustomOp2 for Encoder {
             .ok_or_else(|| msg("encoder output taken twice"))?;
         Ok((
             candle_core::CpuStorage::F32(out),
-            candle_core::Shape::from((self.tokens, self.dims.hidden)),
+            candle_core::Shape::from((self.tokens, self.hidden)),
         ))
     }
 
@@ -1028,11 +1046,10 @@ impl candle_core::CustomOp2 for Encoder {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let d = grad.flatten_all()?.to_vec1::<f32>()?;
-        let c = self.ctx();
         let n = self.params.len();
         let (d, grads) = with_weights(&self.params, |weights| {
             let mut d = d;
-            let mut grads: Vec<LayerGrads> = Vec::with_capacity(n);
+            let mut grads: Vec<Vec<Vec<f32>>> = Vec::with_capacity(n);
             for l in (0..n).rev() {
                 let saved = match self.saved.lock().expect("not poisoned")[l].take() {
                     Some(s) => s,
@@ -1042,10 +1059,10 @@ impl candle_core::CustomOp2 for Encoder {
                             .take()
                             .ok_or_else(|| msg("encoder backward ran twice"))?;
                         crate::nn::count_recomputed_layer();
-                        layer_forward(&weights[l], x, &c, &self.dropout[l]).1
+                        self.layers.forward(l, &weights[l], x).1
                     }
                 };
-                let (dx, g) = layer_backward(&weights[l], saved, &d, &c, &self.dropout[l]);
+                let (dx, g) = self.layers.backward(l, &weights[l], saved, &d);
                 d = dx;
                 grads.push(g);
             }
@@ -1053,17 +1070,144 @@ impl candle_core::CustomOp2 for Encoder {
             Ok::<_, candle_core::Error>((d, grads))
         })
         .map_err(msg)??;
-        let h = self.dims.hidden;
         let mut slots = self.slots.lock().expect("not poisoned");
         for (k, v) in grads.into_iter().flatten().enumerate() {
+            if !self.trained[k] {
+                continue;
+            }
             slots[k] = Some(Tensor::from_vec(
                 v,
                 self.shapes[k].as_slice(),
                 &candle_core::Device::Cpu,
             )?);
         }
-        let dx = Tensor::from_vec(d, (self.tokens, h), &candle_core::Device::Cpu)?;
+        let dx = Tensor::from_vec(d, (self.tokens, self.hidden), &candle_core::Device::Cpu)?;
         Ok((Some(dx), Some(sink.zeros_like()?)))
+    }
+}
+
+/// A layer stack on packed rows `x [T, H]` (f32), differentiable in `x` and in every parameter
+/// (`params[layer]`, in the order `layers` reads them; constants, e.g. a LoRA run's frozen base
+/// weights, get no gradient): the forward runs now, the backward when
+/// candle back-propagates through the returned tensor. Under activation checkpointing only each
+/// layer's input is kept and the layer is recomputed in the backward pass.
+pub(crate) fn run_stack<L: Layers>(
+    x: &Tensor,
+    params: Vec<Vec<Tensor>>,
+    layers: L,
+) -> Result<Tensor> {
+    let (tokens, hidden) = x.dims2()?;
+    let n = params.len();
+    let checkpointed = crate::nn::checkpointing();
+    let mut cur = host(&x.contiguous()?)?;
+    let mut saved = Vec::with_capacity(n);
+    let mut inputs = Vec::with_capacity(n);
+    with_weights(&params, |weights| {
+        for (l, w) in weights.iter().enumerate() {
+            LAYER_PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Checkpointed, only the input is kept: the activations are recomputed in backward.
+            inputs.push(checkpointed.then(|| cur.clone()));
+            let (out, s) = layers.forward(l, w, std::mem::take(&mut cur));
+            saved.push((!checkpointed).then_some(s));
+            cur = out;
+        }
+    })?;
+    let shapes: Vec<Vec<usize>> = params.iter().flatten().map(|t| t.dims().to_vec()).collect();
+    let trained: Vec<bool> = params.iter().flatten().map(Tensor::is_variable).collect();
+    let enc = Encoder {
+        trained,
+        slots: Arc::new(Mutex::new(vec![None; shapes.len()])),
+        shapes,
+        params,
+        layers,
+        tokens,
+        hidden,
+        saved: Mutex::new(saved),
+        inputs: Mutex::new(inputs),
+        out: Mutex::new(Some(cur)),
+    };
+    let slots = enc.slots.clone();
+    let mut sink: Option<Tensor> = None;
+    for (index, p) in enc.params.iter().flatten().enumerate() {
+        if !enc.trained[index] {
+            continue;
+        }
+        let s = p.apply_op1(ParamSink {
+            slots: slots.clone(),
+            index,
+        })?;
+        sink = Some(match sink {
+            None => s,
+            Some(acc) => (acc + s)?,
+        });
+    }
+    let sink = sink.ok_or_else(|| {
+        Error::InvalidInput("fast training pass: no trained parameter in the layers".into())
+    })?;
+    Ok(x.apply_op2(&sink, enc)?)
+}
+
+/// BERT's layers for [`run_stack`].
+struct BertLayers {
+    dims: Dims,
+    seqs: Vec<Seq>,
+    tokens: usize,
+    grid_cols: usize,
+    dropout: Vec<LayerDropout>,
+}
+
+impl BertLayers {
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            dims: self.dims,
+            seqs: &self.seqs,
+            tokens: self.tokens,
+            grid_cols: self.grid_cols,
+        }
+    }
+}
+
+/// The weights of one BERT layer from its parameter list ([`LayerParams`] order).
+fn bert_weights<'a>(w: &[&'a [f32]]) -> LayerWeights<'a> {
+    LayerWeights {
+        wqkv: [w[0], w[2], w[4]],
+        bqkv: [w[1], w[3], w[5]].concat(),
+        wo: w[6],
+        bo: w[7],
+        ln1_g: w[8],
+        ln1_b: w[9],
+        w1: w[10],
+        b1: w[11],
+        w2: w[12],
+        b2: w[13],
+        ln2_g: w[14],
+        ln2_b: w[15],
+    }
+}
+
+impl Layers for BertLayers {
+    type Saved = Saved;
+    const NAME: &'static str = "fast-train-bert-encoder";
+
+    fn forward(&self, layer: usize, w: &[&[f32]], x: Vec<f32>) -> (Vec<f32>, Saved) {
+        layer_forward(&bert_weights(w), x, &self.ctx(), &self.dropout[layer])
+    }
+
+    fn backward(
+        &self,
+        layer: usize,
+        w: &[&[f32]],
+        saved: Saved,
+        dy: &[f32],
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let (dx, g) = layer_backward(
+            &bert_weights(w),
+            saved,
+            dy,
+            &self.ctx(),
+            &self.dropout[layer],
+        );
+        (dx, g.into())
     }
 }
 
@@ -1087,73 +1231,30 @@ pub fn encoder(
         )));
     }
     let n = params.len();
-    let (dropout, draws) = match crate::nn::dropout_state() {
+    let dropout = match crate::nn::dropout_state() {
         Some(state) => {
             let (d, used) =
                 reserve_dropout(state, n, p_attention, p_hidden, grid, dims.heads, tokens, h);
-            (d, Some(used))
+            crate::nn::advance_dropout(used);
+            d
         }
-        None => (
-            vec![
-                LayerDropout {
-                    attention: Stream::off(),
-                    attn_out: Stream::off(),
-                    mlp_out: Stream::off(),
-                };
-                n
-            ],
-            None,
-        ),
+        None => vec![
+            LayerDropout {
+                attention: Stream::off(),
+                attn_out: Stream::off(),
+                mlp_out: Stream::off(),
+            };
+            n
+        ],
     };
-    if let Some(used) = draws {
-        crate::nn::advance_dropout(used);
-    }
-    let checkpointed = crate::nn::checkpointing();
-    let mut cur = host(&x.contiguous()?)?;
-    let mut saved = Vec::with_capacity(n);
-    let mut inputs = Vec::with_capacity(n);
-    let c = Ctx {
-        dims,
-        seqs: &seqs,
-        tokens,
-        grid_cols: grid.1,
-    };
-    with_weights(params, |weights| {
-        for (w, dr) in weights.iter().zip(&dropout) {
-            // Checkpointed, only the input is kept: the activations are recomputed in backward.
-            inputs.push(checkpointed.then(|| cur.clone()));
-            let (out, s) = layer_forward(w, std::mem::take(&mut cur), &c, dr);
-            saved.push((!checkpointed).then_some(s));
-            cur = out;
-        }
-    })?;
-    let enc = Encoder {
-        params: params.to_vec(),
-        shapes: params.iter().flatten().map(|t| t.dims().to_vec()).collect(),
+    let layers = BertLayers {
         dims,
         seqs,
         tokens,
         grid_cols: grid.1,
         dropout,
-        saved: Mutex::new(saved),
-        inputs: Mutex::new(inputs),
-        out: Mutex::new(Some(cur)),
-        slots: Arc::new(Mutex::new(vec![None; n * 16])),
     };
-    let slots = enc.slots.clone();
-    let mut sink: Option<Tensor> = None;
-    for (index, p) in params.iter().flatten().enumerate() {
-        let s = p.apply_op1(ParamSink {
-            slots: slots.clone(),
-            index,
-        })?;
-        sink = Some(match sink {
-            None => s,
-            Some(acc) => (acc + s)?,
-        });
-    }
-    let sink = sink.ok_or_else(|| Error::InvalidInput("fast training pass: no layers".into()))?;
-    Ok(x.apply_op2(&sink, enc)?)
+    run_stack(x, params.iter().map(|p| p.to_vec()).collect(), layers)
 }
 
 #[cfg(test)]

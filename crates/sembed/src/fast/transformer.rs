@@ -686,7 +686,7 @@ fn residual_norm(n: &Norm, x: &mut [f32], y: &[f32], bias: Option<&[f32]>, eps: 
 
 /// `cos` then `sin` tables `[positions, head_dim / 2]`, computed as the reference does (f32 inverse
 /// frequencies `1 / θ^(2i/d)`, f32 products, f32 cos/sin).
-fn rope_tables(theta: f64, hd: usize, positions: usize, out: &mut [f32]) {
+pub(crate) fn rope_tables(theta: f64, hd: usize, positions: usize, out: &mut [f32]) {
     let half = hd / 2;
     let (cos, sin) = out.split_at_mut(positions * half);
     let inv: Vec<f32> = (0..half)

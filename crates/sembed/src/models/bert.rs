@@ -180,7 +180,7 @@ impl Bert {
         }
         let eps = self.layers.first().map_or(1e-12, |l| l.attn_norm.eps);
         if params.is_empty()
-            || !train::supports(&params)
+            || !train::supports(params.iter().flatten())
             || self.layers.iter().any(|l| l.out_norm.eps != eps)
         {
             return Ok(None);

@@ -121,10 +121,110 @@ fn layer(l: &Layer, x: &Tensor, c: &LayerCtx) -> Result<Tensor> {
     Ok((x + l.down.forward(&m)?)?)
 }
 
+impl Qwen {
+    /// The layers through the fast engine's training pass ([`crate::fast::train_qwen`]) when it can
+    /// run them: a training run (some layer parameter a variable) on f32 CPU weights, trained in
+    /// full or frozen with LoRA adapters, no attention or adapter dropout in effect. None: run
+    /// candle's layers.
+    fn fast_training(&self, x: &Tensor, batch: &Batch) -> Result<Option<Tensor>> {
+        use crate::fast::{train, train_qwen};
+        let cfg = &self.cfg;
+        let off = |p: f64| nn::dropout_probability(p).unwrap_or(0.0) <= 0.0;
+        if !off(cfg.attention_dropout) {
+            return Ok(None);
+        }
+        fn projections(l: &Layer) -> [&Linear; 7] {
+            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+        }
+        let Some(first) = self.layers.first() else {
+            return Ok(None);
+        };
+        let mut lora = [None; 7];
+        for (slot, lin) in lora.iter_mut().zip(projections(first)) {
+            if let Some((a, _, scale)) = &lin.lora {
+                *slot = Some((a.dim(0)?, *scale as f32));
+            }
+        }
+        let dims = train_qwen::QwenDims {
+            hidden: cfg.hidden_size,
+            q_heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            inter: cfg.intermediate_size,
+            eps: cfg.rms_norm_eps as f32,
+            rope_theta: cfg.rope_theta,
+            causal: cfg.causal,
+            qkv_bias: cfg.attention_bias,
+            qk_norm: cfg.qk_norm,
+            lora,
+        };
+        let mut params = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let mut p = vec![l.input_norm.weight.clone()];
+            let mut adapters = Vec::new();
+            for (lin, want) in projections(l).into_iter().zip(&dims.lora) {
+                match (&lin.lora, want) {
+                    (Some((a, b, scale)), Some((rank, s)))
+                        if a.dim(0)? == *rank && *scale as f32 == *s && off(lin.lora_dropout) =>
+                    {
+                        adapters.extend([a.clone(), b.clone()]);
+                    }
+                    (None, None) => {}
+                    _ => return Ok(None),
+                }
+            }
+            p.extend([l.q.weight.clone(), l.k.weight.clone(), l.v.weight.clone()]);
+            for lin in [&l.q, &l.k, &l.v] {
+                match (&lin.bias, dims.qkv_bias) {
+                    (Some(b), true) => p.push(b.clone()),
+                    (None, false) => {}
+                    _ => return Ok(None),
+                }
+            }
+            p.push(l.o.weight.clone());
+            match (&l.q_norm, &l.k_norm) {
+                (Some(q), Some(k)) => p.extend([q.weight.clone(), k.weight.clone()]),
+                (None, None) => {}
+                _ => return Ok(None),
+            }
+            p.extend([
+                l.post_norm.weight.clone(),
+                l.gate.weight.clone(),
+                l.up.weight.clone(),
+                l.down.weight.clone(),
+            ]);
+            p.extend(adapters);
+            params.push(p);
+        }
+        // Inference (no variable anywhere) runs the inference paths.
+        if !params.iter().flatten().any(Tensor::is_variable)
+            || !train::readable(params.iter().flatten())
+        {
+            return Ok(None);
+        }
+        let mut seqs = Vec::with_capacity(batch.mask_rows.len());
+        let mut start = 0;
+        for m in &batch.mask_rows {
+            let len = m.iter().filter(|&&v| v != 0).count();
+            seqs.push(train::Seq {
+                start,
+                len,
+                row: seqs.len(),
+                col0: 0,
+            });
+            start += len;
+        }
+        Ok(Some(train_qwen::encoder(x, params, dims, seqs)?))
+    }
+}
+
 impl Encoder for Qwen {
     fn forward(&self, batch: &Batch) -> Result<Tensor> {
         let cfg = &self.cfg;
         let mut x = nn::embedding(&self.embed, &batch.packed_ids)?;
+        if let Some(y) = self.fast_training(&x, batch)? {
+            return self.norm.forward(&y);
+        }
         let (cos, sin) =
             nn::rope_tables(&batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype())?;
         let c = LayerCtx {
