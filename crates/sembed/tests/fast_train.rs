@@ -215,3 +215,77 @@ fn fast_pass_lora_equals_candle_on_tiny_qwen() {
         }
     }
 }
+
+/// jina-embeddings-v3 through the fast pass (the BERT pass with rotary positions and the task
+/// adapters on Wqkv, out_proj, fc1, fc2): the loss and every gradient, the stacked adapters' included
+/// (zero outside the task's slice), with dropout off and on (candle's masks), GradCache and
+/// checkpointing; and without a task (base weights only).
+#[test]
+fn fast_pass_equals_candle_on_tiny_jina() {
+    let model = fixture("jina-v3-tiny");
+    let cases = [
+        (Some("retrieval.passage"), MNRL, Some(0.0), None, false),
+        (Some("retrieval.query"), TRIPLET, None, None, false),
+        (Some("retrieval.passage"), MNRL, Some(0.3), None, false),
+        (Some("retrieval.passage"), MNRL, None, Some(3), true),
+        (None, MNRL, Some(0.0), None, false),
+    ];
+    for (task, loss, dropout, cache, ckpt) in cases {
+        let c = TrainConfig {
+            task: task.map(str::to_string),
+            cache_mini_batch: cache,
+            checkpoint_activations: ckpt,
+            ..config(loss, dropout)
+        };
+        let (dl, dg) = compare(&model, c);
+        let what = format!("{task:?} {loss:?} dropout {dropout:?} cache {cache:?} ckpt {ckpt}");
+        assert!(dl < 1e-5, "{what}: loss differs by {dl:e}");
+        assert!(dg < 5e-4, "{what}: gradient differs by {dg:e}");
+    }
+}
+
+/// PEFT LoRA on BERT through the fast pass (frozen base read in place): after one optimizer step,
+/// every adapter's gradient as candle's graph gives it, with the model's dropout, on query/value
+/// (the default) and on every projection, with GradCache and checkpointing.
+#[test]
+fn fast_pass_lora_equals_candle_on_tiny_bert() {
+    let all: Vec<String> = ["query", "key", "value", "dense"]
+        .map(String::from)
+        .to_vec();
+    for (targets, cache, ckpt) in [
+        (vec![], None, false),
+        (all.clone(), None, false),
+        (all.clone(), Some(3), true),
+    ] {
+        let c = TrainConfig {
+            lora: Some(LoraConfig {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                targets: targets.clone(),
+            }),
+            cache_mini_batch: cache,
+            checkpoint_activations: ckpt,
+            ..config(MNRL, None)
+        };
+        let mut t = Trainer::new(&fixture("bert-tiny"), c, DType::F32, false).unwrap();
+        let ex = examples();
+        let refs: Vec<&Example> = ex.iter().collect();
+        with_candle_kernels(|| t.step(&refs, 0.05)).unwrap();
+        let before = layer_passes();
+        let (fl, fast) = named_gradients(&t, &ex);
+        assert!(
+            layer_passes() > before,
+            "the fast training pass did not run"
+        );
+        let (cl, reference) = with_candle_kernels(|| named_gradients(&t, &ex));
+        let (worst, at) = worst_difference(&fast, &reference);
+        let dl = (fl - cl).abs() / cl.abs();
+        eprintln!("bert-tiny LoRA {targets:?} cache {cache:?} ckpt {ckpt}: loss {fl} vs {cl}, worst {worst:.2e} ({at})");
+        assert!(dl < 1e-5, "{targets:?}: loss differs by {dl:e}");
+        assert!(
+            worst < 5e-4,
+            "{targets:?}: gradient differs by {worst:e} ({at})"
+        );
+    }
+}

@@ -84,26 +84,106 @@ pub struct Seq {
     pub col0: usize,
 }
 
-/// One layer's weights, read in place from candle's storage, in PyTorch's layout (`[out, in]`).
-pub struct LayerWeights<'a> {
-    /// Q, K, V projections.
-    pub wqkv: [&'a [f32]; 3],
-    /// Their biases, stacked (`[3H]`, a copy).
-    pub bqkv: Vec<f32>,
-    pub wo: &'a [f32],
-    pub bo: &'a [f32],
-    pub ln1_g: &'a [f32],
-    pub ln1_b: &'a [f32],
-    pub w1: &'a [f32],
-    pub b1: &'a [f32],
-    pub w2: &'a [f32],
-    pub b2: &'a [f32],
-    pub ln2_g: &'a [f32],
-    pub ln2_b: &'a [f32],
+impl Seq {
+    /// The sequences of a padded batch's mask rows (1: a real token), packed row after row.
+    pub fn of_mask(rows: &[Vec<u32>]) -> Vec<Seq> {
+        let mut seqs = Vec::with_capacity(rows.len());
+        let mut start = 0;
+        for (row, m) in rows.iter().enumerate() {
+            let len = m.iter().filter(|&&v| v != 0).count();
+            let col0 = m.iter().position(|&v| v != 0).unwrap_or(0);
+            seqs.push(Seq {
+                start,
+                len,
+                row,
+                col0,
+            });
+            start += len;
+        }
+        seqs
+    }
 }
 
-/// Gradients of one layer, in the order of [`LayerParams`].
-pub type LayerGrads = [Vec<f32>; 16];
+/// One layer's weights, read in place from candle's storage, in PyTorch's layout (`[out, in]`).
+pub(super) struct LayerWeights<'a> {
+    /// The Q, K, V projections as (first column in the `[T, 3H]` rows, width, projection): three
+    /// of width H (BERT), or one of width 3H (Jina's fused `Wqkv`).
+    pub(super) qkv: Vec<(usize, usize, Proj<'a>)>,
+    /// Their biases, stacked (`[3H]`, a copy).
+    pub(super) bqkv: Vec<f32>,
+    pub(super) o: Proj<'a>,
+    pub(super) bo: &'a [f32],
+    pub(super) ln1_g: &'a [f32],
+    pub(super) ln1_b: &'a [f32],
+    pub(super) w1: Proj<'a>,
+    pub(super) b1: &'a [f32],
+    pub(super) w2: Proj<'a>,
+    pub(super) b2: &'a [f32],
+    pub(super) ln2_g: &'a [f32],
+    pub(super) ln2_b: &'a [f32],
+}
+
+/// Gradients of one layer; a projection's are `[dW, dA, dB]` (empty where not trained or absent).
+pub(super) struct LayerGrads {
+    qkv: Vec<[Vec<f32>; 3]>,
+    bqkv: Vec<f32>,
+    o: [Vec<f32>; 3],
+    bo: Vec<f32>,
+    ln1_g: Vec<f32>,
+    ln1_b: Vec<f32>,
+    w1: [Vec<f32>; 3],
+    b1: Vec<f32>,
+    w2: [Vec<f32>; 3],
+    b2: Vec<f32>,
+    ln2_g: Vec<f32>,
+    ln2_b: Vec<f32>,
+}
+
+/// Rotary tables for positions `0..len` of every sequence: cos, sin and −sin (the backward's
+/// rotation), `[positions, head_dim / 2]` each, computed as the reference does.
+pub(super) struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    neg_sin: Vec<f32>,
+    half: usize,
+}
+
+impl Rope {
+    pub(super) fn new(theta: f64, head_dim: usize, longest: usize) -> Rope {
+        let half = head_dim / 2;
+        let mut cos = vec![0f32; 2 * longest * half];
+        super::transformer::rope_tables(theta, head_dim, longest, &mut cos);
+        let sin = cos.split_off(longest * half);
+        let neg_sin = sin.iter().map(|v| -v).collect();
+        Rope {
+            cos,
+            sin,
+            neg_sin,
+            half,
+        }
+    }
+
+    /// Rotate the first `cols` values (whole heads) of each `width`-wide row by the row's position
+    /// in its sequence, or back (`back`: the transpose, the rotation's backward).
+    pub(super) fn apply(
+        &self,
+        rows: &mut [f32],
+        seqs: &[Seq],
+        width: usize,
+        cols: usize,
+        back: bool,
+    ) {
+        let sin = if back { &self.neg_sin } else { &self.sin };
+        let half = self.half;
+        let parts = split_mut(rows, seqs.iter().map(|q| q.len * width));
+        seqs.par_iter().zip(parts).for_each(|(_, rows)| {
+            for (i, row) in rows.chunks_exact_mut(width).enumerate() {
+                let tab = i * half..(i + 1) * half;
+                kernels::rope(&mut row[..cols], &self.cos[tab.clone()], &sin[tab]);
+            }
+        });
+    }
+}
 
 use crate::rng::{mix, GAMMA};
 
@@ -193,16 +273,20 @@ pub fn reserve_dropout(
 }
 
 /// Everything a layer's pass reads besides its input and weights.
-pub struct Ctx<'a> {
-    pub dims: Dims,
-    pub seqs: &'a [Seq],
-    pub tokens: usize,
+pub(super) struct Ctx<'a> {
+    pub(super) dims: Dims,
+    pub(super) seqs: &'a [Seq],
+    pub(super) tokens: usize,
     /// Columns of candle's padded grid (attention dropout indexes it).
-    pub grid_cols: usize,
+    pub(super) grid_cols: usize,
+    /// Rotary positions on Q and K (Jina), none for BERT's learned position table.
+    pub(super) rope: Option<&'a Rope>,
 }
 
 /// What the backward pass of a layer reads.
 pub struct Saved {
+    /// Each projection's `scale · x Aᵀ` (Q/K/V entries, then O, up, down; empty without adapter).
+    xa: Vec<Vec<f32>>,
     x: Vec<f32>,
     qkv: Vec<f32>,
     /// Softmax probabilities (before dropout), `[heads, len, len]` per sequence, sequence after sequence.
@@ -309,6 +393,93 @@ pub(super) fn linear_dw(
         par_for(out, inp, t),
     );
     dw
+}
+
+/// A LoRA adapter read in place: `A [rank, in]`, `B [out, rank]`.
+#[derive(Clone, Copy)]
+pub(super) struct Lora<'a> {
+    pub(super) a: &'a [f32],
+    pub(super) b: &'a [f32],
+    pub(super) rank: usize,
+    pub(super) scale: f32,
+}
+
+/// A projection `y = x Wᵀ (+ scale · (x Aᵀ) Bᵀ)`, its weight trained or frozen.
+#[derive(Clone, Copy)]
+pub(super) struct Proj<'a> {
+    pub(super) w: &'a [f32],
+    pub(super) train_w: bool,
+    pub(super) lora: Option<Lora<'a>>,
+}
+
+/// `y[t, out] = x[t, in] · Wᵀ (+ scale · (x Aᵀ) Bᵀ)`, rows of `y` `stride` apart. Returns
+/// `scale · x Aᵀ` (`[t, rank]`, what the adapter's backward reads; empty without one).
+pub(super) fn proj_forward(
+    x: &[f32],
+    p: &Proj,
+    (t, inp, out): (usize, usize, usize),
+    y: &mut [f32],
+    stride: usize,
+) -> Vec<f32> {
+    linear(x, p.w, t, inp, out, y, stride);
+    let Some(l) = p.lora else {
+        return Vec::new();
+    };
+    let r = l.rank;
+    let mut xa = vec![0f32; t * r];
+    linear(x, l.a, t, inp, r, &mut xa, r);
+    for v in &mut xa {
+        *v *= l.scale;
+    }
+    matmul_acc(
+        t,
+        out,
+        r,
+        &xa,
+        (r as isize, 1),
+        l.b,
+        (1, r as isize),
+        y,
+        (stride as isize, 1),
+        true,
+        par_for(t, out, r),
+    );
+    xa
+}
+
+/// The gradients of a projection: `(dW, dA, dB)` (empty where not trained or absent), adding
+/// `∂L/∂x` to `dx` (overwriting it unless `acc`). `dy` rows are `stride` apart.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn proj_backward(
+    dy: &[f32],
+    stride: usize,
+    x: &[f32],
+    xa: &[f32],
+    p: &Proj,
+    (t, inp, out): (usize, usize, usize),
+    dx: &mut [f32],
+    acc: bool,
+) -> [Vec<f32>; 3] {
+    let dw = if p.train_w {
+        linear_dw(dy, stride, x, t, inp, out)
+    } else {
+        Vec::new()
+    };
+    linear_dx(dy, stride, p.w, t, inp, out, dx, acc);
+    let Some(l) = p.lora else {
+        return [dw, Vec::new(), Vec::new()];
+    };
+    let r = l.rank;
+    // B's gradient: dyᵀ · (scale · x Aᵀ); the adapter's input gradient: scale · dy · B.
+    let db = linear_dw(dy, stride, xa, t, r, out);
+    let mut dxa = vec![0f32; t * r];
+    linear_dx(dy, stride, l.b, t, r, out, &mut dxa, false);
+    for v in &mut dxa {
+        *v *= l.scale;
+    }
+    let da = linear_dw(&dxa, r, x, t, inp, r);
+    linear_dx(&dxa, r, l.a, t, inp, r, dx, true);
+    [dw, da, db]
 }
 
 /// Rows per parallel block of a `[t, width]` pass: a few blocks per thread.
@@ -608,7 +779,7 @@ fn attention_backward(
 // Layer
 
 /// Post-LN BERT layer forward on packed rows `x [T, H]`: returns the output and what backward reads.
-pub fn layer_forward(
+pub(super) fn layer_forward(
     w: &LayerWeights,
     x: Vec<f32>,
     c: &Ctx,
@@ -623,10 +794,15 @@ pub fn layer_forward(
     } = c.dims;
     let t = c.tokens;
     let mut qkv = vec![0f32; t * 3 * h];
-    for (i, wi) in w.wqkv.iter().enumerate() {
-        linear(&x, wi, t, h, h, &mut qkv[i * h..], 3 * h);
-    }
+    let mut xa: Vec<Vec<f32>> = w
+        .qkv
+        .iter()
+        .map(|(col, width, p)| proj_forward(&x, p, (t, h, *width), &mut qkv[*col..], 3 * h))
+        .collect();
     kernels::add_bias(&mut qkv, &w.bqkv);
+    if let Some(rope) = c.rope {
+        rope.apply(&mut qkv, c.seqs, 3 * h, 2 * h, false);
+    }
 
     let mut probs = vec![0f32; c.seqs.iter().map(|q| nh * q.len * q.len).sum()];
     let mut ctx = vec![0f32; t * h];
@@ -645,13 +821,13 @@ pub fn layer_forward(
 
     // a = ctx · Woᵀ; h1 = LN(dropout(a + bo) + x)
     let mut a = vec![0f32; t * h];
-    linear(&ctx, w.wo, t, h, h, &mut a, h);
+    xa.push(proj_forward(&ctx, &w.o, (t, h, h), &mut a, h));
     let (xhat1, rstd1, h1) = residual_ln(&mut a, w.bo, &x, w.ln1_g, w.ln1_b, &dr.attn_out, h, eps);
     drop(a);
 
     // u = h1 · W1ᵀ + b1 (kept for the derivative); g = act(u)
     let mut u = vec![0f32; t * inter];
-    linear(&h1, w.w1, t, h, inter, &mut u, inter);
+    xa.push(proj_forward(&h1, &w.w1, (t, h, inter), &mut u, inter));
     let mut g = u.clone();
     let rows = block_rows(t, inter);
     u.par_chunks_mut(rows * inter)
@@ -663,9 +839,10 @@ pub fn layer_forward(
 
     // out = LN(dropout(g · W2ᵀ + b2) + h1)
     let mut m = vec![0f32; t * h];
-    linear(&g, w.w2, t, inter, h, &mut m, h);
+    xa.push(proj_forward(&g, &w.w2, (t, inter, h), &mut m, h));
     let (xhat2, rstd2, out) = residual_ln(&mut m, w.b2, &h1, w.ln2_g, w.ln2_b, &dr.mlp_out, h, eps);
     let saved = Saved {
+        xa,
         x,
         qkv,
         probs,
@@ -778,7 +955,7 @@ fn ln_dropout_backward(
 }
 
 /// Backward of [`layer_forward`]: the gradient of the layer's input and of its weights.
-pub fn layer_backward(
+pub(super) fn layer_backward(
     w: &LayerWeights,
     s: Saved,
     dout: &[f32],
@@ -797,10 +974,19 @@ pub fn layer_backward(
     let (mut dh1, dm, ln2_g, ln2_b) =
         ln_dropout_backward(dout, &s.xhat2, &s.rstd2, w.ln2_g, &dr.mlp_out, h);
     let b2 = col_sums(&dm, h);
-    let w2 = linear_dw(&dm, h, &s.g, t, inter, h);
-    drop(s.g);
+    let nq = w.qkv.len();
     let mut dg = vec![0f32; t * inter];
-    linear_dx(&dm, h, w.w2, t, inter, h, &mut dg, false);
+    let w2 = proj_backward(
+        &dm,
+        h,
+        &s.g,
+        &s.xa[nq + 2],
+        &w.w2,
+        (t, inter, h),
+        &mut dg,
+        false,
+    );
+    drop(s.g);
     drop(dm);
     let rows = block_rows(t, inter);
     dg.par_chunks_mut(rows * inter)
@@ -808,8 +994,16 @@ pub fn layer_backward(
         .for_each(|(d, u)| act_backward(d, u, act == Act::Relu));
     drop(s.u);
     let b1 = col_sums(&dg, inter);
-    let w1 = linear_dw(&dg, inter, &s.h1, t, h, inter);
-    linear_dx(&dg, inter, w.w1, t, h, inter, &mut dh1, true);
+    let w1 = proj_backward(
+        &dg,
+        inter,
+        &s.h1,
+        &s.xa[nq + 1],
+        &w.w1,
+        (t, h, inter),
+        &mut dh1,
+        true,
+    );
     drop(dg);
 
     // h1 = LN1(dropout(a) + x)
@@ -817,9 +1011,8 @@ pub fn layer_backward(
         ln_dropout_backward(&dh1, &s.xhat1, &s.rstd1, w.ln1_g, &dr.attn_out, h);
     drop(dh1);
     let bo = col_sums(&da, h);
-    let wo = linear_dw(&da, h, &s.ctx, t, h, h);
     let mut dctx = vec![0f32; t * h];
-    linear_dx(&da, h, w.wo, t, h, h, &mut dctx, false);
+    let wo = proj_backward(&da, h, &s.ctx, &s.xa[nq], &w.o, (t, h, h), &mut dctx, false);
     drop(da);
 
     let mut dqkv = vec![0f32; t * 3 * h];
@@ -848,25 +1041,31 @@ pub fn layer_backward(
                 );
             });
     }
+    if let Some(rope) = c.rope {
+        rope.apply(&mut dqkv, c.seqs, 3 * h, 2 * h, true);
+    }
     let bqkv = col_sums(&dqkv, 3 * h);
-    let mut wqkv = w.wqkv.iter().enumerate().map(|(i, wi)| {
-        let dw = linear_dw(&dqkv[i * h..], 3 * h, &s.x, t, h, h);
-        linear_dx(&dqkv[i * h..], 3 * h, wi, t, h, h, &mut dx, true);
-        dw
-    });
-    let (wq, wk, wv) = (
-        wqkv.next().expect("3"),
-        wqkv.next().expect("3"),
-        wqkv.next().expect("3"),
-    );
-    let grads = [
-        wq,
-        bqkv[..h].to_vec(),
-        wk,
-        bqkv[h..2 * h].to_vec(),
-        wv,
-        bqkv[2 * h..].to_vec(),
-        wo,
+    let qkv = w
+        .qkv
+        .iter()
+        .zip(&s.xa)
+        .map(|((col, width, p), xa)| {
+            proj_backward(
+                &dqkv[*col..],
+                3 * h,
+                &s.x,
+                xa,
+                p,
+                (t, h, *width),
+                &mut dx,
+                true,
+            )
+        })
+        .collect();
+    let grads = LayerGrads {
+        qkv,
+        bqkv,
+        o: wo,
         bo,
         ln1_g,
         ln1_b,
@@ -876,7 +1075,7 @@ pub fn layer_backward(
         b2,
         ln2_g,
         ln2_b,
-    ];
+    };
     (dx, grads)
 }
 
@@ -1147,13 +1346,46 @@ pub(crate) fn run_stack<L: Layers>(
     Ok(x.apply_op2(&sink, enc)?)
 }
 
-/// BERT's layers for [`run_stack`].
+/// Which parameter list a BERT-style layer stack reads, and its adapters.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    /// BERT: each layer's 16 parameters in [`LayerParams`] order, then `A` and `B` of each PEFT
+    /// LoRA adapter `(rank, scale)` present on q, k, v, attention output, intermediate, output.
+    Bert { lora: [Option<(usize, f32)>; 6] },
+    /// jina-embeddings-v3: the fused `Wqkv` weight and bias, `out_proj` weight and bias, norm1 γ β,
+    /// fc1 weight and bias, fc2 weight and bias, norm2 γ β; then, with a task, the stacked task
+    /// adapters `A [tasks, rank, in]` and `B [tasks, out, rank]` of Wqkv, out_proj, fc1, fc2 (the
+    /// task selects the slice, whose gradient is the only non-zero one). Rotary positions on Q, K.
+    Jina {
+        task: Option<usize>,
+        tasks: usize,
+        rank: usize,
+        scale: f32,
+        rope_theta: f64,
+    },
+}
+
+impl Kind {
+    /// The number of parameters of one layer.
+    pub fn params_per_layer(&self) -> usize {
+        match self {
+            Kind::Bert { lora } => 16 + 2 * lora.iter().flatten().count(),
+            Kind::Jina { task, .. } => 12 + if task.is_some() { 8 } else { 0 },
+        }
+    }
+}
+
+/// BERT's (and Jina's) layers for [`run_stack`].
 struct BertLayers {
     dims: Dims,
+    kind: Kind,
     seqs: Vec<Seq>,
     tokens: usize,
     grid_cols: usize,
     dropout: Vec<LayerDropout>,
+    rope: Option<Rope>,
+    /// Per slot of a layer's parameter list: a variable (every layer alike).
+    trained: Vec<bool>,
 }
 
 impl BertLayers {
@@ -1163,25 +1395,147 @@ impl BertLayers {
             seqs: &self.seqs,
             tokens: self.tokens,
             grid_cols: self.grid_cols,
+            rope: self.rope.as_ref(),
         }
     }
-}
 
-/// The weights of one BERT layer from its parameter list ([`LayerParams`] order).
-fn bert_weights<'a>(w: &[&'a [f32]]) -> LayerWeights<'a> {
-    LayerWeights {
-        wqkv: [w[0], w[2], w[4]],
-        bqkv: [w[1], w[3], w[5]].concat(),
-        wo: w[6],
-        bo: w[7],
-        ln1_g: w[8],
-        ln1_b: w[9],
-        w1: w[10],
-        b1: w[11],
-        w2: w[12],
-        b2: w[13],
-        ln2_g: w[14],
-        ln2_b: w[15],
+    /// The weights of one layer from its parameter list.
+    fn weights<'a>(&self, w: &[&'a [f32]]) -> LayerWeights<'a> {
+        let (h, inter) = (self.dims.hidden, self.dims.inter);
+        let tr = &self.trained;
+        match self.kind {
+            Kind::Bert { lora } => {
+                let mut at = 16;
+                let ad = lora.map(|l| {
+                    l.map(|(rank, scale)| {
+                        at += 2;
+                        Lora {
+                            a: w[at - 2],
+                            b: w[at - 1],
+                            rank,
+                            scale,
+                        }
+                    })
+                });
+                let proj = |slot: usize, i: usize| Proj {
+                    w: w[slot],
+                    train_w: tr[slot],
+                    lora: ad[i],
+                };
+                LayerWeights {
+                    qkv: vec![
+                        (0, h, proj(0, 0)),
+                        (h, h, proj(2, 1)),
+                        (2 * h, h, proj(4, 2)),
+                    ],
+                    bqkv: [w[1], w[3], w[5]].concat(),
+                    o: proj(6, 3),
+                    bo: w[7],
+                    ln1_g: w[8],
+                    ln1_b: w[9],
+                    w1: proj(10, 4),
+                    b1: w[11],
+                    w2: proj(12, 5),
+                    b2: w[13],
+                    ln2_g: w[14],
+                    ln2_b: w[15],
+                }
+            }
+            Kind::Jina {
+                task, rank, scale, ..
+            } => {
+                let proj = |slot: usize, i: usize, inp: usize, out: usize| Proj {
+                    w: w[slot],
+                    train_w: tr[slot],
+                    lora: task.map(|t| Lora {
+                        a: &w[12 + 2 * i][t * rank * inp..(t + 1) * rank * inp],
+                        b: &w[13 + 2 * i][t * out * rank..(t + 1) * out * rank],
+                        rank,
+                        scale,
+                    }),
+                };
+                LayerWeights {
+                    qkv: vec![(0, 3 * h, proj(0, 0, h, 3 * h))],
+                    bqkv: w[1].to_vec(),
+                    o: proj(2, 1, h, h),
+                    bo: w[3],
+                    ln1_g: w[4],
+                    ln1_b: w[5],
+                    w1: proj(6, 2, h, inter),
+                    b1: w[7],
+                    w2: proj(8, 3, inter, h),
+                    b2: w[9],
+                    ln2_g: w[10],
+                    ln2_b: w[11],
+                }
+            }
+        }
+    }
+
+    /// A layer's gradients by slot of its parameter list.
+    fn slots(&self, g: LayerGrads) -> Vec<Vec<f32>> {
+        let (h, inter) = (self.dims.hidden, self.dims.inter);
+        let mut out = vec![Vec::new(); self.kind.params_per_layer()];
+        let mut qkv = g.qkv.into_iter();
+        let mut next = || qkv.next().expect("the layer's Q/K/V projections");
+        match self.kind {
+            Kind::Bert { lora } => {
+                out[1] = g.bqkv[..h].to_vec();
+                out[3] = g.bqkv[h..2 * h].to_vec();
+                out[5] = g.bqkv[2 * h..].to_vec();
+                for (slot, v) in [(7, g.bo), (8, g.ln1_g), (9, g.ln1_b), (11, g.b1)] {
+                    out[slot] = v;
+                }
+                for (slot, v) in [(13, g.b2), (14, g.ln2_g), (15, g.ln2_b)] {
+                    out[slot] = v;
+                }
+                let projs = [next(), next(), next(), g.o, g.w1, g.w2];
+                let mut at = 16;
+                for (i, ([dw, da, db], slot)) in
+                    projs.into_iter().zip([0, 2, 4, 6, 10, 12]).enumerate()
+                {
+                    out[slot] = dw;
+                    if lora[i].is_some() {
+                        out[at] = da;
+                        out[at + 1] = db;
+                        at += 2;
+                    }
+                }
+            }
+            Kind::Jina {
+                task, tasks, rank, ..
+            } => {
+                let biases = [
+                    (1, g.bqkv),
+                    (3, g.bo),
+                    (4, g.ln1_g),
+                    (5, g.ln1_b),
+                    (7, g.b1),
+                ];
+                for (slot, v) in biases {
+                    out[slot] = v;
+                }
+                for (slot, v) in [(9, g.b2), (10, g.ln2_g), (11, g.ln2_b)] {
+                    out[slot] = v;
+                }
+                let shapes = [(h, 3 * h), (h, h), (h, inter), (inter, h)];
+                let projs = [next(), g.o, g.w1, g.w2];
+                for (i, [dw, da, db]) in projs.into_iter().enumerate() {
+                    out[[0, 2, 6, 8][i]] = dw;
+                    if let Some(t) = task {
+                        // The stacked adapters' gradient: zero but for this task's slice.
+                        let (inp, o) = shapes[i];
+                        let mut a = vec![0f32; tasks * rank * inp];
+                        a[t * rank * inp..(t + 1) * rank * inp].copy_from_slice(&da);
+                        let mut b = vec![0f32; tasks * o * rank];
+                        b[t * o * rank..(t + 1) * o * rank].copy_from_slice(&db);
+                        out[12 + 2 * i] = a;
+                        out[13 + 2 * i] = b;
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -1190,7 +1544,7 @@ impl Layers for BertLayers {
     const NAME: &'static str = "fast-train-bert-encoder";
 
     fn forward(&self, layer: usize, w: &[&[f32]], x: Vec<f32>) -> (Vec<f32>, Saved) {
-        layer_forward(&bert_weights(w), x, &self.ctx(), &self.dropout[layer])
+        layer_forward(&self.weights(w), x, &self.ctx(), &self.dropout[layer])
     }
 
     fn backward(
@@ -1201,23 +1555,26 @@ impl Layers for BertLayers {
         dy: &[f32],
     ) -> (Vec<f32>, Vec<Vec<f32>>) {
         let (dx, g) = layer_backward(
-            &bert_weights(w),
+            &self.weights(w),
             saved,
             dy,
             &self.ctx(),
             &self.dropout[layer],
         );
-        (dx, g.into())
+        (dx, self.slots(g))
     }
 }
 
 /// The encoder's layers on packed rows `x [T, H]` (f32, after the embeddings), differentiable in
-/// `x` and in every parameter. `seqs` and `grid` describe the padded batch candle's layers would
-/// see (for the dropout masks); `p_attention`, `p_hidden` are the dropout probabilities in effect.
+/// `x` and in every trained parameter (`params[layer]` in the order `kind` says; which are
+/// trained, candle variables, must be alike in every layer). `seqs` and `grid` describe the padded
+/// batch candle's layers would see (for the dropout masks); `p_attention`, `p_hidden` are the
+/// dropout probabilities in effect.
 #[allow(clippy::too_many_arguments)]
 pub fn encoder(
     x: &Tensor,
-    params: &[LayerParams],
+    params: Vec<Vec<Tensor>>,
+    kind: Kind,
     dims: Dims,
     seqs: Vec<Seq>,
     grid: (usize, usize),
@@ -1229,6 +1586,20 @@ pub fn encoder(
         return Err(Error::InvalidInput(format!(
             "fast training pass: {tokens} × {h} rows do not match the batch layout"
         )));
+    }
+    let trained: Vec<bool> = params
+        .first()
+        .map(|p| p.iter().map(Tensor::is_variable).collect())
+        .unwrap_or_default();
+    if params.iter().any(|p| {
+        p.len() != kind.params_per_layer()
+            || p.iter()
+                .map(Tensor::is_variable)
+                .ne(trained.iter().copied())
+    }) {
+        return Err(Error::InvalidInput(
+            "fast training pass: a layer's parameter list is not the expected one".into(),
+        ));
     }
     let n = params.len();
     let dropout = match crate::nn::dropout_state() {
@@ -1247,14 +1618,24 @@ pub fn encoder(
             n
         ],
     };
+    let rope = match kind {
+        Kind::Jina { rope_theta, .. } => {
+            let longest = seqs.iter().map(|q| q.len).max().unwrap_or(0);
+            Some(Rope::new(rope_theta, h / dims.heads, longest))
+        }
+        Kind::Bert { .. } => None,
+    };
     let layers = BertLayers {
         dims,
+        kind,
         seqs,
         tokens,
         grid_cols: grid.1,
         dropout,
+        rope,
+        trained,
     };
-    run_stack(x, params.iter().map(|p| p.to_vec()).collect(), layers)
+    run_stack(x, params, layers)
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@
 use super::kernels::{self, multiversion};
 use super::linear::matmul_acc;
 use super::train::{
-    block_rows, col_sums, linear, linear_dw, linear_dx, run_stack, softmax_backward_rows,
-    split_mut, Layers, Seq,
+    block_rows, col_sums, proj_backward, proj_forward, run_stack, softmax_backward_rows, split_mut,
+    Layers, Lora, Proj, Rope, Seq,
 };
 use crate::error::{Error, Result};
 use candle_core::Tensor;
@@ -60,23 +60,6 @@ impl QwenDims {
     fn qkv_width(&self) -> usize {
         self.q_width() + 2 * self.kv_width()
     }
-}
-
-/// A LoRA adapter read in place: `A [rank, in]`, `B [out, rank]`.
-#[derive(Clone, Copy)]
-struct Lora<'a> {
-    a: &'a [f32],
-    b: &'a [f32],
-    rank: usize,
-    scale: f32,
-}
-
-/// A projection `y = x Wᵀ (+ scale · (x Aᵀ) Bᵀ)`, its weight trained or frozen.
-#[derive(Clone, Copy)]
-struct Proj<'a> {
-    w: &'a [f32],
-    train_w: bool,
-    lora: Option<Lora<'a>>,
 }
 
 /// One layer's weights, read in place, PyTorch layout (`[out, in]`).
@@ -150,84 +133,6 @@ fn weights<'a>(d: &QwenDims, s: &Slots, trained: &[bool], w: &[&'a [f32]]) -> W<
         qk_norm: s.qk_norm.map(|n| [w[n], w[n + 1]]),
         post_norm: w[s.post_norm],
     }
-}
-
-fn par(m: usize, n: usize, k: usize) -> Parallelism {
-    if m * n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
-        Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        Parallelism::None
-    }
-}
-
-/// `y[t, out] = x[t, in] · Wᵀ (+ scale · (x Aᵀ) Bᵀ)`, rows of `y` `stride` apart. Returns
-/// `scale · x Aᵀ` (`[t, rank]`, what the adapter's backward reads; empty without one).
-fn proj_forward(
-    x: &[f32],
-    p: &Proj,
-    (t, inp, out): (usize, usize, usize),
-    y: &mut [f32],
-    stride: usize,
-) -> Vec<f32> {
-    linear(x, p.w, t, inp, out, y, stride);
-    let Some(l) = p.lora else {
-        return Vec::new();
-    };
-    let r = l.rank;
-    let mut xa = vec![0f32; t * r];
-    linear(x, l.a, t, inp, r, &mut xa, r);
-    for v in &mut xa {
-        *v *= l.scale;
-    }
-    matmul_acc(
-        t,
-        out,
-        r,
-        &xa,
-        (r as isize, 1),
-        l.b,
-        (1, r as isize),
-        y,
-        (stride as isize, 1),
-        true,
-        par(t, out, r),
-    );
-    xa
-}
-
-/// The gradients of a projection: `(dW, dA, dB)` (empty where not trained or absent), adding
-/// `∂L/∂x` to `dx` (overwriting it unless `acc`). `dy` rows are `stride` apart.
-#[allow(clippy::too_many_arguments)]
-fn proj_backward(
-    dy: &[f32],
-    stride: usize,
-    x: &[f32],
-    xa: &[f32],
-    p: &Proj,
-    (t, inp, out): (usize, usize, usize),
-    dx: &mut [f32],
-    acc: bool,
-) -> [Vec<f32>; 3] {
-    let dw = if p.train_w {
-        linear_dw(dy, stride, x, t, inp, out)
-    } else {
-        Vec::new()
-    };
-    linear_dx(dy, stride, p.w, t, inp, out, dx, acc);
-    let Some(l) = p.lora else {
-        return [dw, Vec::new(), Vec::new()];
-    };
-    let r = l.rank;
-    // B's gradient: dyᵀ · (scale · x Aᵀ); the adapter's input gradient: scale · dy · B.
-    let db = linear_dw(dy, stride, xa, t, r, out);
-    let mut dxa = vec![0f32; t * r];
-    linear_dx(dy, stride, l.b, t, r, out, &mut dxa, false);
-    for v in &mut dxa {
-        *v *= l.scale;
-    }
-    let da = linear_dw(&dxa, r, x, t, inp, r);
-    linear_dx(&dxa, r, l.a, t, inp, r, dx, true);
-    [dw, da, db]
 }
 
 /// What a layer's backward reads.
@@ -354,29 +259,10 @@ struct QwenLayers {
     trained: Vec<bool>,
     seqs: Vec<Seq>,
     tokens: usize,
-    /// Rotary tables `[positions, head_dim / 2]`: cos, sin, and −sin (the backward's rotation).
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    neg_sin: Vec<f32>,
+    rope: Rope,
 }
 
 impl QwenLayers {
-    /// Rotate every query and key head of each token by its position in its sequence (`sin`), or
-    /// back (`neg_sin`, the transpose: the backward of the rotation).
-    fn rotate(&self, qkv: &mut [f32], sin: &[f32]) {
-        let d = &self.d;
-        let (wd, qk) = (d.qkv_width(), d.q_width() + d.kv_width());
-        let half = d.head_dim / 2;
-        let parts = split_mut(qkv, self.seqs.iter().map(|q| q.len * wd));
-        self.seqs.par_iter().zip(parts).for_each(|(q, rows)| {
-            for (i, row) in rows.chunks_exact_mut(wd).enumerate() {
-                let tab = i * half..(i + 1) * half;
-                kernels::rope(&mut row[..qk], &self.cos[tab.clone()], &sin[tab]);
-            }
-            debug_assert_eq!(rows.len(), q.len * wd);
-        });
-    }
-
     /// Offsets of each sequence's probabilities in [`Saved::probs`].
     fn prob_offsets(&self) -> (Vec<usize>, usize) {
         let mut out = Vec::with_capacity(self.seqs.len());
@@ -551,7 +437,7 @@ impl Layers for QwenLayers {
             }
             None => (Vec::new(), Vec::new()),
         };
-        self.rotate(&mut qkv, &self.sin);
+        self.rope.apply(&mut qkv, &self.seqs, wd, qw + kw, false);
 
         let (_, n_probs) = self.prob_offsets();
         let mut probs = vec![0f32; n_probs];
@@ -723,7 +609,7 @@ impl Layers for QwenLayers {
                 });
         }
         drop((s.qkv, s.probs, dctx));
-        self.rotate(&mut dqkv, &self.neg_sin);
+        self.rope.apply(&mut dqkv, &self.seqs, wd, qw + kw, true);
         let g_qk = w.qk_norm.map(|[gq, gk]| {
             let heads = d.q_heads + d.kv_heads;
             let mut draw = dqkv.clone();
@@ -850,20 +736,14 @@ pub fn encoder(
         ));
     }
     let longest = seqs.iter().map(|q| q.len).max().unwrap_or(0);
-    let half = dims.head_dim / 2;
-    let mut tables = vec![0f32; 2 * longest * half];
-    super::transformer::rope_tables(dims.rope_theta, dims.head_dim, longest, &mut tables);
-    let sin = tables.split_off(longest * half);
-    let neg_sin = sin.iter().map(|v| -v).collect();
+    let rope = Rope::new(dims.rope_theta, dims.head_dim, longest);
     let layers = QwenLayers {
         d: dims,
         slots,
         trained,
         seqs,
         tokens,
-        cos: tables,
-        sin,
-        neg_sin,
+        rope,
     };
     run_stack(x, params, layers)
 }

@@ -138,8 +138,9 @@ fn layer(l: &Layer, x: &Tensor, c: &LayerCtx) -> Result<Tensor> {
 
 impl Bert {
     /// The layers through the fast engine's training pass ([`crate::fast::train`]) when it can run
-    /// them: every layer parameter a trained f32 CPU variable (full fine-tuning, not LoRA), a GELU or
-    /// ReLU MLP. None: run candle's layers.
+    /// them: a training run (some layer parameter a variable) on f32 CPU weights, trained in full or
+    /// frozen with PEFT LoRA adapters (no adapter dropout in effect), a GELU or ReLU MLP. None: run
+    /// candle's layers.
     fn fast_training(&self, x: &Tensor, batch: &Batch) -> Result<Option<Tensor>> {
         use crate::fast::train;
         let act = match self.act {
@@ -151,15 +152,44 @@ impl Bert {
         if !train::supports_act(act) {
             return Ok(None);
         }
+        fn projections(l: &Layer) -> [&Linear; 6] {
+            [
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attn_out,
+                &l.intermediate,
+                &l.output,
+            ]
+        }
+        let Some(first) = self.layers.first() else {
+            return Ok(None);
+        };
+        let mut lora = [None; 6];
+        for (slot, lin) in lora.iter_mut().zip(projections(first)) {
+            if let Some((a, _, scale)) = &lin.lora {
+                *slot = Some((a.dim(0)?, *scale as f32));
+            }
+        }
+        let off = |p: f64| nn::dropout_probability(p).unwrap_or(0.0) <= 0.0;
         // In `train::LayerParams` order: q, k, v, attention output (weight, bias each), LayerNorm,
-        // intermediate, output, LayerNorm.
+        // intermediate, output, LayerNorm; then the adapters' A and B.
         let mut params = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let mut p = Vec::with_capacity(16);
-            let lin = |p: &mut Vec<Tensor>, lin: &Linear| {
-                if lin.lora.is_some() || lin.frozen {
-                    return false;
+            let mut adapters = Vec::new();
+            for (lin, want) in projections(l).into_iter().zip(&lora) {
+                match (&lin.lora, want) {
+                    (Some((a, b, scale)), Some((rank, s)))
+                        if a.dim(0)? == *rank && *scale as f32 == *s && off(lin.lora_dropout) =>
+                    {
+                        adapters.extend([a.clone(), b.clone()]);
+                    }
+                    (None, None) => {}
+                    _ => return Ok(None),
                 }
+            }
+            let lin = |p: &mut Vec<Tensor>, lin: &Linear| {
                 let Some(b) = &lin.bias else { return false };
                 p.extend([lin.weight.clone(), b.clone()]);
                 true
@@ -173,15 +203,20 @@ impl Bert {
             norm(&mut p, &l.attn_norm);
             let ok = ok && lin(&mut p, &l.intermediate) && lin(&mut p, &l.output);
             norm(&mut p, &l.out_norm);
-            match <train::LayerParams>::try_from(p) {
-                Ok(p) if ok => params.push(p),
-                _ => return Ok(None),
+            if !ok {
+                return Ok(None);
             }
+            p.extend(adapters);
+            params.push(p);
         }
-        let eps = self.layers.first().map_or(1e-12, |l| l.attn_norm.eps);
-        if params.is_empty()
-            || !train::supports(params.iter().flatten())
-            || self.layers.iter().any(|l| l.out_norm.eps != eps)
+        let eps = first.attn_norm.eps;
+        // Inference (no variable anywhere) runs the inference paths.
+        if !params.iter().flatten().any(Tensor::is_variable)
+            || !train::readable(params.iter().flatten())
+            || self
+                .layers
+                .iter()
+                .any(|l| l.out_norm.eps != eps || l.attn_norm.eps != eps)
         {
             return Ok(None);
         }
@@ -190,32 +225,20 @@ impl Bert {
         if p_attention >= 1.0 || p_hidden >= 1.0 {
             return Ok(None);
         }
-        let mut seqs = Vec::with_capacity(batch.mask_rows.len());
-        let mut start = 0;
-        for (row, m) in batch.mask_rows.iter().enumerate() {
-            let len = m.iter().filter(|&&v| v != 0).count();
-            let col0 = m.iter().position(|&v| v != 0).unwrap_or(0);
-            seqs.push(train::Seq {
-                start,
-                len,
-                row,
-                col0,
-            });
-            start += len;
-        }
         let dims = train::Dims {
             hidden: self.hidden,
             heads: self.heads,
-            inter: self.layers[0].intermediate.weight.dim(0)?,
+            inter: first.intermediate.weight.dim(0)?,
             eps: eps as f32,
             act,
         };
         let grid = (batch.packing.b, batch.packing.s);
         Ok(Some(train::encoder(
             x,
-            &params,
+            params,
+            train::Kind::Bert { lora },
             dims,
-            seqs,
+            train::Seq::of_mask(&batch.mask_rows),
             grid,
             p_attention,
             p_hidden,

@@ -188,6 +188,92 @@ fn layer(l: &Layer, x: &Tensor, c: &LayerCtx) -> Result<Tensor> {
     l.norm2.forward(&(x + m)?)
 }
 
+impl Jina {
+    /// The layers through the fast engine's training pass ([`crate::fast::train`], the BERT pass with
+    /// rotary positions and the task adapters) when it can run them: a training run (some layer
+    /// parameter a variable) on f32 CPU weights, a GELU or ReLU MLP. None: run candle's layers.
+    fn fast_training(&self, x: &Tensor, batch: &Batch, c: &LayerCtx) -> Result<Option<Tensor>> {
+        use crate::fast::train;
+        let act = match self.act {
+            Activation::GeluErf => train::Act::GeluErf,
+            Activation::Relu => train::Act::Relu,
+            Activation::GeluTanh => train::Act::GeluTanh,
+            Activation::Silu => train::Act::Silu,
+        };
+        let Some(first) = self.layers.first() else {
+            return Ok(None);
+        };
+        let eps = first.norm1.eps;
+        if !train::supports_act(act)
+            || self
+                .layers
+                .iter()
+                .any(|l| l.norm1.eps != eps || l.norm2.eps != eps)
+        {
+            return Ok(None);
+        }
+        let mut params = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let mut p = Vec::with_capacity(20);
+            for lin in [&l.wqkv, &l.out_proj] {
+                let Some(b) = &lin.base.bias else {
+                    return Ok(None);
+                };
+                p.extend([lin.base.weight.clone(), b.clone()]);
+            }
+            p.extend([l.norm1.weight.clone(), l.norm1.bias.clone()]);
+            for lin in [&l.fc1, &l.fc2] {
+                let Some(b) = &lin.base.bias else {
+                    return Ok(None);
+                };
+                p.extend([lin.base.weight.clone(), b.clone()]);
+            }
+            p.extend([l.norm2.weight.clone(), l.norm2.bias.clone()]);
+            if c.task.is_some() {
+                for lin in [&l.wqkv, &l.out_proj, &l.fc1, &l.fc2] {
+                    p.extend([lin.a.clone(), lin.b.clone()]);
+                }
+            }
+            params.push(p);
+        }
+        if !params.iter().flatten().any(Tensor::is_variable)
+            || !train::readable(params.iter().flatten())
+        {
+            return Ok(None);
+        }
+        let p_attention = nn::dropout_probability(c.attention_dropout).unwrap_or(0.0);
+        let p_hidden = nn::dropout_probability(c.hidden_dropout).unwrap_or(0.0);
+        if p_attention >= 1.0 || p_hidden >= 1.0 {
+            return Ok(None);
+        }
+        let dims = train::Dims {
+            hidden: c.hidden,
+            heads: c.heads,
+            inter: self.cfg.intermediate_size,
+            eps: eps as f32,
+            act,
+        };
+        let kind = train::Kind::Jina {
+            task: c.task,
+            tasks: self.cfg.lora_adaptations.len(),
+            rank: self.cfg.lora_rank,
+            scale: first.wqkv.scale as f32,
+            rope_theta: self.cfg.rotary_emb_base,
+        };
+        let grid = (batch.packing.b, batch.packing.s);
+        Ok(Some(train::encoder(
+            x,
+            params,
+            kind,
+            dims,
+            train::Seq::of_mask(&batch.mask_rows),
+            grid,
+            p_attention,
+            p_hidden,
+        )?))
+    }
+}
+
 impl Encoder for Jina {
     fn forward(&self, batch: &Batch) -> Result<Tensor> {
         let task = batch.adapter;
@@ -223,6 +309,9 @@ impl Encoder for Jina {
             hidden_dropout: self.cfg.hidden_dropout_prob,
             attention_dropout: self.cfg.attention_probs_dropout_prob,
         };
+        if let Some(y) = self.fast_training(&x, batch, &c)? {
+            return Ok(y);
+        }
         for l in &self.layers {
             x = if nn::checkpointing() {
                 let (l, c) = (l.clone(), c.clone());

@@ -202,18 +202,7 @@ impl Qwen {
         {
             return Ok(None);
         }
-        let mut seqs = Vec::with_capacity(batch.mask_rows.len());
-        let mut start = 0;
-        for m in &batch.mask_rows {
-            let len = m.iter().filter(|&&v| v != 0).count();
-            seqs.push(train::Seq {
-                start,
-                len,
-                row: seqs.len(),
-                col0: 0,
-            });
-            start += len;
-        }
+        let seqs = train::Seq::of_mask(&batch.mask_rows);
         Ok(Some(train_qwen::encoder(x, params, dims, seqs)?))
     }
 }
