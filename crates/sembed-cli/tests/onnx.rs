@@ -64,7 +64,7 @@ fn export_then_inspect() {
         "(external data: model.onnx_data)",
         "MatMulInteger 12",
         "DynamicQuantizeLinear 12",
-        "encoder.layer.0.attention.self.query.weight_quantized int8 [32, 32] 1024 bytes  @ model.onnx_data+",
+        "encoder.layer.0.attention.self.query.weight_quantized uint8 [32, 32] 1024 bytes  @ model.onnx_data+",
     ] {
         assert!(text.contains(want), "missing `{want}` in:\n{text}");
     }
