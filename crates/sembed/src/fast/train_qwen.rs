@@ -713,7 +713,10 @@ pub fn encoder(
             "fast training pass: {tokens} × {h} rows do not match the batch layout"
         )));
     }
-    if dims.kv_heads == 0 || dims.q_heads % dims.kv_heads != 0 || dims.head_dim % 2 != 0 {
+    if dims.kv_heads == 0
+        || !dims.q_heads.is_multiple_of(dims.kv_heads)
+        || !dims.head_dim.is_multiple_of(2)
+    {
         return Err(Error::InvalidInput(format!(
             "fast training pass: {} query heads over {} key/value heads of {}",
             dims.q_heads, dims.kv_heads, dims.head_dim
