@@ -2,13 +2,14 @@
 # Fine-tuning on one codebase, evaluated on another: mine (documentation → code) pairs from TRAIN_SRC,
 # train MiniLM on up to N of them (MNRL, batch 32, lr 5e-5, max length 128, one epoch, GradCache 8),
 # and report retrieval on up to 300 pairs mined from EVAL_SRC before and after. Any language
-# `sembed mine` reads.
-#   bench/finetune_lang.sh TRAIN_SRC EVAL_SRC [N]
+# `sembed mine` reads. Arguments after N go to `sembed train` (e.g. --lora); LR=… sets the learning rate.
+#   bench/finetune_lang.sh TRAIN_SRC EVAL_SRC [N [TRAIN_ARGS…]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 train_src=${1:?usage: bench/finetune_lang.sh TRAIN_SRC EVAL_SRC [N]}
 eval_src=${2:?usage}
 n=${3:-1000}
+shift $(( $# < 3 ? $# : 3 ))
 cargo build --release -q -p sembed-cli
 bin=$PWD/target/release/sembed
 work=$(mktemp -d)
@@ -20,8 +21,8 @@ sample "$work/train-all.jsonl" "$work/train.jsonl" "$n"
 sample "$work/eval-all.jsonl" "$work/eval.jsonl" 300
 echo "pairs: $(wc -l < "$work/train-all.jsonl") mined for training (using $(wc -l < "$work/train.jsonl")), $(wc -l < "$work/eval-all.jsonl") for evaluation (using $(wc -l < "$work/eval.jsonl"))"
 start=$(date +%s)
-$bin train --data "$work/train.jsonl" --eval "$work/eval.jsonl" --epochs 1 --batch-size 32 --lr 5e-5 \
-  --max-length 128 --loss mnrl --cache-mini-batch 8 -o "$work/out" > /dev/null
+$bin train --data "$work/train.jsonl" --eval "$work/eval.jsonl" --epochs 1 --batch-size 32 --lr "${LR:-5e-5}" \
+  --max-length 128 --loss mnrl --cache-mini-batch 8 -o "$work/out" "$@" > /dev/null
 echo "trained in $(( $(date +%s) - start )) s"
 python3 - "$work/out/metrics.json" <<'PY'
 import json, sys
