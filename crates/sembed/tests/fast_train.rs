@@ -159,6 +159,31 @@ fn fast_pass_equals_candle_on_tiny_qwen2_and_qwen3() {
     }
 }
 
+/// A LoRA run of `model` after one optimizer step (on candle's graph, so that B is no longer zero
+/// and A's gradient is not trivially 0): the fast pass's loss and every adapter gradient against
+/// candle's graph on the same trainer.
+fn compare_lora(model: &str, c: TrainConfig, what: &str) {
+    let mut t = Trainer::new(&fixture(model), c, DType::F32, false).unwrap();
+    let ex = examples();
+    let refs: Vec<&Example> = ex.iter().collect();
+    with_candle_kernels(|| t.step(&refs, 0.05)).unwrap();
+    let before = layer_passes();
+    let (fl, fast) = named_gradients(&t, &ex);
+    assert!(
+        layer_passes() > before,
+        "the fast training pass did not run"
+    );
+    let (cl, reference) = with_candle_kernels(|| named_gradients(&t, &ex));
+    let (worst, at) = worst_difference(&fast, &reference);
+    let dl = (fl - cl).abs() / cl.abs();
+    eprintln!("{model} LoRA {what}: loss {fl} vs {cl}, worst {worst:.2e} ({at})");
+    assert!(dl < 1e-5, "{model} {what}: loss differs by {dl:e}");
+    assert!(
+        worst < 5e-4,
+        "{model} {what}: gradient differs by {worst:e} ({at})"
+    );
+}
+
 /// LoRA on Qwen2 and Qwen3 through the fast pass (frozen base weights read in place): after one
 /// optimizer step (so that B is no longer zero and A's gradient is not trivially 0), the loss and
 /// every adapter's gradient as candle's graph gives them, on the default q/v targets and on all
@@ -193,25 +218,7 @@ fn fast_pass_lora_equals_candle_on_tiny_qwen() {
                 checkpoint_activations: ckpt,
                 ..config(MNRL, None)
             };
-            let mut t = Trainer::new(&fixture(name), c, DType::F32, false).unwrap();
-            let ex = examples();
-            let refs: Vec<&Example> = ex.iter().collect();
-            with_candle_kernels(|| t.step(&refs, 0.05)).unwrap();
-            let before = layer_passes();
-            let (fl, fast) = named_gradients(&t, &ex);
-            assert!(
-                layer_passes() > before,
-                "the fast training pass did not run"
-            );
-            let (cl, reference) = with_candle_kernels(|| named_gradients(&t, &ex));
-            let (worst, at) = worst_difference(&fast, &reference);
-            let dl = (fl - cl).abs() / cl.abs();
-            eprintln!("{name} LoRA {targets:?} cache {cache:?} ckpt {ckpt}: loss {fl} vs {cl}, worst {worst:.2e} ({at})");
-            assert!(dl < 1e-5, "{name} {targets:?}: loss differs by {dl:e}");
-            assert!(
-                worst < 5e-4,
-                "{name} {targets:?}: gradient differs by {worst:e} ({at})"
-            );
+            compare_lora(name, c, &format!("{targets:?} cache {cache:?} ckpt {ckpt}"));
         }
     }
 }
@@ -268,24 +275,10 @@ fn fast_pass_lora_equals_candle_on_tiny_bert() {
             checkpoint_activations: ckpt,
             ..config(MNRL, None)
         };
-        let mut t = Trainer::new(&fixture("bert-tiny"), c, DType::F32, false).unwrap();
-        let ex = examples();
-        let refs: Vec<&Example> = ex.iter().collect();
-        with_candle_kernels(|| t.step(&refs, 0.05)).unwrap();
-        let before = layer_passes();
-        let (fl, fast) = named_gradients(&t, &ex);
-        assert!(
-            layer_passes() > before,
-            "the fast training pass did not run"
-        );
-        let (cl, reference) = with_candle_kernels(|| named_gradients(&t, &ex));
-        let (worst, at) = worst_difference(&fast, &reference);
-        let dl = (fl - cl).abs() / cl.abs();
-        eprintln!("bert-tiny LoRA {targets:?} cache {cache:?} ckpt {ckpt}: loss {fl} vs {cl}, worst {worst:.2e} ({at})");
-        assert!(dl < 1e-5, "{targets:?}: loss differs by {dl:e}");
-        assert!(
-            worst < 5e-4,
-            "{targets:?}: gradient differs by {worst:e} ({at})"
+        compare_lora(
+            "bert-tiny",
+            c,
+            &format!("{targets:?} cache {cache:?} ckpt {ckpt}"),
         );
     }
 }

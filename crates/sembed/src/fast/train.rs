@@ -1173,6 +1173,26 @@ impl candle_core::CustomOp1 for ParamSink {
     }
 }
 
+/// Which slots of a layer's parameter list are trained (candle variables), checking that every layer
+/// has `per_layer` parameters trained alike.
+pub(super) fn trained_slots(params: &[Vec<Tensor>], per_layer: usize) -> Result<Vec<bool>> {
+    let trained: Vec<bool> = params
+        .first()
+        .map(|p| p.iter().map(Tensor::is_variable).collect())
+        .unwrap_or_default();
+    if params.iter().any(|p| {
+        p.len() != per_layer
+            || p.iter()
+                .map(Tensor::is_variable)
+                .ne(trained.iter().copied())
+    }) {
+        return Err(Error::InvalidInput(
+            "fast training pass: a layer's parameter list is not the expected one".into(),
+        ));
+    }
+    Ok(trained)
+}
+
 /// A stack of layers this pass differentiates, one architecture's: the forward and backward of one
 /// layer on packed rows `[T, H]`, its weights read in place in the order of the parameter list the
 /// model hands [`run_stack`]. Everything else a layer reads (shapes, sequences, dropout masks,
@@ -1587,20 +1607,7 @@ pub fn encoder(
             "fast training pass: {tokens} × {h} rows do not match the batch layout"
         )));
     }
-    let trained: Vec<bool> = params
-        .first()
-        .map(|p| p.iter().map(Tensor::is_variable).collect())
-        .unwrap_or_default();
-    if params.iter().any(|p| {
-        p.len() != kind.params_per_layer()
-            || p.iter()
-                .map(Tensor::is_variable)
-                .ne(trained.iter().copied())
-    }) {
-        return Err(Error::InvalidInput(
-            "fast training pass: a layer's parameter list is not the expected one".into(),
-        ));
-    }
+    let trained = trained_slots(&params, kind.params_per_layer())?;
     let n = params.len();
     let dropout = match crate::nn::dropout_state() {
         Some(state) => {

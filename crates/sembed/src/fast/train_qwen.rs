@@ -13,7 +13,7 @@ use super::kernels::{self, multiversion};
 use super::linear::matmul_acc;
 use super::train::{
     block_rows, col_sums, proj_backward, proj_forward, run_stack, softmax_backward_rows, split_mut,
-    Layers, Lora, Proj, Rope, Seq,
+    trained_slots, Layers, Lora, Proj, Rope, Seq,
 };
 use crate::error::{Error, Result};
 use candle_core::Tensor;
@@ -724,20 +724,7 @@ pub fn encoder(
     }
     let slots = Slots::of(&dims);
     debug_assert_eq!(slots.len, dims.params_per_layer());
-    let trained: Vec<bool> = params
-        .first()
-        .map(|p| p.iter().map(Tensor::is_variable).collect())
-        .unwrap_or_default();
-    if params.iter().any(|p| {
-        p.len() != slots.len
-            || p.iter()
-                .map(Tensor::is_variable)
-                .ne(trained.iter().copied())
-    }) {
-        return Err(Error::InvalidInput(
-            "fast training pass: a Qwen layer's parameter list is not the expected one".into(),
-        ));
-    }
+    let trained = trained_slots(&params, slots.len)?;
     let longest = seqs.iter().map(|q| q.len).max().unwrap_or(0);
     let rope = Rope::new(dims.rope_theta, dims.head_dim, longest);
     let layers = QwenLayers {

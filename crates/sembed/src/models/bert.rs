@@ -16,6 +16,17 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The fast engine's name of this activation.
+    pub(crate) fn kernel(self) -> crate::fast::kernels::Act {
+        use crate::fast::kernels::Act;
+        match self {
+            Activation::GeluErf => Act::GeluErf,
+            Activation::Relu => Act::Relu,
+            Activation::GeluTanh => Act::GeluTanh,
+            Activation::Silu => Act::Silu,
+        }
+    }
+
     pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "gelu" => Activation::GeluErf,
@@ -143,12 +154,7 @@ impl Bert {
     /// candle's layers.
     fn fast_training(&self, x: &Tensor, batch: &Batch) -> Result<Option<Tensor>> {
         use crate::fast::train;
-        let act = match self.act {
-            Activation::GeluErf => train::Act::GeluErf,
-            Activation::Relu => train::Act::Relu,
-            Activation::GeluTanh => train::Act::GeluTanh,
-            Activation::Silu => train::Act::Silu,
-        };
+        let act = self.act.kernel();
         if !train::supports_act(act) {
             return Ok(None);
         }
@@ -165,30 +171,15 @@ impl Bert {
         let Some(first) = self.layers.first() else {
             return Ok(None);
         };
-        let mut lora = [None; 6];
-        for (slot, lin) in lora.iter_mut().zip(projections(first)) {
-            if let Some((a, _, scale)) = &lin.lora {
-                *slot = Some((a.dim(0)?, *scale as f32));
-            }
-        }
-        let off = |p: f64| nn::dropout_probability(p).unwrap_or(0.0) <= 0.0;
+        let lora = super::lora_spec(projections(first))?;
         // In `train::LayerParams` order: q, k, v, attention output (weight, bias each), LayerNorm,
         // intermediate, output, LayerNorm; then the adapters' A and B.
         let mut params = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let mut p = Vec::with_capacity(16);
-            let mut adapters = Vec::new();
-            for (lin, want) in projections(l).into_iter().zip(&lora) {
-                match (&lin.lora, want) {
-                    (Some((a, b, scale)), Some((rank, s)))
-                        if a.dim(0)? == *rank && *scale as f32 == *s && off(lin.lora_dropout) =>
-                    {
-                        adapters.extend([a.clone(), b.clone()]);
-                    }
-                    (None, None) => {}
-                    _ => return Ok(None),
-                }
-            }
+            let Some(adapters) = super::lora_params(projections(l), &lora)? else {
+                return Ok(None);
+            };
             let lin = |p: &mut Vec<Tensor>, lin: &Linear| {
                 let Some(b) = &lin.bias else { return false };
                 p.extend([lin.weight.clone(), b.clone()]);

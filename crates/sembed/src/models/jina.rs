@@ -194,12 +194,7 @@ impl Jina {
     /// parameter a variable) on f32 CPU weights, a GELU or ReLU MLP. None: run candle's layers.
     fn fast_training(&self, x: &Tensor, batch: &Batch, c: &LayerCtx) -> Result<Option<Tensor>> {
         use crate::fast::train;
-        let act = match self.act {
-            Activation::GeluErf => train::Act::GeluErf,
-            Activation::Relu => train::Act::Relu,
-            Activation::GeluTanh => train::Act::GeluTanh,
-            Activation::Silu => train::Act::Silu,
-        };
+        let act = self.act.kernel();
         let Some(first) = self.layers.first() else {
             return Ok(None);
         };

@@ -75,3 +75,40 @@ pub trait Encoder: Send + Sync {
     fn forward(&self, batch: &Batch) -> Result<Tensor>;
     fn hidden_size(&self) -> usize;
 }
+
+/// The PEFT LoRA adapters `(rank, scale)` on a layer's projections, as the fast training pass takes
+/// them ([`crate::fast::train`]): read off the first layer.
+pub(crate) fn lora_spec<const N: usize>(
+    first: [&crate::nn::Linear; N],
+) -> Result<[Option<(usize, f32)>; N]> {
+    let mut out = [None; N];
+    for (slot, lin) in out.iter_mut().zip(first) {
+        if let Some((a, _, scale)) = &lin.lora {
+            *slot = Some((a.dim(0)?, *scale as f32));
+        }
+    }
+    Ok(out)
+}
+
+/// The A and B tensors of a layer's adapters in `spec`'s order, or None where the layer differs from
+/// `spec` or an adapter's dropout is in effect (the fast training pass does not draw those masks).
+pub(crate) fn lora_params<const N: usize>(
+    layer: [&crate::nn::Linear; N],
+    spec: &[Option<(usize, f32)>; N],
+) -> Result<Option<Vec<Tensor>>> {
+    let mut out = Vec::new();
+    for (lin, want) in layer.into_iter().zip(spec) {
+        match (&lin.lora, want) {
+            (Some((a, b, scale)), Some((rank, s)))
+                if a.dim(0)? == *rank
+                    && *scale as f32 == *s
+                    && crate::nn::dropout_probability(lin.lora_dropout).unwrap_or(0.0) <= 0.0 =>
+            {
+                out.extend([a.clone(), b.clone()]);
+            }
+            (None, None) => {}
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(out))
+}

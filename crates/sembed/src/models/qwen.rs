@@ -129,8 +129,7 @@ impl Qwen {
     fn fast_training(&self, x: &Tensor, batch: &Batch) -> Result<Option<Tensor>> {
         use crate::fast::{train, train_qwen};
         let cfg = &self.cfg;
-        let off = |p: f64| nn::dropout_probability(p).unwrap_or(0.0) <= 0.0;
-        if !off(cfg.attention_dropout) {
+        if nn::dropout_probability(cfg.attention_dropout).unwrap_or(0.0) > 0.0 {
             return Ok(None);
         }
         fn projections(l: &Layer) -> [&Linear; 7] {
@@ -139,12 +138,7 @@ impl Qwen {
         let Some(first) = self.layers.first() else {
             return Ok(None);
         };
-        let mut lora = [None; 7];
-        for (slot, lin) in lora.iter_mut().zip(projections(first)) {
-            if let Some((a, _, scale)) = &lin.lora {
-                *slot = Some((a.dim(0)?, *scale as f32));
-            }
-        }
+        let lora = super::lora_spec(projections(first))?;
         let dims = train_qwen::QwenDims {
             hidden: cfg.hidden_size,
             q_heads: cfg.num_attention_heads,
@@ -161,18 +155,9 @@ impl Qwen {
         let mut params = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let mut p = vec![l.input_norm.weight.clone()];
-            let mut adapters = Vec::new();
-            for (lin, want) in projections(l).into_iter().zip(&dims.lora) {
-                match (&lin.lora, want) {
-                    (Some((a, b, scale)), Some((rank, s)))
-                        if a.dim(0)? == *rank && *scale as f32 == *s && off(lin.lora_dropout) =>
-                    {
-                        adapters.extend([a.clone(), b.clone()]);
-                    }
-                    (None, None) => {}
-                    _ => return Ok(None),
-                }
-            }
+            let Some(adapters) = super::lora_params(projections(l), &dims.lora)? else {
+                return Ok(None);
+            };
             p.extend([l.q.weight.clone(), l.k.weight.clone(), l.v.weight.clone()]);
             for lin in [&l.q, &l.k, &l.v] {
                 match (&lin.bias, dims.qkv_bias) {
