@@ -282,3 +282,111 @@ fn fast_pass_lora_equals_candle_on_tiny_bert() {
         );
     }
 }
+
+/// Where the pass cannot draw candle's masks (LoRA input dropout; Qwen's attention dropout, here from
+/// the `--dropout` override), it declines and candle's graph runs: the counter (per thread) stays.
+#[test]
+fn fast_pass_declines_what_it_cannot_reproduce() {
+    let lora_dropout = TrainConfig {
+        lora: Some(LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            targets: vec![],
+        }),
+        ..config(MNRL, None)
+    };
+    for (model, c) in [
+        ("bert-tiny", lora_dropout.clone()),
+        ("qwen2-bidir-tiny", lora_dropout),
+        ("qwen3-causal-tiny", config(MNRL, Some(0.1))),
+    ] {
+        let t = Trainer::new(&fixture(model), c, DType::F32, false).unwrap();
+        let before = layer_passes();
+        let (loss, _) = named_gradients(&t, &examples());
+        assert!(loss.is_finite());
+        assert_eq!(layer_passes(), before, "{model}: the fast pass ran");
+    }
+}
+
+/// Qwen3 whose attention is wider than its hidden size (as Qwen3-Embedding-0.6B: 16 heads × 128 over
+/// a hidden size of 1024): the tiny Qwen3 with `head_dim` 16 (6 × 16 = 96 over 48), random weights.
+#[test]
+fn fast_pass_equals_candle_on_qwen3_with_wide_heads() {
+    use sembed::weights::{write_safetensors, Dtype, Weights};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("qwen3-causal-tiny");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap();
+        if f.file_type().unwrap().is_file() && f.file_name() != "model.safetensors" {
+            std::fs::copy(f.path(), tmp.path().join(f.file_name())).unwrap();
+        }
+    }
+    let pooling = src.join("1_Pooling");
+    std::fs::create_dir(tmp.path().join("1_Pooling")).unwrap();
+    for f in std::fs::read_dir(&pooling).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), tmp.path().join("1_Pooling").join(f.file_name())).unwrap();
+    }
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["head_dim"] = 16.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    // Every tensor the model asks for, random: norms near 1, the rest small.
+    let arch = sembed::config::Architecture::from_file(&cfg_path).unwrap();
+    let shapes = Weights::zeros(DType::F32, &sembed::device::cpu());
+    sembed::embed::build_model(&arch, &shapes).unwrap();
+    let mut state = 7u64;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let tensors: Vec<_> = shapes
+        .requested()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let norm = name.contains("norm");
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    if norm {
+                        1.0 + 0.2 * next()
+                    } else {
+                        0.2 * next()
+                    }
+                })
+                .collect();
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, Dtype::F32, shape, bytes)
+        })
+        .collect();
+    assert!(tensors
+        .iter()
+        .any(|(n, _, s, _)| n.ends_with("q_proj.weight") && s == &[96, 48]));
+    write_safetensors(
+        &tmp.path().join("model.safetensors"),
+        &tensors,
+        Default::default(),
+    )
+    .unwrap();
+    for (cache, ckpt) in [(None, false), (Some(3), true)] {
+        let c = TrainConfig {
+            cache_mini_batch: cache,
+            checkpoint_activations: ckpt,
+            ..config(MNRL, None)
+        };
+        let (dl, dg) = compare(tmp.path(), c);
+        assert!(
+            dl < 1e-5,
+            "cache {cache:?} ckpt {ckpt}: loss differs by {dl:e}"
+        );
+        assert!(
+            dg < 5e-4,
+            "cache {cache:?} ckpt {ckpt}: gradient differs by {dg:e}"
+        );
+    }
+}

@@ -45,11 +45,13 @@ pub fn enabled() -> bool {
         && std::env::var("SEMBED_TRAIN_KERNELS").map_or(true, |v| v != "candle")
 }
 
-static LAYER_PASSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+thread_local! {
+    static LAYER_PASSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
-/// How many layer forward passes this pass has run in this process (tests check it was taken).
+/// How many layer forward passes this pass has run on this thread (tests check it was taken).
 pub fn layer_passes() -> usize {
-    LAYER_PASSES.load(std::sync::atomic::Ordering::Relaxed)
+    LAYER_PASSES.with(|c| c.get())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -618,6 +620,9 @@ fn hidden_mask(s: &Stream, r0: usize, rows: usize, h: usize, out: &mut Vec<f32>)
 /// The attention dropout mask of sequence `q`, head `head`: `[len, len]`.
 fn attention_mask(s: &Stream, q: &Seq, head: usize, heads: usize, cols: usize, out: &mut [f32]) {
     let l = q.len;
+    if l == 0 {
+        return;
+    }
     for i in 0..l {
         let base = (((q.row * heads + head) * cols + q.col0 + i) * cols + q.col0) as u64;
         for j in 0..l {
@@ -641,6 +646,9 @@ fn attention_forward(
     let (h, nh) = (c.dims.hidden, c.dims.heads);
     let d = h / nh;
     let l = q.len;
+    if l == 0 {
+        return;
+    }
     let scale = 1.0 / (d as f32).sqrt();
     let mut dropped = if st.on { vec![0f32; l * l] } else { Vec::new() };
     for head in 0..nh {
@@ -698,6 +706,9 @@ fn attention_backward(
     let (h, nh) = (c.dims.hidden, c.dims.heads);
     let d = h / nh;
     let l = q.len;
+    if l == 0 {
+        return;
+    }
     let scale = 1.0 / (d as f32).sqrt();
     let mut mask = if st.on { vec![0f32; l * l] } else { Vec::new() };
     let mut r = if st.on { vec![0f32; l * l] } else { Vec::new() };
@@ -1135,7 +1146,17 @@ pub fn readable<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> bool {
     enabled()
         && params
             .into_iter()
-            .all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+            .all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous())
+}
+
+/// Whether every layer's parameter list has the same length and the same parameters trained
+/// (candle variables), as the pass requires.
+pub fn trained_alike(params: &[Vec<Tensor>]) -> bool {
+    let first = |p: &Vec<Tensor>| p.iter().map(Tensor::is_variable).collect::<Vec<_>>();
+    params.first().is_none_or(|f| {
+        let want = first(f);
+        params.iter().all(|p| first(p) == want)
+    })
 }
 
 type GradSlots = Arc<Mutex<Vec<Option<Tensor>>>>;
@@ -1282,6 +1303,13 @@ impl<L: Layers> candle_core::CustomOp2 for Encoder<L> {
                     }
                 };
                 let (dx, g) = self.layers.backward(l, &weights[l], saved, &d);
+                if g.len() != weights[l].len() {
+                    return Err(msg(format!(
+                        "layer {l}: {} gradients for {} parameters",
+                        g.len(),
+                        weights[l].len()
+                    )));
+                }
                 d = dx;
                 grads.push(g);
             }
@@ -1323,7 +1351,7 @@ pub(crate) fn run_stack<L: Layers>(
     let mut inputs = Vec::with_capacity(n);
     with_weights(&params, |weights| {
         for (l, w) in weights.iter().enumerate() {
-            LAYER_PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            LAYER_PASSES.with(|c| c.set(c.get() + 1));
             // Checkpointed, only the input is kept: the activations are recomputed in backward.
             inputs.push(checkpointed.then(|| cur.clone()));
             let (out, s) = layers.forward(l, w, std::mem::take(&mut cur));

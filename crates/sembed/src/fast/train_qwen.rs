@@ -278,6 +278,9 @@ impl QwenLayers {
 /// Attention of one sequence: `qkv [len, q | k | v]` → `ctx [len, q_heads · head_dim]`,
 /// probabilities into `probs`.
 fn attention_forward(d: &QwenDims, l: usize, qkv: &[f32], probs: &mut [f32], ctx: &mut [f32]) {
+    if l == 0 {
+        return;
+    }
     let (hd, qw, kw, wd) = (d.head_dim, d.q_width(), d.kv_width(), d.qkv_width());
     let rep = d.q_heads / d.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -328,6 +331,9 @@ fn attention_backward(
     dctx: &[f32],
     dqkv: &mut [f32],
 ) {
+    if l == 0 {
+        return;
+    }
     let (hd, qw, kw, wd) = (d.head_dim, d.q_width(), d.kv_width(), d.qkv_width());
     let rep = d.q_heads / d.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();

@@ -204,6 +204,7 @@ impl Bert {
         // Inference (no variable anywhere) runs the inference paths.
         if !params.iter().flatten().any(Tensor::is_variable)
             || !train::readable(params.iter().flatten())
+            || !train::trained_alike(&params)
             || self
                 .layers
                 .iter()

@@ -233,6 +233,7 @@ impl Jina {
         }
         if !params.iter().flatten().any(Tensor::is_variable)
             || !train::readable(params.iter().flatten())
+            || !train::trained_alike(&params)
         {
             return Ok(None);
         }

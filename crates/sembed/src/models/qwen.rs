@@ -184,6 +184,7 @@ impl Qwen {
         // Inference (no variable anywhere) runs the inference paths.
         if !params.iter().flatten().any(Tensor::is_variable)
             || !train::readable(params.iter().flatten())
+            || !train::trained_alike(&params)
         {
             return Ok(None);
         }
