@@ -204,6 +204,13 @@ struct ServeArgs {
     /// is served too (or must be among the --model ones).
     #[arg(long)]
     index: Option<String>,
+    /// With --index: keep the index current as the files it was made from change, in the background
+    /// (as `sembed index --watch`; the folders and settings the index records).
+    #[arg(long, requires = "index")]
+    watch: bool,
+    /// With --watch: run once no file changed for this long.
+    #[arg(long, default_value_t = 500)]
+    debounce_ms: u64,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: ComputeDtype,
     #[command(flatten)]
@@ -522,6 +529,50 @@ impl ComputeDtype {
     }
 }
 
+/// `serve --index T --watch`: a thread that keeps `target` current (the folders and chunking it
+/// records, every shard) with the served `model`, through its own connection to the index; searches
+/// see each committed run.
+fn watch_in_background(
+    target: &str,
+    model: std::sync::Arc<dyn sembed::embed::Embed>,
+    debounce_ms: u64,
+) -> Result<()> {
+    let mut store = sembed_index::store::open_existing(
+        target,
+        sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD,
+    )?;
+    let source = sembed_index::index::Source::of(store.as_mut())?.with_context(|| {
+        format!("{target} records no folders it indexes: index them again with `sembed index`")
+    })?;
+    let mut opts = source.options();
+    opts.shard = None;
+    let indexer = sembed_index::watch::Indexer::new(
+        target.to_string(),
+        store,
+        model,
+        opts,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let debounce = sembed_index::watch::Debounce {
+        quiet: std::time::Duration::from_millis(debounce_ms),
+        ..Default::default()
+    };
+    eprintln!("sembed serve: watching the folders of {target} for changes");
+    std::thread::spawn(move || {
+        let r = indexer.watch(debounce, &mut |r, secs| match r {
+            Ok(r) => eprintln!(
+                "sembed serve: {} files changed, {} removed: {} chunks added ({} embedded), {} removed in {secs:.1} s",
+                r.files_changed, r.files_removed, r.added, r.embedded, r.removed
+            ),
+            Err(e) => eprintln!("sembed serve: indexing the changes failed: {e}"),
+        });
+        if let Err(e) = r {
+            eprintln!("sembed serve: watching stopped: {e}");
+        }
+    });
+    Ok(())
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     let device = sembed::device::cpu();
     let engine = args.engine.engine()?;
@@ -638,6 +689,15 @@ fn serve(args: ServeArgs) -> Result<()> {
                 })?;
             ix.model = found.name.clone();
         }
+    }
+    if let (true, Some(ix)) = (args.watch, index.as_ref()) {
+        let model = models
+            .iter()
+            .find(|m| m.name == ix.model)
+            .context("the index's model is served")?
+            .model
+            .clone();
+        watch_in_background(&ix.target, model, args.debounce_ms)?;
     }
     let (router, state) =
         sembed_server::build_with_index(models, config, index).context("starting the server")?;

@@ -543,3 +543,66 @@ fn tune_tries_each_setting_and_picks_the_best() {
         .contains("Best: `sembed train"));
     assert!(!out.join("trial-0").exists());
 }
+
+/// `serve --index … --watch` keeps the index it serves current: a function added to a file is found
+/// by `POST /search` once the watcher has run, without a restart.
+#[test]
+fn served_index_follows_an_edit_with_watch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir(&dir).unwrap();
+    repo(&dir, 2, 2);
+    let model = tiny();
+    ok(&sembed_in(&dir, &["index", "-m", &model, "-q"]));
+    let db = dir.join(".sembed/index.sqlite");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_sembed"))
+        .args([
+            "serve",
+            "--index",
+            db.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+            "--watch",
+            "--debounce-ms",
+            "200",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed().as_secs() < 60, "server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let query = r#"{"query": "xylophone", "k": 1, "mode": "lexical"}"#;
+    let (status, before) = post(port, "/search", query);
+    assert_eq!(status, 200, "{before}");
+    assert!(before["hits"].as_array().unwrap().is_empty(), "{before}");
+    let file = std::fs::read_dir(dir.join("pkg"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "py"))
+        .unwrap();
+    let mut src = std::fs::read_to_string(&file).unwrap();
+    src.push_str("\n\ndef xylophone_fold(q):\n    return hash(q)\n");
+    std::fs::write(&file, src).unwrap();
+    let t = std::time::Instant::now();
+    let found = loop {
+        let (_, r) = post(port, "/search", query);
+        let hits = r["hits"].as_array().unwrap().clone();
+        if !hits.is_empty() || t.elapsed().as_secs() > 60 {
+            break hits;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(found.len(), 1, "the edit was never indexed");
+    assert_eq!(found[0]["symbol"], "xylophone_fold", "{found:?}");
+}

@@ -47,7 +47,7 @@ pub struct IndexOptions {
 }
 
 /// What an index was made from and how, recorded in it (the `source` setting) so that a refresh, a
-/// watcher, `sembed index --watch` or `sembed mcp` index the same tree the same way.
+/// watcher, `sembed index --watch`, `sembed serve --index … --watch` or `sembed mcp` index the same tree the same way.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Source {
     pub roots: Vec<PathBuf>,
