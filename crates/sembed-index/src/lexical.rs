@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 /// Version of the term rules: an index whose lexical terms were made by another version rebuilds
 /// them (from the stored texts; nothing is embedded again).
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// BM25 constants (FTS5's).
 pub const K1: f64 = 1.2;

@@ -836,6 +836,13 @@ fn lexical_search_is_bm25() {
     let dir = tmp.path().join("repo");
     std::fs::create_dir(&dir).unwrap();
     repo(&dir);
+    // Letters Rust counts as alphanumeric and FTS5's unicode61 tokenizer does not (circled letters,
+    // category So): the stored terms must read back whole.
+    std::fs::write(
+        dir.join("pkg/circled.py"),
+        "def \u{24D2}ircle_\u{24DD}ame(x):\n    return x + 1\n",
+    )
+    .unwrap();
     let db = tmp.path().join("index.sqlite");
     index(&dir, &db, &m);
     let mut store = SqliteStore::open(&db, 20_000).unwrap();
@@ -845,6 +852,7 @@ fn lexical_search_is_bm25() {
         "cache strings",
         "f2_4",
         "Grow the box",
+        "\u{24D2}ircle \u{24DD}ame",
     ] {
         let terms = sembed_index::lexical::query_terms(q);
         let want = bm25_by_hand(&mut store, &terms);

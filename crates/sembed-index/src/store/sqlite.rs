@@ -164,7 +164,29 @@ impl SqliteStore {
         }
         let path = self.path.clone();
         let err = sql_err(&path);
-        let tx = self.conn.transaction().map_err(&err)?;
+        // Another process opening the same index may be at this point too: take the write lock
+        // first, then look again.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let exists = tx
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'lexical'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(&err)?
+            > 0;
+        let current: Option<String> = tx
+            .query_row("SELECT value FROM meta WHERE key = 'lexical'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(&err)?;
+        if exists && current.as_deref() == Some(want.as_str()) {
+            return Ok(());
+        }
         if exists {
             tx.execute("DROP TABLE lexical", []).map_err(&err)?;
         }
@@ -626,9 +648,12 @@ fn build_ann(
 }
 
 /// The lexical index: contentless (the terms are made again from `chunks` whenever needed), rows
-/// deletable, and a tokenizer that keeps every character [`crate::lexical`] puts in a term.
+/// deletable. The terms [`crate::lexical`] writes are letters and digits (Rust's, Unicode's idea of
+/// them) separated by spaces: FTS5's `ascii` tokenizer, which splits on ASCII punctuation and space
+/// only, reads back exactly those terms, as PostgreSQL's `tsvector` holds them (`unicode61` would
+/// split some of them where its categories differ from Rust's, e.g. circled letters).
 const LEXICAL_TABLE: &str = "CREATE VIRTUAL TABLE lexical USING fts5(terms, content='', \
-     contentless_delete=1, tokenize=\"unicode61 remove_diacritics 0 categories 'L* N* Co M*'\")";
+     contentless_delete=1, tokenize='ascii')";
 
 const ROW_COLUMNS: &str = "chunks.path, chunks.lang, chunks.kind, chunks.symbol, chunks.start_line,
     chunks.end_line, chunks.start_byte, chunks.end_byte, chunks.part, chunks.parts, chunks.hash, chunks.text";
