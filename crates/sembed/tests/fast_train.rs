@@ -184,45 +184,6 @@ fn compare_lora(model: &str, c: TrainConfig, what: &str) {
     );
 }
 
-/// LoRA on Qwen2 and Qwen3 through the fast pass (frozen base weights read in place): after one
-/// optimizer step (so that B is no longer zero and A's gradient is not trivially 0), the loss and
-/// every adapter's gradient as candle's graph gives them, on the default q/v targets and on all
-/// seven projections, plain, with GradCache and with checkpointing.
-#[test]
-fn fast_pass_lora_equals_candle_on_tiny_qwen() {
-    let all: Vec<String> = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
-    .map(String::from)
-    .to_vec();
-    for name in ["qwen2-bidir-tiny", "qwen3-causal-tiny"] {
-        for (targets, cache, ckpt) in [
-            (vec![], None, false),
-            (all.clone(), None, false),
-            (all.clone(), Some(3), true),
-        ] {
-            let c = TrainConfig {
-                lora: Some(LoraConfig {
-                    rank: 4,
-                    alpha: 8.0,
-                    dropout: 0.0,
-                    targets: targets.clone(),
-                }),
-                cache_mini_batch: cache,
-                checkpoint_activations: ckpt,
-                ..config(MNRL, None)
-            };
-            compare_lora(name, c, &format!("{targets:?} cache {cache:?} ckpt {ckpt}"));
-        }
-    }
-}
-
 /// jina-embeddings-v3 through the fast pass (the BERT pass with rotary positions and the task
 /// adapters on Wqkv, out_proj, fc1, fc2): the loss and every gradient, the stacked adapters' included
 /// (zero outside the task's slice), with dropout off and on (candle's masks), GradCache and
@@ -251,35 +212,46 @@ fn fast_pass_equals_candle_on_tiny_jina() {
     }
 }
 
-/// PEFT LoRA on BERT through the fast pass (frozen base read in place): after one optimizer step,
-/// every adapter's gradient as candle's graph gives it, with the model's dropout, on query/value
-/// (the default) and on every projection, with GradCache and checkpointing.
+/// LoRA through the fast pass (frozen base read in place) on BERT (with the model's dropout),
+/// Qwen2 and Qwen3: after one optimizer step, the loss and every adapter's gradient as candle's graph
+/// gives them, on the default targets (query/value) and on every projection, plain and with
+/// GradCache and checkpointing.
 #[test]
-fn fast_pass_lora_equals_candle_on_tiny_bert() {
-    let all: Vec<String> = ["query", "key", "value", "dense"]
-        .map(String::from)
-        .to_vec();
-    for (targets, cache, ckpt) in [
-        (vec![], None, false),
-        (all.clone(), None, false),
-        (all.clone(), Some(3), true),
-    ] {
-        let c = TrainConfig {
-            lora: Some(LoraConfig {
-                rank: 4,
-                alpha: 8.0,
-                dropout: 0.0,
-                targets: targets.clone(),
-            }),
-            cache_mini_batch: cache,
-            checkpoint_activations: ckpt,
-            ..config(MNRL, None)
-        };
-        compare_lora(
-            "bert-tiny",
-            c,
-            &format!("{targets:?} cache {cache:?} ckpt {ckpt}"),
-        );
+fn fast_pass_lora_equals_candle() {
+    let qwen_all = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let models: [(&str, &[&str]); 3] = [
+        ("bert-tiny", &["query", "key", "value", "dense"]),
+        ("qwen2-bidir-tiny", &qwen_all),
+        ("qwen3-causal-tiny", &qwen_all),
+    ];
+    for (name, all) in models {
+        let all: Vec<String> = all.iter().map(|t| t.to_string()).collect();
+        for (targets, cache, ckpt) in [
+            (vec![], None, false),
+            (all.clone(), None, false),
+            (all, Some(3), true),
+        ] {
+            let c = TrainConfig {
+                lora: Some(LoraConfig {
+                    rank: 4,
+                    alpha: 8.0,
+                    dropout: 0.0,
+                    targets: targets.clone(),
+                }),
+                cache_mini_batch: cache,
+                checkpoint_activations: ckpt,
+                ..config(MNRL, None)
+            };
+            compare_lora(name, c, &format!("{targets:?} cache {cache:?} ckpt {ckpt}"));
+        }
     }
 }
 

@@ -1133,30 +1133,18 @@ fn with_weights<R>(params: &[Vec<Tensor>], f: impl FnOnce(&[Vec<&[f32]>]) -> R) 
     Ok(f(&weights))
 }
 
-/// Whether this pass can train a layer stack with these parameters: f32 variables on the CPU.
-pub fn supports<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> bool {
+/// Whether this pass runs a layer stack with these parameters (`params[layer]`): a training run
+/// (some parameter a candle variable; inference runs the inference paths), every parameter f32,
+/// contiguous, on the CPU, trained (variables) or frozen, and every layer trained alike.
+pub(super) fn runs(params: &[Vec<Tensor>]) -> bool {
+    let all = || params.iter().flatten();
+    let trained = |p: &Vec<Tensor>| p.iter().map(Tensor::is_variable).collect::<Vec<_>>();
     enabled()
+        && all().any(Tensor::is_variable)
+        && all().all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous())
         && params
-            .into_iter()
-            .all(|t| t.is_variable() && t.dtype() == DType::F32 && t.device().is_cpu())
-}
-
-/// Whether this pass can read these parameters, trained (variables) or frozen: f32 on the CPU.
-pub fn readable<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> bool {
-    enabled()
-        && params
-            .into_iter()
-            .all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous())
-}
-
-/// Whether every layer's parameter list has the same length and the same parameters trained
-/// (candle variables), as the pass requires.
-pub fn trained_alike(params: &[Vec<Tensor>]) -> bool {
-    let first = |p: &Vec<Tensor>| p.iter().map(Tensor::is_variable).collect::<Vec<_>>();
-    params.first().is_none_or(|f| {
-        let want = first(f);
-        params.iter().all(|p| first(p) == want)
-    })
+            .first()
+            .is_some_and(|f| params.iter().all(|p| trained(p) == trained(f)))
 }
 
 type GradSlots = Arc<Mutex<Vec<Option<Tensor>>>>;
@@ -1614,21 +1602,27 @@ impl Layers for BertLayers {
 }
 
 /// The encoder's layers on packed rows `x [T, H]` (f32, after the embeddings), differentiable in
-/// `x` and in every trained parameter (`params[layer]` in the order `kind` says; which are
-/// trained, candle variables, must be alike in every layer). `seqs` and `grid` describe the padded
-/// batch candle's layers would see (for the dropout masks); `p_attention`, `p_hidden` are the
-/// dropout probabilities in effect.
-#[allow(clippy::too_many_arguments)]
+/// `x` and in every trained parameter (`params[layer]` in the order `kind` says), or None where
+/// this pass does not run them ([`runs`], a dropout probability of 1): candle's layers do. `mask`
+/// is the padded batch's key mask candle's layers see (its grid places the dropout masks);
+/// `attention_dropout`, `hidden_dropout` are the model's probabilities (the training run's override
+/// applies).
 pub fn encoder(
     x: &Tensor,
     params: Vec<Vec<Tensor>>,
     kind: Kind,
     dims: Dims,
-    seqs: Vec<Seq>,
-    grid: (usize, usize),
-    p_attention: f64,
-    p_hidden: f64,
-) -> Result<Tensor> {
+    mask: &[Vec<u32>],
+    attention_dropout: f64,
+    hidden_dropout: f64,
+) -> Result<Option<Tensor>> {
+    let p_attention = crate::nn::dropout_probability(attention_dropout).unwrap_or(0.0);
+    let p_hidden = crate::nn::dropout_probability(hidden_dropout).unwrap_or(0.0);
+    if !runs(&params) || p_attention >= 1.0 || p_hidden >= 1.0 {
+        return Ok(None);
+    }
+    let seqs = Seq::of_mask(mask);
+    let grid = (mask.len(), mask.first().map_or(0, Vec::len));
     let (tokens, h) = x.dims2()?;
     if h != dims.hidden || seqs.iter().map(|q| q.len).sum::<usize>() != tokens {
         return Err(Error::InvalidInput(format!(
@@ -1670,7 +1664,7 @@ pub fn encoder(
         rope,
         trained,
     };
-    run_stack(x, params, layers)
+    Ok(Some(run_stack(x, params, layers)?))
 }
 
 #[cfg(test)]

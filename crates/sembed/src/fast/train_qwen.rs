@@ -12,8 +12,8 @@
 use super::kernels::{self, multiversion};
 use super::linear::matmul_acc;
 use super::train::{
-    block_rows, col_sums, proj_backward, proj_forward, run_stack, softmax_backward_rows, split_mut,
-    trained_slots, Layers, Lora, Proj, Rope, Seq,
+    block_rows, col_sums, proj_backward, proj_forward, run_stack, runs, softmax_backward_rows,
+    split_mut, trained_slots, Layers, Lora, Proj, Rope, Seq,
 };
 use crate::error::{Error, Result};
 use candle_core::Tensor;
@@ -705,14 +705,19 @@ impl Layers for QwenLayers {
 /// and in every trained parameter. `params[layer]` lists, in this order: input RMSNorm γ, q, k, v
 /// weights, (q, k, v biases), o weight, (q-norm γ, k-norm γ), post-attention RMSNorm γ, gate, up,
 /// down weights, then `A`, `B` of each adapter of `dims.lora` in [`PROJECTIONS`] order. Which are
-/// trained (candle variables) must be alike in every layer. `seqs` are the packed sequences (their
-/// tokens at positions 0, 1, … for the rotation).
+/// trained (candle variables) must be alike in every layer; None where this pass does not run them
+/// ([`super::train::runs`]). `mask` is the padded batch's key mask (each row's tokens at positions
+/// 0, 1, … for the rotation).
 pub fn encoder(
     x: &Tensor,
     params: Vec<Vec<Tensor>>,
     dims: QwenDims,
-    seqs: Vec<Seq>,
-) -> Result<Tensor> {
+    mask: &[Vec<u32>],
+) -> Result<Option<Tensor>> {
+    if !runs(&params) {
+        return Ok(None);
+    }
+    let seqs = Seq::of_mask(mask);
     let (tokens, h) = x.dims2()?;
     if h != dims.hidden || seqs.iter().map(|q| q.len).sum::<usize>() != tokens {
         return Err(Error::InvalidInput(format!(
@@ -741,5 +746,5 @@ pub fn encoder(
         tokens,
         rope,
     };
-    run_stack(x, params, layers)
+    Ok(Some(run_stack(x, params, layers)?))
 }

@@ -201,20 +201,11 @@ impl Bert {
             params.push(p);
         }
         let eps = first.attn_norm.eps;
-        // Inference (no variable anywhere) runs the inference paths.
-        if !params.iter().flatten().any(Tensor::is_variable)
-            || !train::readable(params.iter().flatten())
-            || !train::trained_alike(&params)
-            || self
-                .layers
-                .iter()
-                .any(|l| l.out_norm.eps != eps || l.attn_norm.eps != eps)
+        if self
+            .layers
+            .iter()
+            .any(|l| l.out_norm.eps != eps || l.attn_norm.eps != eps)
         {
-            return Ok(None);
-        }
-        let p_attention = nn::dropout_probability(self.attention_dropout).unwrap_or(0.0);
-        let p_hidden = nn::dropout_probability(self.hidden_dropout).unwrap_or(0.0);
-        if p_attention >= 1.0 || p_hidden >= 1.0 {
             return Ok(None);
         }
         let dims = train::Dims {
@@ -224,17 +215,15 @@ impl Bert {
             eps: eps as f32,
             act,
         };
-        let grid = (batch.packing.b, batch.packing.s);
-        Ok(Some(train::encoder(
+        train::encoder(
             x,
             params,
             train::Kind::Bert { lora },
             dims,
-            train::Seq::of_mask(&batch.mask_rows),
-            grid,
-            p_attention,
-            p_hidden,
-        )?))
+            &batch.mask_rows,
+            self.attention_dropout,
+            self.hidden_dropout,
+        )
     }
 }
 

@@ -231,17 +231,6 @@ impl Jina {
             }
             params.push(p);
         }
-        if !params.iter().flatten().any(Tensor::is_variable)
-            || !train::readable(params.iter().flatten())
-            || !train::trained_alike(&params)
-        {
-            return Ok(None);
-        }
-        let p_attention = nn::dropout_probability(c.attention_dropout).unwrap_or(0.0);
-        let p_hidden = nn::dropout_probability(c.hidden_dropout).unwrap_or(0.0);
-        if p_attention >= 1.0 || p_hidden >= 1.0 {
-            return Ok(None);
-        }
         let dims = train::Dims {
             hidden: c.hidden,
             heads: c.heads,
@@ -256,17 +245,15 @@ impl Jina {
             scale: first.wqkv.scale as f32,
             rope_theta: self.cfg.rotary_emb_base,
         };
-        let grid = (batch.packing.b, batch.packing.s);
-        Ok(Some(train::encoder(
+        train::encoder(
             x,
             params,
             kind,
             dims,
-            train::Seq::of_mask(&batch.mask_rows),
-            grid,
-            p_attention,
-            p_hidden,
-        )?))
+            &batch.mask_rows,
+            c.attention_dropout,
+            c.hidden_dropout,
+        )
     }
 }
 

@@ -127,7 +127,7 @@ impl Qwen {
     /// full or frozen with LoRA adapters, no attention or adapter dropout in effect. None: run
     /// candle's layers.
     fn fast_training(&self, x: &Tensor, batch: &Batch) -> Result<Option<Tensor>> {
-        use crate::fast::{train, train_qwen};
+        use crate::fast::train_qwen;
         let cfg = &self.cfg;
         if nn::dropout_probability(cfg.attention_dropout).unwrap_or(0.0) > 0.0 {
             return Ok(None);
@@ -181,15 +181,7 @@ impl Qwen {
             p.extend(adapters);
             params.push(p);
         }
-        // Inference (no variable anywhere) runs the inference paths.
-        if !params.iter().flatten().any(Tensor::is_variable)
-            || !train::readable(params.iter().flatten())
-            || !train::trained_alike(&params)
-        {
-            return Ok(None);
-        }
-        let seqs = train::Seq::of_mask(&batch.mask_rows);
-        Ok(Some(train_qwen::encoder(x, params, dims, seqs)?))
+        train_qwen::encoder(x, params, dims, &batch.mask_rows)
     }
 }
 
