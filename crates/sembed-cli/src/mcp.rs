@@ -180,10 +180,9 @@ impl SembedMcp {
     }
 }
 
-fn hit_json(h: &store::Hit) -> serde_json::Value {
-    let r = &h.row;
-    let mut v = json!({
-        "score": h.score,
+/// A chunk as the tools return it: where it is, what it is, its text.
+fn row_json(r: &store::Row) -> serde_json::Value {
+    json!({
         "path": r.path,
         "start_line": r.start_line,
         "end_line": r.end_line,
@@ -191,7 +190,13 @@ fn hit_json(h: &store::Hit) -> serde_json::Value {
         "kind": r.kind,
         "symbol": r.symbol,
         "text": r.text,
-    });
+    })
+}
+
+fn hit_json(h: &store::Hit) -> serde_json::Value {
+    let r = &h.row;
+    let mut v = row_json(r);
+    v["score"] = json!(h.score);
     if let Some(c) = h.cosine {
         v["cosine"] = json!(c);
     }
@@ -274,17 +279,12 @@ impl SembedMcp {
             match store.symbols(&name, limit, &filter) {
                 Ok(rows) => CallToolResult::structured(json!({
                     "name": name,
-                    "definitions": rows.into_iter().map(|r| json!({
-                        "path": r.path,
-                        "start_line": r.start_line,
-                        "end_line": r.end_line,
-                        "lang": r.lang,
-                        "kind": r.kind,
-                        "symbol": r.symbol,
-                        "part": r.part,
-                        "parts": r.parts,
-                        "text": r.text,
-                    })).collect::<Vec<_>>(),
+                    "definitions": rows.iter().map(|r| {
+                        let mut v = row_json(r);
+                        v["part"] = json!(r.part);
+                        v["parts"] = json!(r.parts);
+                        v
+                    }).collect::<Vec<_>>(),
                 })),
                 Err(e) => failed(e),
             }

@@ -294,22 +294,14 @@ fn post(port: u16, path: &str, body: &str) -> (u16, serde_json::Value) {
     (status, serde_json::from_str(json).unwrap())
 }
 
-/// `serve --index` answers `POST /search` with the hits `sembed search --json` prints.
-#[test]
-fn server_search_equals_cli_search() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("repo");
-    std::fs::create_dir(&dir).unwrap();
-    repo(&dir, 3, 4);
-    let model = tiny();
-    ok(&sembed_in(&dir, &["index", "-m", &model, "-q"]));
-    let db = dir.join(".sembed/index.sqlite");
+/// `sembed serve --index DB EXTRA…` on a free loopback port, once it accepts connections.
+fn serve_index(db: &Path, extra: &[&str]) -> (std::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_sembed"))
+    let server = Command::new(env!("CARGO_BIN_EXE_sembed"))
         .args([
             "serve",
             "--index",
@@ -317,6 +309,7 @@ fn server_search_equals_cli_search() {
             "--port",
             &port.to_string(),
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -326,6 +319,19 @@ fn server_search_equals_cli_search() {
         assert!(t.elapsed().as_secs() < 60, "server did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    (server, port)
+}
+
+/// `serve --index` answers `POST /search` with the hits `sembed search --json` prints.
+#[test]
+fn server_search_equals_cli_search() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir(&dir).unwrap();
+    repo(&dir, 3, 4);
+    let model = tiny();
+    ok(&sembed_in(&dir, &["index", "-m", &model, "-q"]));
+    let (mut server, port) = serve_index(&dir.join(".sembed/index.sqlite"), &[]);
     let cli = ok(&sembed_in(
         &dir,
         &[
@@ -554,32 +560,10 @@ fn served_index_follows_an_edit_with_watch() {
     repo(&dir, 2, 2);
     let model = tiny();
     ok(&sembed_in(&dir, &["index", "-m", &model, "-q"]));
-    let db = dir.join(".sembed/index.sqlite");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_sembed"))
-        .args([
-            "serve",
-            "--index",
-            db.to_str().unwrap(),
-            "--port",
-            &port.to_string(),
-            "--watch",
-            "--debounce-ms",
-            "200",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed().as_secs() < 60, "server did not start");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let (mut server, port) = serve_index(
+        &dir.join(".sembed/index.sqlite"),
+        &["--watch", "--debounce-ms", "200"],
+    );
     let query = r#"{"query": "xylophone", "k": 1, "mode": "lexical"}"#;
     let (status, before) = post(port, "/search", query);
     assert_eq!(status, 200, "{before}");
