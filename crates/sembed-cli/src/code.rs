@@ -69,6 +69,18 @@ pub struct IndexArgs {
     pub engine: crate::EngineArgs,
 }
 
+impl IndexArgs {
+    /// The settings `sembed index` runs with when given no flags (clap's own defaults, not a copy).
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            args: IndexArgs,
+        }
+        <Only as clap::Parser>::parse_from(["sembed-index"]).args
+    }
+}
+
 #[derive(clap::Args)]
 pub struct SearchArgs {
     /// What to look for, in words or code.

@@ -6,6 +6,7 @@
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
 
+mod adapt;
 mod alloc;
 mod bench;
 mod code;
@@ -48,6 +49,10 @@ enum Command {
     /// Mine (documentation → code) pairs into training data: Rust, Python, Elixir, JavaScript,
     /// TypeScript, Go and Java, cut by the same parser as `sembed index` (.gitignore respected).
     Mine(Box<MineArgs>),
+    /// Fit a model to a repository: mine its (documentation → code) pairs (and --also folders'),
+    /// fine-tune on all but a held-out share of the files, keep the new model only if it ranks the
+    /// held-out pairs better than the base, and re-index the repository with it.
+    Adapt(Box<adapt::AdaptArgs>),
     /// Measure: stages, throughput by batch size and length, latency, memory, int8, training and
     /// gradient cost, and the peers on the same texts; writes JSON, Markdown and SVG.
     Bench(Box<bench::BenchArgs>),
@@ -407,6 +412,10 @@ struct MineArgs {
     margin: f32,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// Write each positive the way `sembed index` embeds its chunk: after a first line with the
+    /// file's name and the definition's symbol (what `sembed adapt` trains on).
+    #[arg(long)]
+    chunk_header: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -445,7 +454,10 @@ fn main() {
         builder.init();
     }
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Train(_) | Command::Tune(_)) {
+    if matches!(
+        cli.command,
+        Command::Train(_) | Command::Tune(_) | Command::Adapt(_)
+    ) {
         mimalloc_options::tune_training();
     }
     let result = match cli.command {
@@ -455,6 +467,7 @@ fn main() {
         Command::Eval(args) => eval(args),
         Command::Tune(args) => tune::run(*args),
         Command::Mine(args) => mine(*args),
+        Command::Adapt(args) => adapt::run(*args),
         Command::Bench(args) => bench::run(*args),
         Command::Index(args) => code::index(*args),
         Command::Search(args) => code::search(*args),
@@ -832,10 +845,17 @@ fn mine(args: MineArgs) -> Result<()> {
             src.display()
         );
     }
-    let (mut train, held) = match heldout {
+    let (train, held) = match heldout {
         Some(_) => sembed::train::mine::split_by_file(mined, fraction, seed),
         None => (mined, Vec::new()),
     };
+    let header = args.chunk_header;
+    let as_indexed = |rows: Vec<sembed::train::mine::Mined>| -> Vec<_> {
+        rows.into_iter()
+            .map(|m| sembed_index::mine::as_indexed(m, header))
+            .collect()
+    };
+    let (mut train, held) = (as_indexed(train), as_indexed(held));
     if args.hard_negatives > 0 {
         let model = load_f32(args.model.as_deref(), args.engine)
             .context("loading the model for hard negatives")?;
@@ -860,7 +880,7 @@ fn mine(args: MineArgs) -> Result<()> {
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
         );
         for m in rows {
-            let mut line = serde_json::json!({"anchor": m.example.anchor, "positive": m.example.positive, "file": m.file});
+            let mut line = serde_json::json!({"anchor": m.example.anchor, "positive": m.example.positive, "file": m.file, "symbol": m.symbol});
             if !m.example.negatives.is_empty() {
                 line["negatives"] = serde_json::json!(m.example.negatives);
             }
@@ -890,7 +910,7 @@ fn mine(args: MineArgs) -> Result<()> {
 }
 
 /// One `-m` reference (default: the default model) in f32 on the chosen engine.
-fn load_f32(model: Option<&str>, engine: EngineArgs) -> Result<Box<dyn Embed>> {
+pub(crate) fn load_f32(model: Option<&str>, engine: EngineArgs) -> Result<Box<dyn Embed>> {
     let refs: Vec<String> = model.map(str::to_string).into_iter().collect();
     Ok(sembed::fusion_config::load(
         &refs,

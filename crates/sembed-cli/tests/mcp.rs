@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{ok, sembed, tiny};
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -15,31 +17,6 @@ use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tiny() -> String {
-    root()
-        .join("tests/fixtures/bert-tiny")
-        .display()
-        .to_string()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn sembed(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sembed"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// The code fixtures and two generated Python modules, indexed with the tiny model.

@@ -560,12 +560,21 @@ pub(crate) fn doc_anchor(node: Node) -> Node {
     anchor
 }
 
-/// What a node defines, for the miner: its kind and whether it is a definition at all.
-pub(crate) fn definition_kind(lang: Lang, src: &str, node: Node) -> Option<&'static str> {
+/// What a node defines, for the miner: its kind and name, `None` when it is not a definition.
+pub(crate) fn definition(
+    lang: Lang,
+    src: &str,
+    node: Node,
+) -> Option<(&'static str, Option<String>)> {
     match role(lang, src, node) {
-        Role::Def { kind, .. } => Some(kind),
+        Role::Def { kind, name, .. } => Some((kind, name)),
         _ => None,
     }
+}
+
+/// A qualified symbol as the chunker writes it (`Mod.f`, `Store::open`).
+pub(crate) fn qualified(lang: Lang, parts: &[String]) -> String {
+    join(lang, parts)
 }
 
 pub(crate) fn parse(lang: Lang, src: &str) -> Option<tree_sitter::Tree> {

@@ -14,7 +14,7 @@
 //! definition without its documentation, dedented, at most [`MAX_LINES`] lines. Definitions without a
 //! body (trait and interface signatures) give no pair.
 
-use crate::chunk::{attached, definition_kind, doc_anchor, parse, text_of, Lang};
+use crate::chunk::{attached, definition, doc_anchor, parse, qualified, text_of, Lang};
 use crate::walk::{unindexable, walk};
 use sembed::train::data::Example;
 use sembed::train::mine::Mined;
@@ -27,6 +27,15 @@ pub const MAX_LINES: usize = 60;
 
 /// Pairs of one file (its language by extension; none for other files).
 pub fn mine_file(path: &str, src: &str) -> Vec<Example> {
+    mine_file_symbols(path, src)
+        .into_iter()
+        .map(|(_, ex)| ex)
+        .collect()
+}
+
+/// [`mine_file`] with each pair's qualified symbol, the one the index gives the chunk of that
+/// definition (`Parser.parse`, `MyApp.Repo.get`).
+pub fn mine_file_symbols(path: &str, src: &str) -> Vec<(Option<String>, Example)> {
     let Some(lang) = Lang::of_path(path) else {
         return Vec::new();
     };
@@ -34,22 +43,36 @@ pub fn mine_file(path: &str, src: &str) -> Vec<Example> {
         return Vec::new();
     };
     let mut out = Vec::new();
-    visit(lang, src, tree.root_node(), &mut out);
+    visit(lang, src, tree.root_node(), &mut Vec::new(), &mut out);
     out
 }
 
-fn visit(lang: Lang, src: &str, node: Node, out: &mut Vec<Example>) {
+fn visit(
+    lang: Lang,
+    src: &str,
+    node: Node,
+    scope: &mut Vec<String>,
+    out: &mut Vec<(Option<String>, Example)>,
+) {
     let mut cursor = node.walk();
     for child in node.named_children(&mut cursor) {
+        let mut named = false;
         // A decorated Python definition is mined from the definition inside it.
         if child.kind() != "decorated_definition" {
-            if let Some(kind) = definition_kind(lang, src, child) {
+            if let Some((kind, name)) = definition(lang, src, child) {
+                if let Some(n) = name {
+                    scope.push(n);
+                    named = true;
+                }
                 if let Some(ex) = pair(lang, src, child, kind) {
-                    out.push(ex);
+                    out.push((named.then(|| qualified(lang, scope)), ex));
                 }
             }
         }
-        visit(lang, src, child, out);
+        visit(lang, src, child, scope, out);
+        if named {
+            scope.pop();
+        }
     }
 }
 
@@ -308,10 +331,11 @@ pub fn mine_tree(
             continue;
         }
         let src = std::str::from_utf8(&bytes).expect("checked UTF-8");
-        for ex in mine_file(&f.rel, src) {
+        for (symbol, ex) in mine_file_symbols(&f.rel, src) {
             if seen_anchor.insert(ex.anchor.clone()) && seen_code.insert(ex.positive.clone()) {
                 out.push(Mined {
                     file: f.abs.clone(),
+                    symbol,
                     example: ex,
                 });
             }
@@ -319,6 +343,16 @@ pub fn mine_tree(
     }
     progress(total, total);
     Ok(out)
+}
+
+/// A pair whose positive is written the way the index embeds that definition's chunk: after a
+/// first line with the file's name and the symbol ([`crate::index::embedded_text`]) when `header`,
+/// as `sembed index` does by default. Its negatives are left as they are.
+pub fn as_indexed(mut m: Mined, header: bool) -> Mined {
+    let path = m.file.to_string_lossy().replace('\\', "/");
+    m.example.positive =
+        crate::index::embedded_text(&path, m.symbol.as_deref(), &m.example.positive, header);
+    m
 }
 
 /// [`mine_tree`] of one folder.

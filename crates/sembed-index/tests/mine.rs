@@ -153,3 +153,54 @@ fn tree_of_every_language() {
         "duplicates keep the first"
     );
 }
+
+/// Each pair's symbol is the one the index gives the chunk holding that definition, so a training
+/// positive can carry the same header line as the indexed chunk (`sembed adapt`).
+#[test]
+fn symbols_are_the_index_chunks_symbols() {
+    use sembed_index::chunk::{chunk_file, Budget};
+    use sembed_index::mine::mine_file_symbols;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mine");
+    let words = |s: &str| s.split_whitespace().count();
+    let budget = Budget {
+        max_tokens: 100_000,
+        count: &words,
+        window_lines: 40,
+        overlap_lines: 0,
+    };
+    let mut all = Vec::new();
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let path = f.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let src = std::fs::read_to_string(&path).unwrap();
+        let chunks = chunk_file(&name, &src, &budget);
+        for (symbol, ex) in mine_file_symbols(&name, &src) {
+            let first = ex.positive.lines().next().unwrap();
+            let chunk = chunks
+                .iter()
+                .filter(|c| c.text.contains(first))
+                .min_by_key(|c| c.text.len())
+                .unwrap_or_else(|| panic!("{name}: no chunk holds {first:?}"));
+            assert_eq!(symbol, chunk.symbol, "{name}: {first:?}");
+            all.push((name.clone(), symbol));
+        }
+    }
+    // Written out for two files: methods are qualified by their class or module.
+    let of = |file: &str| -> Vec<Option<String>> {
+        all.iter()
+            .filter(|(n, _)| n == file)
+            .map(|(_, s)| s.clone())
+            .collect()
+    };
+    assert_eq!(
+        of("util.py"),
+        [
+            Some("slugify".to_string()),
+            Some("Cache.lookup".to_string())
+        ]
+    );
+    assert_eq!(of("repo.ex")[0].as_deref(), Some("Shop.Cart"));
+    assert!(of("repo.ex")[1..]
+        .iter()
+        .all(|s| s.as_deref().is_some_and(|s| s.starts_with("Shop.Cart."))));
+}

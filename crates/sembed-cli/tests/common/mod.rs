@@ -21,3 +21,42 @@ pub fn embedding(line: &str) -> Vec<f64> {
         .map(|x| x.as_f64().unwrap())
         .collect()
 }
+
+/// The repository's test fixtures.
+pub fn fixtures() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// The tiny BERT fixture, as a `-m` argument.
+pub fn tiny() -> String {
+    fixtures().join("bert-tiny").display().to_string()
+}
+
+/// `sembed ARGS` in `dir`.
+pub fn sembed_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sembed"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// `sembed ARGS` here.
+pub fn sembed(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sembed"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Standard output of a run that must have succeeded (else the whole run in the panic).
+pub fn ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone)]
 pub struct Mined {
     pub file: PathBuf,
+    /// The definition's qualified symbol, as the code index names its chunk.
+    pub symbol: Option<String>,
     pub example: Example,
 }
 
@@ -146,6 +148,7 @@ mod tests {
         let mined: Vec<Mined> = (0..40)
             .map(|i| Mined {
                 file: PathBuf::from(format!("f{}.rs", i / 4)),
+                symbol: None,
                 example: Example {
                     anchor: format!("a{i}"),
                     positive: format!("p{i}"),
@@ -220,6 +223,7 @@ mod tests {
     fn pair(a: &str, p: &str) -> Mined {
         Mined {
             file: PathBuf::from("x.py"),
+            symbol: None,
             example: Example {
                 anchor: a.into(),
                 positive: p.into(),

@@ -1,0 +1,362 @@
+//! `sembed adapt`: a model fitted to a repository's code in one step. Mines (documentation → code)
+//! pairs from the repository and, optionally, other folders of the same language (`--also`), holds
+//! out a share of the files, fine-tunes the base model on the rest (MNRL with hard negatives), scores
+//! the base and the fine-tuned model on the held-out pairs, keeps the new model only if it ranks them
+//! better, and re-indexes the repository with it.
+//!
+//! Leakage rules: held-out files never train (the split is by file, and a training pair whose
+//! documentation or code equals a held-out pair's is dropped), and an `--also` folder may not lie
+//! inside the repository or around it. Training positives are written the way the index embeds a
+//! chunk (file name and symbol on a first line, see `sembed_index::index::embedded_text`), so the
+//! model learns the text it will be asked to rank.
+
+use crate::{code, load_f32, progress, EngineArgs};
+use anyhow::{bail, Context, Result};
+use sembed::train::eval::RetrievalMetrics;
+use sembed::train::mine::Mined;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct AdaptArgs {
+    /// The repository: folders (or files) to adapt to and index. Default: the current folder.
+    pub paths: Vec<PathBuf>,
+    /// Base model (folder or hf:ORG/NAME). Default: all-MiniLM-L6-v2.
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// Other folders of the same language(s) to mine more training pairs from (never inside the
+    /// repository or around it).
+    #[arg(long)]
+    pub also: Vec<PathBuf>,
+    /// Where the adapted model goes (default: FIRST_PATH/.sembed/model). The pairs that trained and
+    /// scored, and the report, go to OUTPUT.adapt/ whatever the outcome.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// Share of the files whose pairs are held out to decide whether the new model is better.
+    #[arg(long, default_value_t = 0.2)]
+    pub heldout_fraction: f64,
+    /// With fewer pairs than this in the repository, the held-out files come from `--also` instead
+    /// (and the whole repository trains).
+    #[arg(long, default_value_t = 100)]
+    pub min_heldout: usize,
+    /// Hard negatives per training pair, mined with the base model among the training pairs.
+    #[arg(long, default_value_t = 1)]
+    pub hard_negatives: usize,
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 5e-5)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Train on positives without the index's header line (file name and symbol).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub chunk_header: bool,
+    /// Fit and score the model, but do not re-index the repository.
+    #[arg(long)]
+    pub no_index: bool,
+    /// The index to rebuild (as `sembed index --db`). Default: FIRST_PATH/.sembed/index.sqlite.
+    #[arg(long)]
+    pub db: Option<String>,
+    /// No progress bars.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// What `adapt` did: printed as JSON, saved as OUTPUT.adapt/report.json (beside the pairs that
+/// trained and scored) and, when the model is kept, as OUTPUT/adapt.json.
+#[derive(serde::Serialize)]
+struct Report {
+    base_model: String,
+    /// `repository` or `also`: where the held-out pairs come from.
+    heldout_from: &'static str,
+    repository_pairs: usize,
+    also_pairs: usize,
+    train_pairs: usize,
+    heldout_pairs: usize,
+    /// Training pairs dropped because their documentation or code equals a held-out pair's.
+    dropped_overlapping: usize,
+    hard_negatives: usize,
+    base: RetrievalMetrics,
+    adapted: RetrievalMetrics,
+    kept: bool,
+    model: Option<PathBuf>,
+    train_seconds: f64,
+}
+
+fn canonical(p: &Path) -> Result<PathBuf> {
+    p.canonicalize()
+        .with_context(|| format!("{}: no such file or folder", p.display()))
+}
+
+/// `mine_tree` with a progress bar.
+fn mine(roots: &[PathBuf], what: &str, quiet: bool) -> Result<Vec<Mined>> {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mined = sembed_index::mine::mine_tree(roots, &mut |done, total| {
+        if done == 0 && total > 200 {
+            bar = progress::bar(total as u64, what, quiet);
+        }
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(mined)
+}
+
+pub fn run(args: AdaptArgs) -> Result<()> {
+    let paths = if args.paths.is_empty() {
+        vec![PathBuf::from(".")]
+    } else {
+        args.paths.clone()
+    };
+    let repo: Vec<PathBuf> = paths.iter().map(|p| canonical(p)).collect::<Result<_>>()?;
+    let also: Vec<PathBuf> = args
+        .also
+        .iter()
+        .map(|p| canonical(p))
+        .collect::<Result<_>>()?;
+    for a in &also {
+        if let Some(r) = repo.iter().find(|r| a.starts_with(r) || r.starts_with(a)) {
+            bail!(
+                "--also {}: it overlaps the repository {} (pairs from it would be scored on what they trained on)",
+                a.display(),
+                r.display()
+            );
+        }
+    }
+    if !(0.0..1.0).contains(&args.heldout_fraction) || args.heldout_fraction == 0.0 {
+        bail!(
+            "--heldout-fraction {}: a fraction in (0, 1) is needed",
+            args.heldout_fraction
+        );
+    }
+    let base_dir = code::base_of(&paths, None);
+    let output = match &args.output {
+        Some(o) => o.clone(),
+        None => base_dir.join(".sembed").join("model"),
+    };
+    let base_ref = args.model.clone().unwrap_or_default();
+    let dir = sembed::hub::resolve(&base_ref).context("resolving the base model")?;
+
+    let repo_pairs = mine(&repo, "files (repository)", args.quiet)?;
+    let also_pairs = if also.is_empty() {
+        Vec::new()
+    } else {
+        mine(&also, "files (--also)", args.quiet)?
+    };
+    let (n_repo, n_also) = (repo_pairs.len(), also_pairs.len());
+    let fraction = args.heldout_fraction;
+    let (mut train, held, heldout_from) = if n_repo >= args.min_heldout {
+        let (mut t, h) = sembed::train::mine::split_by_file(repo_pairs, fraction, args.seed);
+        t.extend(also_pairs);
+        (t, h, "repository")
+    } else if n_also >= args.min_heldout {
+        let (t, h) = sembed::train::mine::split_by_file(also_pairs, fraction, args.seed);
+        let mut t2 = repo_pairs;
+        t2.extend(t);
+        (t2, h, "also")
+    } else {
+        bail!(
+            "{} documented functions in the repository and {} in --also: at least --min-heldout {} in one of them are needed to tell whether a fine-tuned model is better (add folders of the same language with --also)",
+            n_repo,
+            n_also,
+            args.min_heldout
+        );
+    };
+    // The same documentation or code in a training file and a held-out one (copies, vendored code)
+    // would score the model on what it trained on.
+    let held_texts: HashSet<&str> = held
+        .iter()
+        .flat_map(|m| [m.example.anchor.as_str(), m.example.positive.as_str()])
+        .collect();
+    let before = train.len();
+    train.retain(|m| {
+        !held_texts.contains(m.example.anchor.as_str())
+            && !held_texts.contains(m.example.positive.as_str())
+    });
+    let dropped = before - train.len();
+    if train.len() < 2 * args.batch_size.max(1) {
+        bail!(
+            "{} training pairs after holding out {} (from {}): too few to fine-tune at batch size {} (add folders with --also)",
+            train.len(),
+            held.len(),
+            heldout_from,
+            args.batch_size
+        );
+    }
+    let header = args.chunk_header;
+    let as_indexed = |rows: Vec<Mined>| -> Vec<Mined> {
+        rows.into_iter()
+            .map(|m| sembed_index::mine::as_indexed(m, header))
+            .collect()
+    };
+    let mut train = as_indexed(train);
+    let held_rows = as_indexed(held);
+    eprintln!(
+        "sembed: {} training pairs ({} from the repository, {} from --also), {} held out from {}, {} dropped as copies of held-out ones",
+        train.len(),
+        n_repo,
+        n_also,
+        held_rows.len(),
+        heldout_from,
+        dropped
+    );
+    let held: Vec<_> = held_rows.iter().map(|m| m.example.clone()).collect();
+
+    let base = load_f32(args.model.as_deref(), args.engine).context("loading the base model")?;
+    let base_scores = score(base.as_ref(), &held, args.quiet)?;
+    if args.hard_negatives > 0 {
+        let shown = progress::Progressed {
+            inner: base.as_ref(),
+            bar: progress::bar(0, "texts", args.quiet || train.len() < 256),
+        };
+        let opts = sembed::train::mine::HardNegatives {
+            count: args.hard_negatives,
+            ..Default::default()
+        };
+        sembed::train::mine::add_hard_negatives(&shown, &mut train, &opts)?;
+    }
+    drop(base);
+    // What trained and what scored, kept beside the model whatever the outcome.
+    let record = with_suffix(&output, ".adapt");
+    std::fs::create_dir_all(&record).with_context(|| format!("creating {}", record.display()))?;
+    write_pairs(&record.join("train.jsonl"), &train)?;
+    write_pairs(&record.join("heldout.jsonl"), &held_rows)?;
+
+    let work = with_suffix(&output, ".training");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)
+            .with_context(|| format!("removing the unfinished {}", work.display()))?;
+    }
+    let config = sembed::train::trainer::TrainConfig {
+        batch_size: args.batch_size,
+        epochs: args.epochs,
+        lr: args.lr,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let examples: Vec<_> = train.into_iter().map(|m| m.example).collect();
+    let t = std::time::Instant::now();
+    {
+        let mut trainer =
+            sembed::train::trainer::Trainer::new(&dir, config, sembed::DType::F32, false)
+                .with_context(|| format!("loading {}", dir.display()))?;
+        let never = std::sync::atomic::AtomicBool::new(false);
+        trainer.train(&examples, None, &work, &never, !args.quiet)?;
+    }
+    let train_seconds = t.elapsed().as_secs_f64();
+    // Checkpoints are for resuming a long run; this one is done.
+    let _ = std::fs::remove_dir_all(work.join("checkpoints"));
+    let work_ref = work.display().to_string();
+    let adapted = load_f32(Some(&work_ref), args.engine).context("loading the adapted model")?;
+    let adapted_scores = score(adapted.as_ref(), &held, args.quiet)?;
+    drop(adapted);
+    let kept = adapted_scores.ndcg_at_10 > base_scores.ndcg_at_10;
+    let mut report = Report {
+        base_model: dir.display().to_string(),
+        heldout_from,
+        repository_pairs: n_repo,
+        also_pairs: n_also,
+        train_pairs: examples.len(),
+        heldout_pairs: held.len(),
+        dropped_overlapping: dropped,
+        hard_negatives: args.hard_negatives,
+        base: base_scores,
+        adapted: adapted_scores,
+        kept,
+        model: None,
+        train_seconds,
+    };
+    if kept {
+        if output.exists() {
+            std::fs::remove_dir_all(&output)
+                .with_context(|| format!("replacing {}", output.display()))?;
+        }
+        std::fs::rename(&work, &output)
+            .with_context(|| format!("moving {} to {}", work.display(), output.display()))?;
+        let abs = canonical(&output)?;
+        report.model = Some(abs.clone());
+        std::fs::write(
+            output.join("adapt.json"),
+            serde_json::to_string_pretty(&report)?,
+        )
+        .with_context(|| format!("writing {}", output.join("adapt.json").display()))?;
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    std::fs::write(
+        record.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )
+    .with_context(|| format!("writing {}", record.join("report.json").display()))?;
+    eprintln!(
+        "sembed: held-out NDCG@10 {:.4} (base) → {:.4} (adapted) on {} pairs: {}",
+        report.base.ndcg_at_10,
+        report.adapted.ndcg_at_10,
+        report.heldout_pairs,
+        if kept {
+            format!("kept in {}", output.display())
+        } else {
+            "not better, discarded (the index keeps the base model)".to_string()
+        }
+    );
+    println!("{}", serde_json::to_string(&report)?);
+    if kept && !args.no_index {
+        code::index(code::IndexArgs {
+            paths,
+            db: args.db,
+            models: vec![report.model.expect("set when kept").display().to_string()],
+            replace: true,
+            chunk_header: args.chunk_header,
+            quiet: args.quiet,
+            engine: args.engine,
+            ..code::IndexArgs::defaults()
+        })?;
+    }
+    Ok(())
+}
+
+/// `dir` with `suffix` added to its last component (`model` → `model.training`).
+fn with_suffix(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    dir.with_file_name(name)
+}
+
+/// Pairs as `sembed mine` writes them (JSONL: anchor, positive, negatives, file, symbol).
+fn write_pairs(path: &Path, rows: &[Mined]) -> Result<()> {
+    use std::io::Write as _;
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    for m in rows {
+        let line = serde_json::json!({
+            "anchor": m.example.anchor,
+            "positive": m.example.positive,
+            "negatives": m.example.negatives,
+            "file": m.file,
+            "symbol": m.symbol,
+        });
+        writeln!(f, "{line}")?;
+    }
+    f.flush()
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn score(
+    model: &dyn sembed::embed::Embed,
+    held: &[sembed::train::data::Example],
+    quiet: bool,
+) -> Result<RetrievalMetrics> {
+    let shown = progress::Progressed {
+        inner: model,
+        bar: progress::bar(0, "texts", quiet || held.len() < 256),
+    };
+    Ok(sembed::train::eval::evaluate(&shown, held, None, 32)?)
+}

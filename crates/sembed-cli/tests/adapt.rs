@@ -1,0 +1,196 @@
+//! `sembed adapt` as a user runs it: pairs mined from a repository and an `--also` folder, a held-out
+//! split by file that never trains, the model kept only when it scores better (then the index is
+//! rebuilt with it and search uses it), and clear refusals.
+
+mod common;
+
+use common::{ok, sembed_in, tiny};
+use serde_json::Value;
+use std::collections::HashSet;
+use std::path::Path;
+
+const WORDS: [&str; 16] = [
+    "apple", "river", "cloud", "engine", "garden", "pencil", "rocket", "violin", "castle",
+    "forest", "marble", "candle", "harbor", "jacket", "ladder", "meadow",
+];
+
+/// `files` Python files of documented functions whose docs name the words the code uses.
+fn python_repo(dir: &Path, files: usize, per_file: usize, salt: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in 0..files {
+        let mut src = String::new();
+        for i in 0..per_file {
+            let n = salt + f * per_file + i;
+            let (a, b) = (WORDS[n % 16], WORDS[(n / 16 + n * 7 + 3) % 16]);
+            src.push_str(&format!(
+                "def {a}_{b}_{n}(x):\n    \"\"\"Return the {a} weight of the {b} number {n}.\"\"\"\n    return x.{a} * {n} + x.{b}\n\n\n"
+            ));
+        }
+        std::fs::write(dir.join(format!("m{f}.py")), src).unwrap();
+    }
+}
+
+fn report(stdout: &str) -> Value {
+    serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap()
+}
+
+fn pairs(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn adapt_keeps_a_better_model_and_reindexes_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let also = tmp.path().join("other");
+    python_repo(&repo, 10, 8, 0);
+    python_repo(&also, 10, 8, 500);
+    // Vendored copies of the repository's code: those of held-out functions must not train.
+    let copies: String = (0..10)
+        .map(|f| std::fs::read_to_string(repo.join(format!("m{f}.py"))).unwrap())
+        .collect();
+    std::fs::write(also.join("copies.py"), copies).unwrap();
+    let model = tiny();
+    let o = sembed_in(
+        &repo,
+        &[
+            "adapt",
+            "-m",
+            &model,
+            "--also",
+            also.to_str().unwrap(),
+            "--min-heldout",
+            "20",
+            "--epochs",
+            "4",
+            "--lr",
+            "5e-4",
+            "--batch-size",
+            "16",
+            "-q",
+        ],
+    );
+    let out = ok(&o);
+    let r = report(&out);
+    assert_eq!(r["heldout_from"], "repository", "{r}");
+    assert_eq!(r["repository_pairs"], 80);
+    assert_eq!(r["also_pairs"], 160);
+    assert_eq!(r["dropped_overlapping"], r["heldout_pairs"], "{r}");
+    let (base, adapted) = (
+        r["base"]["ndcg_at_10"].as_f64().unwrap(),
+        r["adapted"]["ndcg_at_10"].as_f64().unwrap(),
+    );
+    assert!(adapted > base, "the fine-tuned model should win here: {r}");
+    assert_eq!(r["kept"], true);
+
+    // The split is by file, and nothing held out trains.
+    let record = repo.join(".sembed/model.adapt");
+    let train = pairs(&record.join("train.jsonl"));
+    let held = pairs(&record.join("heldout.jsonl"));
+    assert_eq!(train.len() as u64, r["train_pairs"].as_u64().unwrap());
+    assert_eq!(held.len() as u64, r["heldout_pairs"].as_u64().unwrap());
+    let files = |rows: &[Value]| -> HashSet<String> {
+        rows.iter()
+            .map(|p| p["file"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (tf, hf) = (files(&train), files(&held));
+    assert!(tf.is_disjoint(&hf), "{tf:?} {hf:?}");
+    assert!(hf.iter().all(|f| f.contains("/repo/")), "{hf:?}");
+    assert!(tf.iter().any(|f| f.contains("/other/")), "--also trains");
+    let held_anchors: HashSet<&str> = held.iter().map(|p| p["anchor"].as_str().unwrap()).collect();
+    assert!(train
+        .iter()
+        .all(|p| !held_anchors.contains(p["anchor"].as_str().unwrap())));
+    // Positives carry the index's header line: the file's name and the symbol.
+    let p = &train[0];
+    let file = Path::new(p["file"].as_str().unwrap())
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let first = p["positive"].as_str().unwrap().lines().next().unwrap();
+    assert_eq!(first, format!("{file} {}", p["symbol"].as_str().unwrap()));
+    assert!(
+        p["negatives"].as_array().is_some_and(|n| n.len() == 1),
+        "{p}"
+    );
+
+    // The kept model is in .sembed/model, the index was rebuilt with it, and search uses it.
+    let kept = repo.join(".sembed/model");
+    assert!(kept.join("config.json").is_file() && kept.join("adapt.json").is_file());
+    assert!(!repo.join(".sembed/model.training").exists());
+    let s = ok(&sembed_in(
+        &repo,
+        &["search", "Return the castle weight", "--json"],
+    ));
+    let v: Value = serde_json::from_str(s.trim()).unwrap();
+    let o = sembed_in(&repo, &["search", "-m", &model, "Return the castle weight"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("model"),
+        "the index is the adapted model's, not the base's: {e}"
+    );
+    assert!(!v["hits"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn adapt_discards_a_model_that_is_not_better() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    python_repo(&repo, 10, 8, 0);
+    let model = tiny();
+    // A learning rate of zero trains nothing: the same scores, so the base stays.
+    let o = sembed_in(
+        &repo,
+        &[
+            "adapt",
+            "-m",
+            &model,
+            "--min-heldout",
+            "20",
+            "--lr",
+            "0",
+            "--batch-size",
+            "16",
+            "-q",
+        ],
+    );
+    let r = report(&ok(&o));
+    assert_eq!(r["kept"], false, "{r}");
+    assert_eq!(r["base"]["ndcg_at_10"], r["adapted"]["ndcg_at_10"]);
+    assert!(!repo.join(".sembed/model").exists());
+    assert!(!repo.join(".sembed/model.training").exists());
+    assert!(repo.join(".sembed/model.adapt/report.json").is_file());
+    assert!(!repo.join(".sembed/index.sqlite").exists(), "no re-index");
+}
+
+#[test]
+fn adapt_refuses_what_would_leak_or_cannot_be_scored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    python_repo(&repo, 4, 4, 0);
+    python_repo(&repo.join("sub"), 2, 4, 100);
+    let model = tiny();
+    let err = |args: &[&str]| {
+        let o = sembed_in(&repo, args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = err(&["adapt", "-m", &model, "--also", "sub"]);
+    assert!(
+        e.contains("--also") && e.contains("overlaps the repository"),
+        "{e}"
+    );
+    let e = err(&["adapt", "-m", &model, "--also", ".."]);
+    assert!(e.contains("overlaps the repository"), "{e}");
+    // 24 pairs, none elsewhere: too few to hold out.
+    let e = err(&["adapt", "-m", &model]);
+    assert!(e.contains("--min-heldout 100"), "{e}");
+    let e = err(&["adapt", "-m", &model, "--also", "/no/such/folder"]);
+    assert!(e.contains("/no/such/folder: no such file or folder"), "{e}");
+}
