@@ -12,6 +12,7 @@
 
 use crate::{code, load_f32, progress, EngineArgs};
 use anyhow::{bail, Context, Result};
+use sembed::embed::Embed as _;
 use sembed::train::eval::RetrievalMetrics;
 use sembed::train::mine::Mined;
 use std::collections::HashSet;
@@ -69,6 +70,16 @@ pub struct AdaptArgs {
 /// What `adapt` did: printed as JSON, saved as OUTPUT.adapt/report.json (beside the pairs that
 /// trained and scored) and, when the model is kept, as OUTPUT/adapt.json.
 #[derive(serde::Serialize)]
+struct Scores {
+    dense: RetrievalMetrics,
+    /// Hybrid NDCG@10 at each lexical weight tried.
+    hybrid_ndcg_at_10: Vec<(f64, f64)>,
+    /// The weight that ranked best (ties: the larger), and its metrics.
+    lexical_weight: f64,
+    hybrid: RetrievalMetrics,
+}
+
+#[derive(serde::Serialize)]
 struct Report {
     base_model: String,
     /// `repository` or `also`: where the held-out pairs come from.
@@ -80,9 +91,15 @@ struct Report {
     /// Training pairs dropped because their documentation or code equals a held-out pair's.
     dropped_overlapping: usize,
     hard_negatives: usize,
-    base: RetrievalMetrics,
-    adapted: RetrievalMetrics,
+    /// The base model on the held-out pairs: its vectors alone, and fused with BM25 at its best
+    /// lexical weight.
+    base: Scores,
+    /// The fine-tuned model, the same way.
+    adapted: Scores,
+    /// Kept when the adapted model's hybrid ranking beats the base's (each at its best weight).
     kept: bool,
+    /// The lexical weight the kept model carries into hybrid search (`adapt.json`).
+    lexical_weight: Option<f64>,
     model: Option<PathBuf>,
     train_seconds: f64,
 }
@@ -190,6 +207,22 @@ pub fn run(args: AdaptArgs) -> Result<()> {
             args.batch_size
         );
     }
+    // The held-out pairs' lexical side, as the index would store them (path, symbol, bare code).
+    let roots: Vec<&PathBuf> = repo.iter().chain(&also).collect();
+    let lexical_docs: Vec<Vec<String>> = held
+        .iter()
+        .map(|m| {
+            let rel = roots
+                .iter()
+                .find_map(|r| m.file.strip_prefix(r).ok())
+                .unwrap_or(&m.file);
+            sembed_index::lexical::row_terms(
+                &rel.to_string_lossy(),
+                m.symbol.as_deref(),
+                &m.example.positive,
+            )
+        })
+        .collect();
     let header = args.chunk_header;
     let as_indexed = |rows: Vec<Mined>| -> Vec<Mined> {
         rows.into_iter()
@@ -207,10 +240,10 @@ pub fn run(args: AdaptArgs) -> Result<()> {
         heldout_from,
         dropped
     );
-    let held: Vec<_> = held_rows.iter().map(|m| m.example.clone()).collect();
+    let held = Held::new(&held_rows, lexical_docs);
 
     let base = load_f32(args.model.as_deref(), args.engine).context("loading the base model")?;
-    let base_scores = score(base.as_ref(), &held, args.quiet)?;
+    let base_scores = held.score(base.as_ref(), args.quiet)?;
     if args.hard_negatives > 0 {
         let shown = progress::Progressed {
             inner: base.as_ref(),
@@ -255,21 +288,23 @@ pub fn run(args: AdaptArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(work.join("checkpoints"));
     let work_ref = work.display().to_string();
     let adapted = load_f32(Some(&work_ref), args.engine).context("loading the adapted model")?;
-    let adapted_scores = score(adapted.as_ref(), &held, args.quiet)?;
+    let adapted_scores = held.score(adapted.as_ref(), args.quiet)?;
     drop(adapted);
-    let kept = adapted_scores.ndcg_at_10 > base_scores.ndcg_at_10;
+    let kept = adapted_scores.hybrid.ndcg_at_10 > base_scores.hybrid.ndcg_at_10;
+    let lexical_weight = kept.then_some(adapted_scores.lexical_weight);
     let mut report = Report {
         base_model: dir.display().to_string(),
         heldout_from,
         repository_pairs: n_repo,
         also_pairs: n_also,
         train_pairs: examples.len(),
-        heldout_pairs: held.len(),
+        heldout_pairs: held.anchors.len(),
         dropped_overlapping: dropped,
         hard_negatives: args.hard_negatives,
         base: base_scores,
         adapted: adapted_scores,
         kept,
+        lexical_weight,
         model: None,
         train_seconds,
     };
@@ -283,7 +318,7 @@ pub fn run(args: AdaptArgs) -> Result<()> {
         let abs = canonical(&output)?;
         report.model = Some(abs.clone());
         std::fs::write(
-            output.join("adapt.json"),
+            output.join(sembed_index::index::ADAPT_FILE),
             serde_json::to_string_pretty(&report)?,
         )
         .with_context(|| format!("writing {}", output.join("adapt.json").display()))?;
@@ -296,9 +331,13 @@ pub fn run(args: AdaptArgs) -> Result<()> {
     )
     .with_context(|| format!("writing {}", record.join("report.json").display()))?;
     eprintln!(
-        "sembed: held-out NDCG@10 {:.4} (base) → {:.4} (adapted) on {} pairs: {}",
-        report.base.ndcg_at_10,
-        report.adapted.ndcg_at_10,
+        "sembed: held-out NDCG@10, dense / hybrid: base {:.4} / {:.4} (lexical weight {}), adapted {:.4} / {:.4} (lexical weight {}) on {} pairs: {}",
+        report.base.dense.ndcg_at_10,
+        report.base.hybrid.ndcg_at_10,
+        report.base.lexical_weight,
+        report.adapted.dense.ndcg_at_10,
+        report.adapted.hybrid.ndcg_at_10,
+        report.adapted.lexical_weight,
         report.heldout_pairs,
         if kept {
             format!("kept in {}", output.display())
@@ -349,14 +388,115 @@ fn write_pairs(path: &Path, rows: &[Mined]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn score(
-    model: &dyn sembed::embed::Embed,
-    held: &[sembed::train::data::Example],
-    quiet: bool,
-) -> Result<RetrievalMetrics> {
-    let shown = progress::Progressed {
-        inner: model,
-        bar: progress::bar(0, "texts", quiet || held.len() < 256),
-    };
-    Ok(sembed::train::eval::evaluate(&shown, held, None, 32)?)
+/// The held-out pairs as a small search problem: each anchor a query, the distinct positives the
+/// corpus (as the index embeds them), ranked by the model's vectors, by BM25 over the terms the index
+/// would store, and by both fused as hybrid search fuses them.
+struct Held {
+    anchors: Vec<String>,
+    corpus: Vec<String>,
+    relevant: Vec<usize>,
+    bm25: sembed_index::lexical::Bm25,
+}
+
+/// Lexical weights tried for the fusion, the default (1) first so that it wins ties.
+const WEIGHTS: [f64; 5] = [1.0, 0.75, 0.5, 0.25, 0.0];
+
+impl Held {
+    fn new(rows: &[Mined], lexical_docs: Vec<Vec<String>>) -> Self {
+        let mut corpus = Vec::new();
+        let mut docs = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        let mut relevant = Vec::new();
+        for (m, d) in rows.iter().zip(lexical_docs) {
+            let id = *index.entry(m.example.positive.clone()).or_insert_with(|| {
+                corpus.push(m.example.positive.clone());
+                docs.push(d);
+                corpus.len() - 1
+            });
+            relevant.push(id);
+        }
+        Held {
+            anchors: rows.iter().map(|m| m.example.anchor.clone()).collect(),
+            corpus,
+            relevant,
+            bm25: sembed_index::lexical::Bm25::new(docs),
+        }
+    }
+
+    fn score(&self, model: &dyn sembed::embed::Embed, quiet: bool) -> Result<Scores> {
+        use sembed::embed::{EmbedOptions, InputRole};
+        use sembed::train::eval::retrieval_metrics;
+        let shown = progress::Progressed {
+            inner: model,
+            bar: progress::bar(0, "texts", quiet || self.anchors.len() < 256),
+        };
+        let opts = |role| EmbedOptions {
+            role: Some(role),
+            batch_size: 32,
+            ..Default::default()
+        };
+        let q = shown.embed(&self.anchors, &opts(InputRole::Query))?;
+        let d = shown.embed(&self.corpus, &opts(InputRole::Document))?;
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let scores: Vec<Vec<f32>> = q
+            .iter()
+            .map(|qv| d.iter().map(|dv| dot(qv, dv)).collect())
+            .collect();
+        let relevant: Vec<Vec<usize>> = self.relevant.iter().map(|&r| vec![r]).collect();
+        let dense = retrieval_metrics(&scores, &relevant);
+        // Both rankings as deep as hybrid search takes them for 10 hits.
+        let depth = sembed_index::lexical::depth(10);
+        let dense_ranks: Vec<Vec<usize>> = scores
+            .iter()
+            .map(|row| {
+                let mut order: Vec<usize> = (0..row.len()).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                order.truncate(depth);
+                order
+            })
+            .collect();
+        let lexical_ranks: Vec<Vec<usize>> = self
+            .anchors
+            .iter()
+            .map(|a| {
+                let terms = sembed_index::lexical::query_terms(a);
+                self.bm25.rank(&terms, depth).into_iter().map(|(i, _)| i).collect()
+            })
+            .collect();
+        let fused = |w: f64| -> RetrievalMetrics {
+            // The fused order as scores: the first hit highest, what it left out below all.
+            let scores: Vec<Vec<f32>> = dense_ranks
+                .iter()
+                .zip(&lexical_ranks)
+                .map(|(dr, lr)| {
+                    let mut row = vec![-1.0f32; self.corpus.len()];
+                    let order = sembed_index::lexical::rrf(dr, lr, w);
+                    for (pos, (doc, _)) in order.iter().enumerate() {
+                        row[*doc] = (order.len() - pos) as f32;
+                    }
+                    row
+                })
+                .collect();
+            retrieval_metrics(&scores, &relevant)
+        };
+        let mut best: Option<(f64, RetrievalMetrics)> = None;
+        let mut tried = Vec::new();
+        for w in WEIGHTS {
+            let m = fused(w);
+            tried.push((w, m.ndcg_at_10));
+            if best
+                .as_ref()
+                .is_none_or(|(_, b)| m.ndcg_at_10 > b.ndcg_at_10)
+            {
+                best = Some((w, m));
+            }
+        }
+        let (lexical_weight, hybrid) = best.expect("weights tried");
+        Ok(Scores {
+            dense,
+            hybrid_ndcg_at_10: tried,
+            lexical_weight,
+            hybrid,
+        })
+    }
 }

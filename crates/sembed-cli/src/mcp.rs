@@ -247,6 +247,7 @@ impl SembedMcp {
                 Ok(r) => CallToolResult::structured(json!({
                     "query": r.query,
                     "mode": r.mode,
+                    "lexical_weight": r.lexical_weight,
                     "method": r.method,
                     "hits": r.hits.iter().map(hit_json).collect::<Vec<_>>(),
                     "indexing": status.running,

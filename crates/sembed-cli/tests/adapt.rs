@@ -81,10 +81,17 @@ fn adapt_keeps_a_better_model_and_reindexes_with_it() {
     assert_eq!(r["also_pairs"], 160);
     assert_eq!(r["dropped_overlapping"], r["heldout_pairs"], "{r}");
     let (base, adapted) = (
-        r["base"]["ndcg_at_10"].as_f64().unwrap(),
-        r["adapted"]["ndcg_at_10"].as_f64().unwrap(),
+        r["base"]["hybrid"]["ndcg_at_10"].as_f64().unwrap(),
+        r["adapted"]["hybrid"]["ndcg_at_10"].as_f64().unwrap(),
     );
     assert!(adapted > base, "the fine-tuned model should win here: {r}");
+    // Each side's hybrid score is the best of the weights it tried.
+    for side in ["base", "adapted"] {
+        let tried = r[side]["hybrid_ndcg_at_10"].as_array().unwrap();
+        assert_eq!(tried.len(), 5);
+        let best = tried.iter().map(|t| t[1].as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert_eq!(best, r[side]["hybrid"]["ndcg_at_10"].as_f64().unwrap());
+    }
     assert_eq!(r["kept"], true);
 
     // The split is by file, and nothing held out trains.
@@ -129,6 +136,9 @@ fn adapt_keeps_a_better_model_and_reindexes_with_it() {
         &["search", "Return the castle weight", "--json"],
     ));
     let v: Value = serde_json::from_str(s.trim()).unwrap();
+    // The weight chosen on the held-out pairs travels with the model into the index's hybrid search.
+    assert_eq!(v["lexical_weight"], r["lexical_weight"], "{v}");
+    assert_eq!(r["lexical_weight"], r["adapted"]["lexical_weight"]);
     let o = sembed_in(&repo, &["search", "-m", &model, "Return the castle weight"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -162,7 +172,9 @@ fn adapt_discards_a_model_that_is_not_better() {
     );
     let r = report(&ok(&o));
     assert_eq!(r["kept"], false, "{r}");
-    assert_eq!(r["base"]["ndcg_at_10"], r["adapted"]["ndcg_at_10"]);
+    assert_eq!(r["base"]["dense"], r["adapted"]["dense"]);
+    assert_eq!(r["base"]["hybrid"], r["adapted"]["hybrid"]);
+    assert_eq!(r["lexical_weight"], Value::Null);
     assert!(!repo.join(".sembed/model").exists());
     assert!(!repo.join(".sembed/model.training").exists());
     assert!(repo.join(".sembed/model.adapt/report.json").is_file());
@@ -193,4 +205,47 @@ fn adapt_refuses_what_would_leak_or_cannot_be_scored() {
     assert!(e.contains("--min-heldout 100"), "{e}");
     let e = err(&["adapt", "-m", &model, "--also", "/no/such/folder"]);
     assert!(e.contains("/no/such/folder: no such file or folder"), "{e}");
+}
+
+/// The lexical weight in a model folder's adapt.json is the one its index's hybrid search fuses
+/// with: every hybrid score is a sum of 1/(10 + dense rank) and w/(10 + lexical rank).
+#[test]
+fn a_models_lexical_weight_reaches_hybrid_search() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    python_repo(&repo, 3, 4, 0);
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir(common::fixtures().join("bert-tiny")).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(model.join("adapt.json"), r#"{"lexical_weight": 0.25}"#).unwrap();
+    ok(&sembed_in(&repo, &["index", "-m", model.to_str().unwrap(), "-q"]));
+    let search = |mode: &str| -> Value {
+        let s = ok(&sembed_in(
+            &repo,
+            &["search", "castle weight number", "--json", "-k", "12", "--mode", mode],
+        ));
+        serde_json::from_str(s.trim()).unwrap()
+    };
+    let (h, d, l) = (search("hybrid"), search("dense"), search("lexical"));
+    assert_eq!(h["lexical_weight"], 0.25, "{h}");
+    assert_eq!(d["lexical_weight"], Value::Null);
+    let rank = |v: &Value, path: &Value, start: &Value| {
+        v["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|x| &x["path"] == path && &x["start_line"] == start)
+    };
+    for hit in h["hits"].as_array().unwrap() {
+        let (p, s) = (&hit["path"], &hit["start_line"]);
+        let want = rank(&d, p, s).map_or(0.0, |r| 1.0 / (11.0 + r as f64))
+            + rank(&l, p, s).map_or(0.0, |r| 0.25 / (11.0 + r as f64));
+        let got = hit["score"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-6, "{hit}: {got} vs {want}");
+    }
 }

@@ -99,6 +99,7 @@ fn main() {
                 model_refs: vec![],
                 dimension: d,
                 chunker: "bench".into(),
+                lexical_weight: None,
             },
             false,
         )

@@ -190,7 +190,23 @@ pub fn meta_for(model: &dyn Embed, opts: &IndexOptions) -> Meta {
             opts.overlap_lines,
             if opts.header { " header" } else { "" }
         ),
+        lexical_weight: model_lexical_weight(&opts.model_refs),
     }
+}
+
+/// The file in a model folder made by `sembed adapt` that says how it was fitted and how its
+/// rankings fuse.
+pub const ADAPT_FILE: &str = "adapt.json";
+
+/// The hybrid ranking's lexical weight a model carries: `lexical_weight` in the `adapt.json` of a
+/// single model folder (`sembed adapt` writes it). `None` for other models (weight 1).
+pub fn model_lexical_weight(model_refs: &[String]) -> Option<f64> {
+    let [one] = model_refs else { return None };
+    let text = std::fs::read_to_string(Path::new(one).join(ADAPT_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["lexical_weight"]
+        .as_f64()
+        .filter(|w| w.is_finite() && *w >= 0.0)
 }
 
 /// Most tokens in one chunk: `--chunk-tokens` (default 512), never above the model's maximum.

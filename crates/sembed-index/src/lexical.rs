@@ -214,32 +214,109 @@ fn key(r: &Row) -> (&str, usize, usize, usize, &[u8; 32]) {
     (&r.path, r.start_byte, r.end_byte, r.part, &r.hash)
 }
 
-/// Reciprocal rank fusion: each hit scores Σ 1/(RRF_K + rank) over the rankings it is in; best first,
-/// ties by the dense ranking's order, then the lexical one's. The hits keep their cosine and BM25.
-pub fn fuse(dense: &[Hit], lexical: &[Hit], k: usize) -> Vec<Hit> {
-    let mut by: HashMap<_, (f64, usize, Hit)> = HashMap::new();
-    for (rank, h) in dense.iter().enumerate() {
-        let e = by.entry(key(&h.row)).or_insert((0.0, rank, h.clone()));
+/// Reciprocal rank fusion of two rankings of keys: each key scores Σ w/(RRF_K + rank) over the
+/// rankings it is in, with weight 1 for the dense ranking and `lexical_weight` for the lexical one;
+/// best first, ties by the dense ranking's order, then the lexical one's.
+pub fn rrf<K: std::hash::Hash + Eq + Clone>(
+    dense: &[K],
+    lexical: &[K],
+    lexical_weight: f64,
+) -> Vec<(K, f64)> {
+    let mut by: HashMap<K, (f64, usize)> = HashMap::new();
+    for (rank, k) in dense.iter().enumerate() {
+        let e = by.entry(k.clone()).or_insert((0.0, rank));
         e.0 += 1.0 / (RRF_K + rank as f64 + 1.0);
     }
-    for (rank, h) in lexical.iter().enumerate() {
-        let e = by
-            .entry(key(&h.row))
-            .or_insert((0.0, dense.len() + rank, h.clone()));
-        e.0 += 1.0 / (RRF_K + rank as f64 + 1.0);
-        if e.2.bm25.is_none() {
-            e.2.bm25 = h.bm25;
+    for (rank, k) in lexical.iter().enumerate() {
+        let e = by.entry(k.clone()).or_insert((0.0, dense.len() + rank));
+        e.0 += lexical_weight / (RRF_K + rank as f64 + 1.0);
+    }
+    let mut all: Vec<(K, (f64, usize))> = by.into_iter().collect();
+    all.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0).then(a.1 .1.cmp(&b.1 .1)));
+    all.into_iter().map(|(k, (s, _))| (k, s)).collect()
+}
+
+/// [`rrf`] of two rankings of hits, cut to `k`. The hits keep their cosine and BM25.
+pub fn fuse(dense: &[Hit], lexical: &[Hit], k: usize, lexical_weight: f64) -> Vec<Hit> {
+    let mut hits: HashMap<_, Hit> = HashMap::new();
+    for h in dense.iter().chain(lexical) {
+        let e = hits.entry(key(&h.row)).or_insert_with(|| h.clone());
+        if e.bm25.is_none() {
+            e.bm25 = h.bm25;
         }
     }
-    let mut all: Vec<(f64, usize, Hit)> = by.into_values().collect();
-    all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    all.truncate(k);
-    all.into_iter()
-        .map(|(s, _, mut h)| {
+    fn keys(hs: &[Hit]) -> Vec<(&str, usize, usize, usize, &[u8; 32])> {
+        hs.iter().map(|h| key(&h.row)).collect()
+    }
+    rrf(&keys(dense), &keys(lexical), lexical_weight)
+        .into_iter()
+        .take(k)
+        .map(|(key, s)| {
+            let mut h = hits[&key].clone();
             h.score = s as f32;
             h
         })
         .collect()
+}
+
+/// BM25 over documents held in memory, with the stores' terms and formula: the lexical ranking of a
+/// set too small to index (`sembed adapt`'s held-out pairs).
+pub struct Bm25 {
+    docs: Vec<HashMap<String, usize>>,
+    lens: Vec<f64>,
+    df: HashMap<String, usize>,
+    avgdl: f64,
+}
+
+impl Bm25 {
+    /// Each document's terms ([`row_terms`]).
+    pub fn new(docs: Vec<Vec<String>>) -> Self {
+        let mut df: HashMap<String, usize> = HashMap::new();
+        let lens: Vec<f64> = docs.iter().map(|d| d.len() as f64).collect();
+        let docs: Vec<HashMap<String, usize>> = docs
+            .into_iter()
+            .map(|d| {
+                let mut tf = HashMap::new();
+                for t in d {
+                    *tf.entry(t).or_default() += 1;
+                }
+                for t in tf.keys() {
+                    *df.entry(t.clone()).or_default() += 1;
+                }
+                tf
+            })
+            .collect();
+        let avgdl = lens.iter().sum::<f64>() / lens.len().max(1) as f64;
+        Bm25 {
+            docs,
+            lens,
+            df,
+            avgdl,
+        }
+    }
+
+    /// The documents holding any of `terms` ([`query_terms`]), best first (ties by position), at
+    /// most `depth`, with their scores.
+    pub fn rank(&self, terms: &[String], depth: usize) -> Vec<(usize, f64)> {
+        let n = self.docs.len() as f64;
+        let df: Vec<f64> = terms
+            .iter()
+            .map(|t| self.df.get(t).copied().unwrap_or(0) as f64)
+            .collect();
+        let mut out: Vec<(usize, f64)> = Vec::new();
+        for (i, d) in self.docs.iter().enumerate() {
+            let tf: Vec<f64> = terms
+                .iter()
+                .map(|t| d.get(t).copied().unwrap_or(0) as f64)
+                .collect();
+            if tf.iter().any(|&x| x > 0.0) {
+                out.push((i, bm25(&tf, &df, self.lens[i], n, self.avgdl)));
+            }
+        }
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out.truncate(depth);
+        out
+    }
 }
 
 #[cfg(test)]
@@ -275,6 +352,36 @@ mod tests {
     #[test]
     fn query_terms_are_distinct() {
         assert_eq!(query_terms("map the map Map"), ["map"]);
+    }
+
+    /// Weighted RRF, by hand: K = RRF_K = 10.
+    #[test]
+    fn rrf_weights_the_lexical_ranking() {
+        let (dense, lexical) = (["a", "b", "c"], ["c", "d"]);
+        let got = rrf(&dense, &lexical, 0.5);
+        let want: [(&str, f64); 4] = [
+            ("a", 1.0 / 11.0),
+            ("c", 1.0 / 13.0 + 0.5 / 11.0),
+            ("b", 1.0 / 12.0),
+            ("d", 0.5 / 12.0),
+        ];
+        // c: 0.0769 + 0.0455 = 0.1224 > a: 0.0909 > b: 0.0833 > d: 0.0417.
+        let mut want = want.to_vec();
+        want.sort_by(|x, y| y.1.total_cmp(&x.1));
+        assert_eq!(got.len(), 4);
+        for ((k, s), (wk, ws)) in got.iter().zip(&want) {
+            assert_eq!(k, wk);
+            assert!((s - ws).abs() < 1e-12);
+        }
+        // Weight 0: the dense order, then the lexical-only keys in their order.
+        let got: Vec<&str> = rrf(&dense, &lexical, 0.0).into_iter().map(|x| x.0).collect();
+        assert_eq!(got, ["a", "b", "c", "d"]);
+        // Weight 1, equal scores: the dense ranking's order breaks the tie.
+        let got: Vec<&str> = rrf(&["x", "y"], &["y", "x"], 1.0)
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(got, ["x", "y"]);
     }
 
     #[test]

@@ -14,6 +14,10 @@ use std::path::Path;
 pub struct Results {
     pub query: String,
     pub mode: Mode,
+    /// Hybrid search: the lexical ranking's weight in the fusion (the index's, see
+    /// [`crate::store::Meta::lexical_weight`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lexical_weight: Option<f64>,
     /// How the dense ranking was answered (`lexical` when there was none).
     pub method: Method,
     pub hits: Vec<Hit>,
@@ -56,6 +60,7 @@ pub fn ranked(
     mode: Mode,
 ) -> Result<Results> {
     let need_vector = || Error::Invalid("a dense or hybrid search needs the query's vector".into());
+    let mut lexical_weight = None;
     let (hits, method) = match mode {
         Mode::Dense => store.search(vector.ok_or_else(need_vector)?, k, filter)?,
         Mode::Lexical => (
@@ -66,12 +71,15 @@ pub fn ranked(
             let depth = crate::lexical::depth(k);
             let (dense, method) = store.search(vector.ok_or_else(need_vector)?, depth, filter)?;
             let lexical = store.lexical(&crate::lexical::query_terms(query), depth, filter)?;
-            (crate::lexical::fuse(&dense, &lexical, k), method)
+            let w = store.meta()?.and_then(|m| m.lexical_weight).unwrap_or(1.0);
+            lexical_weight = Some(w);
+            (crate::lexical::fuse(&dense, &lexical, k, w), method)
         }
     };
     Ok(Results {
         query: query.to_string(),
         mode,
+        lexical_weight,
         method,
         hits,
     })

@@ -411,6 +411,7 @@ fn fill(store: &mut dyn Store, vectors: &[Vec<f32>], model: &str) {
                 model_refs: vec![],
                 dimension: d,
                 chunker: "test".into(),
+                lexical_weight: None,
             },
             false,
         )
@@ -856,6 +857,25 @@ fn lexical_search_is_bm25() {
     ] {
         let terms = sembed_index::lexical::query_terms(q);
         let want = bm25_by_hand(&mut store, &terms);
+        // The in-memory ranker (`sembed adapt`'s held-out pairs) ranks the same rows the same way.
+        let rows = store.rows().unwrap();
+        let mem = sembed_index::lexical::Bm25::new(
+            rows.iter()
+                .map(|(r, _)| sembed_index::lexical::of_row(r))
+                .collect(),
+        )
+        .rank(&terms, 8);
+        assert_eq!(mem.len(), want.len().min(8), "{q}");
+        for ((i, score), w) in mem.iter().zip(&want) {
+            assert!((score - w.0).abs() <= 1e-9 * w.0.abs().max(1.0), "{q}");
+            // Equal scores may come in either order; the same score means the same rank.
+            let r = &rows[*i].0;
+            assert!(
+                (&r.path, r.start_byte) == (&w.1, w.2)
+                    || want.iter().any(|x| x.0 == *score && (&x.1, x.2) == (&r.path, r.start_byte)),
+                "{q}"
+            );
+        }
         let got = store.lexical(&terms, 8, &Filter::default()).unwrap();
         assert_eq!(got.len(), want.len().min(8), "{q}");
         assert!(!got.is_empty(), "{q}");

@@ -899,6 +899,7 @@ async fn search_inner(
     Ok(Json(json!({
         "query": query,
         "mode": results.mode,
+        "lexical_weight": results.lexical_weight,
         "method": results.method,
         "hits": results.hits,
     })))

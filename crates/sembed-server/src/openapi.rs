@@ -182,7 +182,8 @@ pub struct SearchRequest {
 #[allow(dead_code)]
 pub struct SearchHit {
     /// What the hit was ranked by: cosine similarity (dense), BM25 (lexical), or the sum of
-    /// 1/(10 + rank) over both rankings (hybrid).
+    /// w/(10 + rank) over both rankings (hybrid; w is 1 for the dense ranking and `lexical_weight`
+    /// for the BM25 one).
     pub score: f32,
     /// Cosine similarity to the query, where the hit was in the dense ranking.
     pub cosine: Option<f32>,
@@ -211,6 +212,9 @@ pub struct SearchResponse {
     pub query: String,
     /// `hybrid`, `dense` or `lexical`.
     pub mode: String,
+    /// Hybrid search: the BM25 ranking's weight in the fusion (1, or the one a model fitted by
+    /// `sembed adapt` carries).
+    pub lexical_weight: Option<f64>,
     /// How the dense ranking was answered: `exact` (every vector compared) or `ann` (the HNSW
     /// graph); `lexical` when there was none.
     pub method: String,

@@ -21,7 +21,7 @@ pub fn hex(h: &Hash) -> String {
 
 /// What an index holds vectors of. Fixed when the index is created; every later run and every
 /// search must use the same.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Meta {
     /// The model's identity: name, dimension and precision (vectors of another model, or of the same
     /// model in another precision, are not comparable).
@@ -32,6 +32,10 @@ pub struct Meta {
     pub dimension: usize,
     /// The chunker's settings: files indexed under other settings are cut again.
     pub chunker: String,
+    /// The lexical ranking's weight in hybrid search (1 when absent): the one a model fitted by
+    /// `sembed adapt` chose on its held-out pairs ([`crate::index::model_lexical_weight`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexical_weight: Option<f64>,
 }
 
 /// One stored chunk, without its vector.
