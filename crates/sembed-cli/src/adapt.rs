@@ -460,7 +460,11 @@ impl Held {
             .iter()
             .map(|a| {
                 let terms = sembed_index::lexical::query_terms(a);
-                self.bm25.rank(&terms, depth).into_iter().map(|(i, _)| i).collect()
+                self.bm25
+                    .rank(&terms, depth)
+                    .into_iter()
+                    .map(|(i, _)| i)
+                    .collect()
             })
             .collect();
         let fused = |w: f64| -> RetrievalMetrics {

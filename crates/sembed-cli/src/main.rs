@@ -782,13 +782,15 @@ fn train(args: TrainArgs) -> Result<()> {
         TrainDtype::F64 => sembed::DType::F64,
     };
     let examples = sembed::train::data::read_examples(&args.data)?;
-    let mut trainer = Trainer::new(&dir, config, dtype, args.resume.is_some())
-        .with_context(|| format!("loading {}", dir.display()))?;
     if let Some(path) = &args.dump_gradients {
+        let trainer = Trainer::for_every_gradient(&dir, config, dtype)
+            .with_context(|| format!("loading {}", dir.display()))?;
         let loss = trainer.dump_gradients(&examples, path)?;
         println!("{}", serde_json::json!({"loss": loss, "gradients": path}));
         return Ok(());
     }
+    let mut trainer = Trainer::new(&dir, config, dtype, args.resume.is_some())
+        .with_context(|| format!("loading {}", dir.display()))?;
     let eval = args
         .eval
         .as_deref()

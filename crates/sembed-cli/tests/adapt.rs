@@ -89,7 +89,10 @@ fn adapt_keeps_a_better_model_and_reindexes_with_it() {
     for side in ["base", "adapted"] {
         let tried = r[side]["hybrid_ndcg_at_10"].as_array().unwrap();
         assert_eq!(tried.len(), 5);
-        let best = tried.iter().map(|t| t[1].as_f64().unwrap()).fold(f64::MIN, f64::max);
+        let best = tried
+            .iter()
+            .map(|t| t[1].as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
         assert_eq!(best, r[side]["hybrid"]["ndcg_at_10"].as_f64().unwrap());
     }
     assert_eq!(r["kept"], true);
@@ -223,11 +226,22 @@ fn a_models_lexical_weight_reaches_hybrid_search() {
         }
     }
     std::fs::write(model.join("adapt.json"), r#"{"lexical_weight": 0.25}"#).unwrap();
-    ok(&sembed_in(&repo, &["index", "-m", model.to_str().unwrap(), "-q"]));
+    ok(&sembed_in(
+        &repo,
+        &["index", "-m", model.to_str().unwrap(), "-q"],
+    ));
     let search = |mode: &str| -> Value {
         let s = ok(&sembed_in(
             &repo,
-            &["search", "castle weight number", "--json", "-k", "12", "--mode", mode],
+            &[
+                "search",
+                "castle weight number",
+                "--json",
+                "-k",
+                "12",
+                "--mode",
+                mode,
+            ],
         ));
         serde_json::from_str(s.trim()).unwrap()
     };

@@ -374,7 +374,10 @@ mod tests {
             assert!((s - ws).abs() < 1e-12);
         }
         // Weight 0: the dense order, then the lexical-only keys in their order.
-        let got: Vec<&str> = rrf(&dense, &lexical, 0.0).into_iter().map(|x| x.0).collect();
+        let got: Vec<&str> = rrf(&dense, &lexical, 0.0)
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
         assert_eq!(got, ["a", "b", "c", "d"]);
         // Weight 1, equal scores: the dense ranking's order breaks the tie.
         let got: Vec<&str> = rrf(&["x", "y"], &["y", "x"], 1.0)

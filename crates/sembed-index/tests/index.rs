@@ -872,7 +872,9 @@ fn lexical_search_is_bm25() {
             let r = &rows[*i].0;
             assert!(
                 (&r.path, r.start_byte) == (&w.1, w.2)
-                    || want.iter().any(|x| x.0 == *score && (&x.1, x.2) == (&r.path, r.start_byte)),
+                    || want
+                        .iter()
+                        .any(|x| x.0 == *score && (&x.1, x.2) == (&r.path, r.start_byte)),
                 "{q}"
             );
         }

@@ -2,7 +2,11 @@
 //! script bench/train_step_st.py does the same with sentence-transformers. Run both with
 //! bench/train_step.sh. Also prints autodiff vs finite-difference gradient cost on the tiny models.
 //!
-//!     cargo run --release -p sembed --example train_step -- TRIPLETS.jsonl [MODEL_DIR]
+//!     cargo run --release -p sembed --example train_step -- TRIPLETS.jsonl [MODEL_DIR] [mnrl|triplet] [STEPS] [TASK]
+//!
+//! With TASK (a Jina task), one task adapter trains; `SEMBED_EVERY_GRADIENT=1` differentiates every
+//! weight as well (what `--dump-gradients` does, and what a task run did before its base weights were
+//! made constants), to time the difference.
 
 use sembed::train::data::read_examples;
 use sembed::train::trainer::{LossKind, TrainConfig, Trainer};
@@ -43,9 +47,14 @@ fn main() -> sembed::Result<()> {
         loss,
         max_length: Some(128),
         batch_size,
+        task: args.get(5).cloned(),
         ..Default::default()
     };
-    let mut trainer = Trainer::new(&dir, config, sembed::DType::F32, false)?;
+    let mut trainer = if std::env::var_os("SEMBED_EVERY_GRADIENT").is_some() {
+        Trainer::for_every_gradient(&dir, config, sembed::DType::F32)?
+    } else {
+        Trainer::new(&dir, config, sembed::DType::F32, false)?
+    };
     // Batch i is examples [i·B, (i+1)·B): the warm-up step runs batch 0, the timed ones 1..=steps.
     let batch = |i: usize| -> Vec<_> {
         examples

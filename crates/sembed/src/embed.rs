@@ -270,7 +270,21 @@ impl Embedder {
         dtype: DType,
         device: &Device,
     ) -> Result<(Self, Vec<(String, candle_core::Var)>)> {
-        let weights = Weights::trainable(WeightStore::from_dir(dir)?, dtype, device);
+        Self::load_trainable_only(dir, dtype, device, None)
+    }
+
+    /// [`Self::load_trainable`] where only the tensors whose checkpoint name `keep` accepts are
+    /// variables (`None`: all); the rest are constants, never differentiated.
+    pub fn load_trainable_only(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        keep: Option<fn(&str) -> bool>,
+    ) -> Result<(Self, Vec<(String, candle_core::Var)>)> {
+        let mut weights = Weights::trainable(WeightStore::from_dir(dir)?, dtype, device);
+        if let Some(keep) = keep {
+            weights = weights.only_variables(keep);
+        }
         let e = Self::from_weights(dir, &weights)?;
         Ok((e, weights.variables()))
     }

@@ -581,8 +581,10 @@ pub struct Weights {
     prefix: String,
     dtype: DType,
     device: Device,
-    /// When set, every loaded tensor becomes a trainable `Var`, recorded under its checkpoint name.
+    /// When set, every loaded tensor becomes a trainable `Var`, recorded under its checkpoint name
+    /// (only those whose name `var_filter` accepts, when it is set).
     vars: Option<VarLog>,
+    var_filter: Option<fn(&str) -> bool>,
     /// Adapters (LoRA) to attach to targeted Linear layers.
     lora: Option<std::sync::Arc<dyn Adapters>>,
 }
@@ -617,6 +619,7 @@ impl Weights {
             dtype,
             device: device.clone(),
             vars: None,
+            var_filter: None,
             lora: None,
         }
     }
@@ -658,6 +661,15 @@ impl Weights {
         }
     }
 
+    /// Of the tensors loaded, only those whose checkpoint name `keep` accepts become variables; the
+    /// others are constants (no gradient is computed for them).
+    pub fn only_variables(self, keep: fn(&str) -> bool) -> Self {
+        Weights {
+            var_filter: Some(keep),
+            ..self
+        }
+    }
+
     /// The variables created so far, with their checkpoint names, in load order.
     pub fn variables(&self) -> NamedVars {
         self.vars
@@ -674,6 +686,7 @@ impl Weights {
             dtype,
             device: device.clone(),
             vars: None,
+            var_filter: None,
             lora: None,
         }
     }
@@ -746,6 +759,7 @@ impl Weights {
         let full = self.full(name);
         let t = self.get_source(shape, &full)?;
         match &self.vars {
+            Some(_) if self.var_filter.is_some_and(|keep| !keep(&full)) => Ok(t),
             None => Ok(t),
             Some(vars) => {
                 let var = candle_core::Var::from_tensor(&t)?;

@@ -212,6 +212,40 @@ fn fast_pass_equals_candle_on_tiny_jina() {
     }
 }
 
+/// Training one Jina task adapter: only the adapters are variables (the base weights are constants,
+/// so the pass computes no weight gradient for them), and the adapters' gradients are the ones a run
+/// differentiating every weight gives (`Trainer::for_every_gradient`, what `--dump-gradients` uses).
+#[test]
+fn jina_task_training_differentiates_only_the_adapters() {
+    let model = fixture("jina-v3-tiny");
+    let c = TrainConfig {
+        task: Some("retrieval.passage".into()),
+        ..config(MNRL, Some(0.0))
+    };
+    let adapters = Trainer::new(&model, c.clone(), DType::F32, false).unwrap();
+    let every = Trainer::for_every_gradient(&model, c, DType::F32).unwrap();
+    let names: Vec<&str> = adapters
+        .variables()
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.contains(".lora_")),
+        "{names:?}"
+    );
+    assert!(every.variables().len() > names.len());
+    let (la, ga) = named_gradients(&adapters, &examples());
+    let (le, ge) = named_gradients(&every, &examples());
+    assert!((la - le).abs() <= 1e-6 * le.abs(), "{la} vs {le}");
+    let ge: Named = ge
+        .into_iter()
+        .filter(|(n, _)| n.contains(".lora_"))
+        .collect();
+    assert_eq!(ga.len(), ge.len());
+    let (worst, at) = worst_difference(&ga, &ge);
+    assert!(worst < 1e-5, "{worst:e} at {at}");
+}
+
 /// LoRA through the fast pass (frozen base read in place) on BERT (with the model's dropout),
 /// Qwen2 and Qwen3: after one optimizer step, the loss and every adapter's gradient as candle's graph
 /// gives them, on the default targets (query/value) and on every projection, plain and with

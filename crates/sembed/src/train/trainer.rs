@@ -182,10 +182,37 @@ impl Trainer {
     /// Load `model_dir` for training. If it holds `trainer_state.json` and `optimizer.safetensors`
     /// (a checkpoint) and `resume` is set, the run continues where it stopped.
     pub fn new(model_dir: &Path, config: TrainConfig, dtype: DType, resume: bool) -> Result<Self> {
+        Self::open(model_dir, config, dtype, resume, false)
+    }
+
+    /// [`Trainer::new`] for [`Trainer::dump_gradients`] with the gradient of every weight: training
+    /// one Jina task adapter otherwise makes only the adapters variables, and its pass computes no
+    /// gradient for the frozen base weights.
+    pub fn for_every_gradient(model_dir: &Path, config: TrainConfig, dtype: DType) -> Result<Self> {
+        Self::open(model_dir, config, dtype, false, true)
+    }
+
+    fn open(
+        model_dir: &Path,
+        config: TrainConfig,
+        dtype: DType,
+        resume: bool,
+        every_gradient: bool,
+    ) -> Result<Self> {
         let cpu = crate::device::cpu();
         let (src, embedder, vars, lora) = match &config.lora {
             None => {
-                let (e, vars) = Embedder::load_trainable(model_dir, dtype, &cpu)?;
+                // One Jina task's adapter learns; the base weights stay as they are, so they are
+                // constants: no weight gradient is computed or kept for them.
+                let adapter_only = config.task.is_some()
+                    && !every_gradient
+                    && matches!(
+                        crate::config::Architecture::from_file(&model_dir.join("config.json"))?,
+                        Architecture::Jina(_)
+                    );
+                let keep: Option<fn(&str) -> bool> =
+                    adapter_only.then_some(|name: &str| name.contains(".lora_"));
+                let (e, vars) = Embedder::load_trainable_only(model_dir, dtype, &cpu, keep)?;
                 (model_dir.to_path_buf(), e, vars, None)
             }
             Some(lc) => {
