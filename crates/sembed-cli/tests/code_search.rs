@@ -2,8 +2,8 @@
 //! scripts, Ctrl-C and a rerun that continues, clear errors, and `serve --index` answering the same.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 mod common;
 
