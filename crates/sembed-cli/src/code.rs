@@ -303,6 +303,25 @@ pub fn index(args: IndexArgs) -> Result<()> {
     Ok(())
 }
 
+/// Keep an index current until the watcher stops, one line on stderr per run, each `sembed WHO: `
+/// (the background watchers of `sembed serve --index --watch` and `sembed mcp --watch`).
+pub fn watch_logged(
+    indexer: &sembed_index::watch::Indexer,
+    debounce: sembed_index::watch::Debounce,
+    who: &str,
+) {
+    let r = indexer.watch(debounce, &mut |r, secs| match r {
+        Ok(r) => eprintln!(
+            "sembed {who}: {} files changed, {} removed: {} chunks added ({} embedded), {} removed in {secs:.1} s",
+            r.files_changed, r.files_removed, r.added, r.embedded, r.removed
+        ),
+        Err(e) => eprintln!("sembed {who}: indexing the changes failed: {e}"),
+    });
+    if let Err(e) = r {
+        eprintln!("sembed {who}: watching stopped: {e}");
+    }
+}
+
 /// The one-line report of a run.
 fn summary(
     report: &sembed_index::index::Report,

@@ -571,18 +571,7 @@ fn watch_in_background(
         ..Default::default()
     };
     eprintln!("sembed serve: watching the folders of {target} for changes");
-    std::thread::spawn(move || {
-        let r = indexer.watch(debounce, &mut |r, secs| match r {
-            Ok(r) => eprintln!(
-                "sembed serve: {} files changed, {} removed: {} chunks added ({} embedded), {} removed in {secs:.1} s",
-                r.files_changed, r.files_removed, r.added, r.embedded, r.removed
-            ),
-            Err(e) => eprintln!("sembed serve: indexing the changes failed: {e}"),
-        });
-        if let Err(e) = r {
-            eprintln!("sembed serve: watching stopped: {e}");
-        }
-    });
+    std::thread::spawn(move || code::watch_logged(&indexer, debounce, "serve"));
     Ok(())
 }
 

@@ -476,16 +476,7 @@ pub fn run(args: McpArgs) -> Result<()> {
                 }
             }
             if watch {
-                let r = indexer.watch(debounce, &mut |r, secs| match r {
-                    Ok(r) => eprintln!(
-                        "sembed mcp: {} files changed, {} removed: {} chunks added ({} embedded), {} removed in {secs:.1} s",
-                        r.files_changed, r.files_removed, r.added, r.embedded, r.removed
-                    ),
-                    Err(e) => eprintln!("sembed mcp: indexing the changes failed: {e}"),
-                });
-                if let Err(e) = r {
-                    eprintln!("sembed mcp: watching stopped: {e}");
-                }
+                crate::code::watch_logged(&indexer, debounce, "mcp");
             }
         });
     }
