@@ -10,9 +10,8 @@
 //! chunk (file name and symbol on a first line, see `sembed_index::index::embedded_text`), so the
 //! model learns the text it will be asked to rank.
 
-use crate::{code, load_f32, progress, EngineArgs};
+use crate::{code, load_f32, mine_shown, progress, write_pairs, EngineArgs};
 use anyhow::{bail, Context, Result};
-use sembed::embed::Embed as _;
 use sembed::train::eval::RetrievalMetrics;
 use sembed::train::mine::Mined;
 use std::collections::HashSet;
@@ -109,23 +108,6 @@ fn canonical(p: &Path) -> Result<PathBuf> {
         .with_context(|| format!("{}: no such file or folder", p.display()))
 }
 
-/// `mine_tree` with a progress bar.
-fn mine(roots: &[PathBuf], what: &str, quiet: bool) -> Result<Vec<Mined>> {
-    let mut bar: Option<indicatif::ProgressBar> = None;
-    let mined = sembed_index::mine::mine_tree(roots, &mut |done, total| {
-        if done == 0 && total > 200 {
-            bar = progress::bar(total as u64, what, quiet);
-        }
-        if let Some(b) = &bar {
-            b.set_position(done as u64);
-        }
-    })?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    Ok(mined)
-}
-
 pub fn run(args: AdaptArgs) -> Result<()> {
     let paths = if args.paths.is_empty() {
         vec![PathBuf::from(".")]
@@ -161,11 +143,11 @@ pub fn run(args: AdaptArgs) -> Result<()> {
     let base_ref = args.model.clone().unwrap_or_default();
     let dir = sembed::hub::resolve(&base_ref).context("resolving the base model")?;
 
-    let repo_pairs = mine(&repo, "files (repository)", args.quiet)?;
+    let repo_pairs = mine_shown(&repo, "files (repository)", args.quiet)?;
     let also_pairs = if also.is_empty() {
         Vec::new()
     } else {
-        mine(&also, "files (--also)", args.quiet)?
+        mine_shown(&also, "files (--also)", args.quiet)?
     };
     let (n_repo, n_also) = (repo_pairs.len(), also_pairs.len());
     let fraction = args.heldout_fraction;
@@ -368,26 +350,6 @@ fn with_suffix(dir: &Path, suffix: &str) -> PathBuf {
     dir.with_file_name(name)
 }
 
-/// Pairs as `sembed mine` writes them (JSONL: anchor, positive, negatives, file, symbol).
-fn write_pairs(path: &Path, rows: &[Mined]) -> Result<()> {
-    use std::io::Write as _;
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
-    for m in rows {
-        let line = serde_json::json!({
-            "anchor": m.example.anchor,
-            "positive": m.example.positive,
-            "negatives": m.example.negatives,
-            "file": m.file,
-            "symbol": m.symbol,
-        });
-        writeln!(f, "{line}")?;
-    }
-    f.flush()
-        .with_context(|| format!("writing {}", path.display()))
-}
-
 /// The held-out pairs as a small search problem: each anchor a query, the distinct positives the
 /// corpus (as the index embeds them), ranked by the model's vectors, by BM25 over the terms the index
 /// would store, and by both fused as hybrid search fuses them.
@@ -424,24 +386,12 @@ impl Held {
     }
 
     fn score(&self, model: &dyn sembed::embed::Embed, quiet: bool) -> Result<Scores> {
-        use sembed::embed::{EmbedOptions, InputRole};
-        use sembed::train::eval::retrieval_metrics;
+        use sembed::train::eval::{retrieval_metrics, score_matrix};
         let shown = progress::Progressed {
             inner: model,
             bar: progress::bar(0, "texts", quiet || self.anchors.len() < 256),
         };
-        let opts = |role| EmbedOptions {
-            role: Some(role),
-            batch_size: 32,
-            ..Default::default()
-        };
-        let q = shown.embed(&self.anchors, &opts(InputRole::Query))?;
-        let d = shown.embed(&self.corpus, &opts(InputRole::Document))?;
-        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-        let scores: Vec<Vec<f32>> = q
-            .iter()
-            .map(|qv| d.iter().map(|dv| dot(qv, dv)).collect())
-            .collect();
+        let (_, _, scores) = score_matrix(&shown, &self.anchors, &self.corpus, None, 32)?;
         let relevant: Vec<Vec<usize>> = self.relevant.iter().map(|&r| vec![r]).collect();
         let dense = retrieval_metrics(&scores, &relevant);
         // Both rankings as deep as hybrid search takes them for 10 hits.

@@ -809,7 +809,6 @@ fn train(args: TrainArgs) -> Result<()> {
 }
 
 fn mine(args: MineArgs) -> Result<()> {
-    use std::io::Write as _;
     let (src, out, heldout, fraction, seed, quiet) = (
         args.src.as_path(),
         args.out.as_path(),
@@ -818,18 +817,7 @@ fn mine(args: MineArgs) -> Result<()> {
         args.seed,
         args.quiet,
     );
-    let mut bar: Option<indicatif::ProgressBar> = None;
-    let mined = sembed_index::mine::mine_tree(&[src.to_path_buf()], &mut |done, total| {
-        if done == 0 && total > 200 {
-            bar = progress::bar(total as u64, "files", quiet);
-        }
-        if let Some(b) = &bar {
-            b.set_position(done as u64);
-        }
-    })?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    let mined = mine_shown(&[src.to_path_buf()], "files", quiet)?;
     if mined.is_empty() {
         bail!(
             "{}: no documented functions found (Rust, Python, Elixir, JavaScript, TypeScript, Go, Java)",
@@ -866,23 +854,9 @@ fn mine(args: MineArgs) -> Result<()> {
             r.negatives, r.pairs, r.short, args.hard_negatives, r.skipped_false_negatives, r.skipped_duplicates
         );
     }
-    let write = |path: &std::path::Path, rows: &[sembed::train::mine::Mined]| -> Result<()> {
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
-        for m in rows {
-            let mut line = serde_json::json!({"anchor": m.example.anchor, "positive": m.example.positive, "file": m.file, "symbol": m.symbol});
-            if !m.example.negatives.is_empty() {
-                line["negatives"] = serde_json::json!(m.example.negatives);
-            }
-            writeln!(f, "{line}")?;
-        }
-        f.flush()?;
-        Ok(())
-    };
-    write(out, &train)?;
+    write_pairs(out, &train)?;
     if let Some(h) = heldout {
-        write(h, &held)?;
+        write_pairs(h, &held)?;
     }
     let files = |rows: &[sembed::train::mine::Mined]| {
         rows.iter()
@@ -898,6 +872,47 @@ fn mine(args: MineArgs) -> Result<()> {
         files(&held)
     );
     Ok(())
+}
+
+/// `mine_tree` of `roots`, with a progress bar of `what` past 200 files.
+pub(crate) fn mine_shown(
+    roots: &[PathBuf],
+    what: &str,
+    quiet: bool,
+) -> Result<Vec<sembed::train::mine::Mined>> {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mined = sembed_index::mine::mine_tree(roots, &mut |done, total| {
+        if done == 0 && total > 200 {
+            bar = progress::bar(total as u64, what, quiet);
+        }
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(mined)
+}
+
+/// Mined pairs as JSONL: anchor, positive, file, symbol, and negatives where there are any.
+pub(crate) fn write_pairs(
+    path: &std::path::Path,
+    rows: &[sembed::train::mine::Mined],
+) -> Result<()> {
+    use std::io::Write as _;
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    for m in rows {
+        let mut line = serde_json::json!({"anchor": m.example.anchor, "positive": m.example.positive, "file": m.file, "symbol": m.symbol});
+        if !m.example.negatives.is_empty() {
+            line["negatives"] = serde_json::json!(m.example.negatives);
+        }
+        writeln!(f, "{line}")?;
+    }
+    f.flush()
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// One `-m` reference (default: the default model) in f32 on the chosen engine.

@@ -76,6 +76,33 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// Queries embedded with the query role (or `task`), the corpus with the document role (or `task`),
+/// and `scores[q][d]`, their dot products (cosines: the vectors are unit length).
+pub type Scored = (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>);
+
+/// The vectors of `queries` and `corpus` and their score matrix (see [`Scored`]).
+pub fn score_matrix(
+    model: &dyn Embed,
+    queries: &[String],
+    corpus: &[String],
+    task: Option<&str>,
+    batch_size: usize,
+) -> Result<Scored> {
+    let opts = |role| EmbedOptions {
+        role: if task.is_some() { None } else { Some(role) },
+        task: task.map(str::to_string),
+        batch_size,
+        ..Default::default()
+    };
+    let q = model.embed(queries, &opts(InputRole::Query))?;
+    let d = model.embed(corpus, &opts(InputRole::Document))?;
+    let scores = q
+        .iter()
+        .map(|qv| d.iter().map(|dv| dot(qv, dv)).collect())
+        .collect();
+    Ok((q, d, scores))
+}
+
 /// Evaluate retrieval on pairs: every anchor is a query, the corpus is the set of distinct positives,
 /// and a query's relevant document is its own positive. Anchors are embedded with the query role (or
 /// `task`), documents with the document role (or `task`).
@@ -102,12 +129,7 @@ pub fn evaluate(
         ..Default::default()
     };
     let anchors: Vec<String> = examples.iter().map(|e| e.anchor.clone()).collect();
-    let q = model.embed(&anchors, &opts(InputRole::Query))?;
-    let d = model.embed(&corpus, &opts(InputRole::Document))?;
-    let scores: Vec<Vec<f32>> = q
-        .iter()
-        .map(|qv| d.iter().map(|dv| dot(qv, dv)).collect())
-        .collect();
+    let (q, d, scores) = score_matrix(model, &anchors, &corpus, task, batch_size)?;
     let mut m = retrieval_metrics(&scores, &relevant);
     let with_neg: Vec<&Example> = examples
         .iter()
