@@ -350,6 +350,146 @@ impl PackedBf16 {
     }
 }
 
+/// `v` rounded to the nearest bf16 (ties to even), as an f32: what `bf16::from_f32(v).to_f32()`
+/// gives, written without branches so that the loops over whole matrices vectorise (NaN stays NaN).
+#[inline]
+pub fn round_bf16(v: f32) -> f32 {
+    let b = v.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    f32::from_bits(if nan {
+        (b | 0x0040_0000) & 0xffff_0000
+    } else {
+        rounded
+    })
+}
+
+/// `dst[m, n] (+)= bf16(lhs[m, k]) · bf16(rhs[k, n])` with f32 sums, each operand given with its
+/// (row stride, column stride), adding to `dst` when `accumulate` is set: the GEMM of bf16 mixed
+/// precision training (PyTorch's CPU autocast rounds both operands of a linear layer to bf16 the
+/// same way). With the kernels in force; see [`matmul_acc_with`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_acc(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    ls: (isize, isize),
+    rhs: &[f32],
+    rs: (isize, isize),
+    dst: &mut [f32],
+    ds: (isize, isize),
+    accumulate: bool,
+    par: Parallelism,
+) {
+    matmul_acc_with(
+        cpu::active(),
+        m,
+        n,
+        k,
+        lhs,
+        ls,
+        rhs,
+        rs,
+        dst,
+        ds,
+        accumulate,
+        par,
+    )
+}
+
+/// [`matmul_acc`] on a given kernel set. Sets with bf16 dot products (`amx`, `avx512-bf16`) pack
+/// `rhs` as the projections' weights are packed and run their kernel; every other set rounds both
+/// operands to bf16 values held in f32 and runs the f32 GEMM, which computes the same products
+/// exactly (a bf16 × bf16 product fits an f32) and sums them in f32 in another order: the same
+/// arithmetic, without the speed, on CPUs that have no bf16 instructions.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_acc_with(
+    kernels: Kernels,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    (lrs, lcs): (isize, isize),
+    rhs: &[f32],
+    (rrs, rcs): (isize, isize),
+    dst: &mut [f32],
+    (drs, dcs): (isize, isize),
+    accumulate: bool,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let us = |s: isize| usize::try_from(s).expect("bf16 GEMM: negative stride");
+    let (lrs, lcs, rrs, rcs, drs, dcs) = (us(lrs), us(lcs), us(rrs), us(rcs), us(drs), us(dcs));
+    let last = |rs: usize, cs: usize, r: usize, c: usize| {
+        r.saturating_sub(1) * rs + c.saturating_sub(1) * cs
+    };
+    assert!(k == 0 || last(lrs, lcs, m, k) < lhs.len(), "bf16 GEMM lhs");
+    assert!(k == 0 || last(rrs, rcs, k, n) < rhs.len(), "bf16 GEMM rhs");
+    assert!(last(drs, dcs, m, n) < dst.len(), "bf16 GEMM dst");
+    if !kernels.has_bf16() {
+        // Both operands rounded, row-major, then the f32 GEMM.
+        let mut a = vec![0f32; m * k];
+        for (r, row) in a.chunks_exact_mut(k.max(1)).enumerate().take(m) {
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = round_bf16(lhs[r * lrs + i * lcs]);
+            }
+        }
+        let mut b = vec![0f32; k * n];
+        for (i, row) in b.chunks_exact_mut(n).enumerate() {
+            for (o, v) in row.iter_mut().enumerate() {
+                *v = round_bf16(rhs[i * rrs + o * rcs]);
+            }
+        }
+        let (ki, ni) = (k as isize, n as isize);
+        super::linear::matmul_acc(
+            m,
+            n,
+            k,
+            &a,
+            (ki, 1),
+            &b,
+            (ni, 1),
+            dst,
+            (drs as isize, dcs as isize),
+            accumulate,
+            par,
+        );
+        return;
+    }
+    let w = PackedBf16::pack(k, n, |i, o| bf16::from_f32(rhs[i * rrs + o * rcs]));
+    // The kernels read rows of k consecutive inputs.
+    let copied: Vec<f32>;
+    let (x, xs) = if lcs == 1 && (m == 1 || lrs >= k) {
+        (lhs, if m == 1 { k } else { lrs })
+    } else {
+        copied = (0..m)
+            .flat_map(|r| (0..k).map(move |i| (r, i)))
+            .map(|(r, i)| lhs[r * lrs + i * lcs])
+            .collect();
+        (&copied[..], k)
+    };
+    if !accumulate && dcs == 1 && (m == 1 || drs >= n) {
+        let ys = if m == 1 { n } else { drs };
+        w.forward_strided(kernels, x, xs, m, dst, ys, par);
+        return;
+    }
+    let mut y = vec![0f32; m * n];
+    w.forward_strided(kernels, x, xs, m, &mut y, n, par);
+    for r in 0..m {
+        for o in 0..n {
+            let d = &mut dst[r * drs + o * dcs];
+            *d = if accumulate {
+                *d + y[r * n + o]
+            } else {
+                y[r * n + o]
+            };
+        }
+    }
+}
+
 /// A raw output pointer shared between threads that write disjoint parts of it.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -536,6 +676,113 @@ mod tests {
             assert_eq!(out[i], bf16::from_f32(*v).to_bits(), "{v}");
         }
         assert!(out[x.len()..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn round_bf16_is_halfs_rounding() {
+        let x: Vec<f32> = data(2000, 11)
+            .into_iter()
+            .map(|v| v * 1e3)
+            .chain([
+                0.0,
+                -0.0,
+                1.0 + 1.0 / 256.0,
+                1.0 + 3.0 / 256.0,
+                1.0 + 1.0 / 512.0,
+                3.4e38,
+                -3.4e38,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                1e-40,
+                -1e-42,
+                f32::MIN_POSITIVE,
+            ])
+            .collect();
+        for v in x {
+            assert_eq!(
+                round_bf16(v).to_bits(),
+                bf16::from_f32(v).to_f32().to_bits(),
+                "{v:e}"
+            );
+        }
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert!(round_bf16(f32::from_bits(0x7f80_0001)).is_nan());
+    }
+
+    /// The training GEMM on every kernel set this CPU runs (bf16 instructions, or the rounded f32
+    /// GEMM on the others) against an f64 sum of the same bf16 products, with every operand
+    /// transposed or not, outputs into wider rows or transposed, overwritten or accumulated.
+    #[test]
+    fn mixed_precision_matmul_matches_an_f64_formula() {
+        let rb = |v: f32| bf16::from_f32(v).to_f64();
+        let mut ran = vec![];
+        for kernels in Kernels::ALL.into_iter().filter(|k| k.supported()) {
+            for (m, k, n) in [(1, 1, 1), (7, 70, 130), (33, 97, 31), (40, 64, 9)] {
+                for layout in 0..16 {
+                    let (lt, rt, dt, acc) = (
+                        layout & 1 != 0,
+                        layout & 2 != 0,
+                        layout & 4 != 0,
+                        layout & 8 != 0,
+                    );
+                    let seed = (layout * 1000 + m * k + n) as u64;
+                    let (a, b) = (data(m * k, seed), data(k * n, seed + 1));
+                    let at = |r: usize, i: usize| if lt { a[i * m + r] } else { a[r * k + i] };
+                    let bt = |i: usize, o: usize| if rt { b[o * k + i] } else { b[i * n + o] };
+                    let ls = if lt { (1, m as isize) } else { (k as isize, 1) };
+                    let rs = if rt { (1, k as isize) } else { (n as isize, 1) };
+                    // A transposed output, or rows 3 wider than n.
+                    let (ds, dlen) = if dt {
+                        ((1, m as isize), m * n)
+                    } else {
+                        (((n + 3) as isize, 1), m * (n + 3))
+                    };
+                    let d0 = data(dlen, seed + 2);
+                    let idx = |r: usize, o: usize| if dt { o * m + r } else { r * (n + 3) + o };
+                    let mut d = d0.clone();
+                    let par = if layout % 3 == 0 {
+                        Parallelism::Rayon(2)
+                    } else {
+                        Parallelism::None
+                    };
+                    matmul_acc_with(kernels, m, n, k, &a, ls, &b, rs, &mut d, ds, acc, par);
+                    for r in 0..m {
+                        for o in 0..n {
+                            let (mut want, mut mag) = (0f64, 0f64);
+                            for i in 0..k {
+                                let t = rb(at(r, i)) * rb(bt(i, o));
+                                want += t;
+                                mag += t.abs();
+                            }
+                            if acc {
+                                want += d0[idx(r, o)] as f64;
+                                mag += d0[idx(r, o)].abs() as f64;
+                            }
+                            let got = d[idx(r, o)] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-6 * mag * (k as f64).sqrt() + 1e-30,
+                                "{kernels} {m}×{k}×{n} layout {layout} at ({r}, {o}): {got} vs {want}"
+                            );
+                        }
+                    }
+                    if !dt {
+                        // The columns beyond n are left alone.
+                        for r in 0..m {
+                            for o in n..n + 3 {
+                                assert_eq!(d[idx(r, o)], d0[idx(r, o)], "{kernels} padding");
+                            }
+                        }
+                    }
+                }
+            }
+            ran.push(kernels.name());
+        }
+        for k in [Kernels::Amx, Kernels::Avx512Bf16] {
+            if let Some(why) = k.unsupported_reason() {
+                eprintln!("mixed-precision GEMM on {k} NOT TESTED on this CPU: {why}");
+            }
+        }
+        eprintln!("mixed-precision GEMM compared with f64: {}", ran.join(", "));
     }
 
     #[test]

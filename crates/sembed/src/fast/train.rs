@@ -47,6 +47,25 @@ pub fn enabled() -> bool {
 
 thread_local! {
     static LAYER_PASSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static MIXED_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with bf16 mixed precision (`on`) or in f32: the passes started on this thread inside
+/// `f` compute every projection (weights and LoRA adapters alike, forward and both backward
+/// products) as bf16 × bf16 products summed in f32 ([`super::bf16::matmul_acc`]), as PyTorch's
+/// CPU autocast does for linear layers. Everything else stays f32: the master weights, their
+/// gradients and the optimiser state, norms, softmax, activations, the attention products and the
+/// loss. A pass records the setting when its forward runs, so its backward follows it too.
+pub fn with_mixed_bf16<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let previous = MIXED_BF16.with(|c| c.replace(on));
+    let out = f();
+    MIXED_BF16.with(|c| c.set(previous));
+    out
+}
+
+/// Whether passes started on this thread now run in bf16 mixed precision ([`with_mixed_bf16`]).
+pub fn mixed_bf16() -> bool {
+    MIXED_BF16.with(|c| c.get())
 }
 
 /// How many layer forward passes this pass has run on this thread (tests check it was taken).
@@ -318,9 +337,35 @@ fn par_for(m: usize, n: usize, k: usize) -> Parallelism {
     }
 }
 
+/// The GEMM of a projection: f32, or bf16 products summed in f32 when `bf16` (mixed precision).
+#[allow(clippy::too_many_arguments)]
+fn proj_gemm(
+    bf16: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    ls: (isize, isize),
+    rhs: &[f32],
+    rs: (isize, isize),
+    dst: &mut [f32],
+    ds: (isize, isize),
+    accumulate: bool,
+    par: Parallelism,
+) {
+    let gemm = if bf16 {
+        super::bf16::matmul_acc
+    } else {
+        matmul_acc
+    };
+    gemm(m, n, k, lhs, ls, rhs, rs, dst, ds, accumulate, par)
+}
+
 /// `y[t, out] = x[t, in] · w[out, in]ᵀ`, rows of `y` `stride` apart (a column block of a wider
-/// matrix when `stride > out`).
+/// matrix when `stride > out`); in bf16 mixed precision when `bf16`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn linear(
+    bf16: bool,
     x: &[f32],
     w: &[f32],
     t: usize,
@@ -329,7 +374,8 @@ pub(super) fn linear(
     y: &mut [f32],
     stride: usize,
 ) {
-    matmul_acc(
+    proj_gemm(
+        bf16,
         t,
         out,
         inp,
@@ -347,6 +393,7 @@ pub(super) fn linear(
 /// `dx[t, in] (+)= dy[t, out] · w[out, in]`, rows of `dy` `stride` apart.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear_dx(
+    bf16: bool,
     dy: &[f32],
     stride: usize,
     w: &[f32],
@@ -356,7 +403,8 @@ pub(super) fn linear_dx(
     dx: &mut [f32],
     acc: bool,
 ) {
-    matmul_acc(
+    proj_gemm(
+        bf16,
         t,
         inp,
         out,
@@ -373,6 +421,7 @@ pub(super) fn linear_dx(
 
 /// `dw[out, in] = dy[t, out]ᵀ · x[t, in]`, rows of `dy` `stride` apart.
 pub(super) fn linear_dw(
+    bf16: bool,
     dy: &[f32],
     stride: usize,
     x: &[f32],
@@ -381,7 +430,8 @@ pub(super) fn linear_dw(
     out: usize,
 ) -> Vec<f32> {
     let mut dw = vec![0f32; out * inp];
-    matmul_acc(
+    proj_gemm(
+        bf16,
         out,
         inp,
         t,
@@ -412,6 +462,8 @@ pub(super) struct Proj<'a> {
     pub(super) w: &'a [f32],
     pub(super) train_w: bool,
     pub(super) lora: Option<Lora<'a>>,
+    /// bf16 mixed precision ([`with_mixed_bf16`]).
+    pub(super) bf16: bool,
 }
 
 /// `y[t, out] = x[t, in] · Wᵀ (+ scale · (x Aᵀ) Bᵀ)`, rows of `y` `stride` apart. Returns
@@ -423,17 +475,18 @@ pub(super) fn proj_forward(
     y: &mut [f32],
     stride: usize,
 ) -> Vec<f32> {
-    linear(x, p.w, t, inp, out, y, stride);
+    linear(p.bf16, x, p.w, t, inp, out, y, stride);
     let Some(l) = p.lora else {
         return Vec::new();
     };
     let r = l.rank;
     let mut xa = vec![0f32; t * r];
-    linear(x, l.a, t, inp, r, &mut xa, r);
+    linear(p.bf16, x, l.a, t, inp, r, &mut xa, r);
     for v in &mut xa {
         *v *= l.scale;
     }
-    matmul_acc(
+    proj_gemm(
+        p.bf16,
         t,
         out,
         r,
@@ -463,24 +516,24 @@ pub(super) fn proj_backward(
     acc: bool,
 ) -> [Vec<f32>; 3] {
     let dw = if p.train_w {
-        linear_dw(dy, stride, x, t, inp, out)
+        linear_dw(p.bf16, dy, stride, x, t, inp, out)
     } else {
         Vec::new()
     };
-    linear_dx(dy, stride, p.w, t, inp, out, dx, acc);
+    linear_dx(p.bf16, dy, stride, p.w, t, inp, out, dx, acc);
     let Some(l) = p.lora else {
         return [dw, Vec::new(), Vec::new()];
     };
     let r = l.rank;
     // B's gradient: dyᵀ · (scale · x Aᵀ); the adapter's input gradient: scale · dy · B.
-    let db = linear_dw(dy, stride, xa, t, r, out);
+    let db = linear_dw(p.bf16, dy, stride, xa, t, r, out);
     let mut dxa = vec![0f32; t * r];
-    linear_dx(dy, stride, l.b, t, r, out, &mut dxa, false);
+    linear_dx(p.bf16, dy, stride, l.b, t, r, out, &mut dxa, false);
     for v in &mut dxa {
         *v *= l.scale;
     }
-    let da = linear_dw(&dxa, r, x, t, inp, r);
-    linear_dx(&dxa, r, l.a, t, inp, r, dx, true);
+    let da = linear_dw(p.bf16, &dxa, r, x, t, inp, r);
+    linear_dx(p.bf16, &dxa, r, l.a, t, inp, r, dx, true);
     [dw, da, db]
 }
 
@@ -1422,6 +1475,8 @@ struct BertLayers {
     rope: Option<Rope>,
     /// Per slot of a layer's parameter list: a variable (every layer alike).
     trained: Vec<bool>,
+    /// bf16 mixed precision, as [`mixed_bf16`] was when the forward pass ran.
+    bf16: bool,
 }
 
 impl BertLayers {
@@ -1457,6 +1512,7 @@ impl BertLayers {
                     w: w[slot],
                     train_w: tr[slot],
                     lora: ad[i],
+                    bf16: self.bf16,
                 };
                 LayerWeights {
                     qkv: vec![
@@ -1483,6 +1539,7 @@ impl BertLayers {
                 let proj = |slot: usize, i: usize, inp: usize, out: usize| Proj {
                     w: w[slot],
                     train_w: tr[slot],
+                    bf16: self.bf16,
                     lora: task.map(|t| Lora {
                         a: &w[12 + 2 * i][t * rank * inp..(t + 1) * rank * inp],
                         b: &w[13 + 2 * i][t * out * rank..(t + 1) * out * rank],
@@ -1663,6 +1720,7 @@ pub fn encoder(
         dropout,
         rope,
         trained,
+        bf16: mixed_bf16(),
     };
     Ok(Some(run_stack(x, params, layers)?))
 }

@@ -112,10 +112,11 @@ impl Slots {
 }
 
 /// The layer's weights from its parameter list; `trained[i]`: slot `i` is a variable.
-fn weights<'a>(d: &QwenDims, s: &Slots, trained: &[bool], w: &[&'a [f32]]) -> W<'a> {
+fn weights<'a>(d: &QwenDims, s: &Slots, trained: &[bool], bf16: bool, w: &[&'a [f32]]) -> W<'a> {
     let proj = std::array::from_fn(|i| Proj {
         w: w[s.proj[i]],
         train_w: trained[s.proj[i]],
+        bf16,
         lora: s.lora[i].map(|at| {
             let (rank, scale) = d.lora[i].expect("slot of an adapter");
             Lora {
@@ -260,6 +261,8 @@ struct QwenLayers {
     seqs: Vec<Seq>,
     tokens: usize,
     rope: Rope,
+    /// bf16 mixed precision, as [`super::train::mixed_bf16`] was when the forward pass ran.
+    bf16: bool,
 }
 
 impl QwenLayers {
@@ -407,7 +410,7 @@ impl Layers for QwenLayers {
 
     fn forward(&self, _layer: usize, w: &[&[f32]], x: Vec<f32>) -> (Vec<f32>, Saved) {
         let d = &self.d;
-        let w = weights(d, &self.slots, &self.trained, w);
+        let w = weights(d, &self.slots, &self.trained, self.bf16, w);
         let (t, h, hd, inter) = (self.tokens, d.hidden, d.head_dim, d.inter);
         let (qw, kw, wd) = (d.q_width(), d.kv_width(), d.qkv_width());
         let mut xa: [Vec<f32>; 7] = Default::default();
@@ -512,7 +515,7 @@ impl Layers for QwenLayers {
     ) -> (Vec<f32>, Vec<Vec<f32>>) {
         let d = &self.d;
         let sl = &self.slots;
-        let w = weights(d, sl, &self.trained, w);
+        let w = weights(d, sl, &self.trained, self.bf16, w);
         let (t, h, hd, inter) = (self.tokens, d.hidden, d.head_dim, d.inter);
         let (qw, kw, wd) = (d.q_width(), d.kv_width(), d.qkv_width());
         // Gradients by slot; a slot not trained keeps an empty vector.
@@ -745,6 +748,7 @@ pub fn encoder(
         seqs,
         tokens,
         rope,
+        bf16: super::train::mixed_bf16(),
     };
     Ok(Some(run_stack(x, params, layers)?))
 }

@@ -59,6 +59,31 @@ pub struct TrainConfig {
     /// gradients; activation memory of one layer instead of all.
     #[serde(default)]
     pub checkpoint_activations: bool,
+    /// The arithmetic of the projections: f32, or bf16 mixed precision (bf16 products summed in
+    /// f32; master weights, gradients, optimiser state, norms and softmax in f32).
+    #[serde(default)]
+    pub precision: TrainPrecision,
+}
+
+/// How training computes its projections ([`TrainConfig::precision`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainPrecision {
+    #[default]
+    F32,
+    /// bf16 mixed precision on the fast training pass ([`crate::fast::train::with_mixed_bf16`]):
+    /// bf16 instructions where the CPU has them (AMX, AVX-512 BF16), the same products through
+    /// the f32 GEMM elsewhere.
+    Bf16,
+}
+
+impl std::fmt::Display for TrainPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrainPrecision::F32 => "f32",
+            TrainPrecision::Bf16 => "bf16",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -92,6 +117,7 @@ impl Default for TrainConfig {
             dropout: None,
             cache_mini_batch: None,
             checkpoint_activations: false,
+            precision: Default::default(),
         }
     }
 }
@@ -120,6 +146,25 @@ pub struct Report {
     pub epochs: Vec<EpochReport>,
     pub interrupted: bool,
     pub memory: Option<MemoryReport>,
+    /// The projections' arithmetic and the kernels that ran it ([`precision_description`]).
+    #[serde(default)]
+    pub precision: Option<String>,
+}
+
+/// How `precision` computes on this CPU, e.g. `bf16 mixed precision on amx`, or for a CPU without
+/// bf16 instructions `bf16 mixed precision, emulated on avx2 (same products, f32 GEMM speed)`.
+pub fn precision_description(precision: TrainPrecision) -> String {
+    let kernels = crate::fast::cpu::active();
+    match precision {
+        TrainPrecision::F32 => "f32".into(),
+        TrainPrecision::Bf16 if kernels.has_bf16() => {
+            format!("bf16 mixed precision on {kernels}")
+        }
+        TrainPrecision::Bf16 => format!(
+            "bf16 mixed precision, emulated on {kernels} (no bf16 instructions: the same \
+             products through the f32 GEMM, slower than f32)"
+        ),
+    }
 }
 
 /// Memory of a run: measured peak resident memory, and the textbook components.
@@ -421,6 +466,33 @@ impl Trainer {
         micro: usize,
         scale: f64,
     ) -> Result<(f64, Vec<Option<Tensor>>)> {
+        if self.config.precision == TrainPrecision::F32 {
+            return self.loss_and_gradients_inner(examples, micro, scale);
+        }
+        // Mixed precision lives in the fast training pass: a step that did not run it (candle's
+        // graph runs f64, adapter dropout, …) would silently be f32.
+        let before = crate::fast::train::layer_passes();
+        let out = crate::fast::train::with_mixed_bf16(true, || {
+            self.loss_and_gradients_inner(examples, micro, scale)
+        })?;
+        if crate::fast::train::layer_passes() == before {
+            return Err(Error::InvalidInput(format!(
+                "--precision {}: mixed precision runs on the fast training pass, which does not \
+                 run this model and configuration (it runs f32 weights without adapter dropout \
+                 on BERT, Jina v3, Qwen2 and Qwen3, and SEMBED_TRAIN_KERNELS must not be \
+                 `candle`)",
+                self.config.precision
+            )));
+        }
+        Ok(out)
+    }
+
+    fn loss_and_gradients_inner(
+        &self,
+        examples: &[&Example],
+        micro: usize,
+        scale: f64,
+    ) -> Result<(f64, Vec<Option<Tensor>>)> {
         if !self.config.checkpoint_activations {
             return self.loss_and_gradients_of(examples, micro, scale);
         }
@@ -579,12 +651,19 @@ impl Trainer {
         Ok(loss)
     }
 
+    /// Compute the steps from now on in `precision` (the master weights and the optimiser state
+    /// stay f32 either way, so a run can switch between steps).
+    pub fn set_precision(&mut self, precision: TrainPrecision) {
+        self.config.precision = precision;
+    }
+
     /// One optimiser step like [`Trainer::step`], timing each part and measuring the bytes of the
     /// gradients and of the optimiser state it holds afterwards.
     pub fn profile_step(&mut self, examples: &[&Example], lr: f64) -> Result<StepProfile> {
         use std::time::Instant;
+        let mixed = self.config.precision == TrainPrecision::Bf16;
         let t0 = Instant::now();
-        let loss = self.training_loss(examples, 0)?;
+        let loss = crate::fast::train::with_mixed_bf16(mixed, || self.training_loss(examples, 0))?;
         let loss_value = value(&loss)?;
         let t1 = Instant::now();
         let grads = collect(&self.vars, &loss.backward()?);
@@ -755,6 +834,7 @@ impl Trainer {
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
         report.interrupted = false;
+        report.precision = Some(precision_description(self.config.precision));
         if self.state.step == 0 && self.state.epoch == 0 && self.state.next_batch == 0 {
             report.before = self.evaluate(eval)?;
         }
