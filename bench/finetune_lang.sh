@@ -2,7 +2,9 @@
 # Fine-tuning on one codebase, evaluated on another: mine (documentation → code) pairs from TRAIN_SRC,
 # train MiniLM on up to N of them (MNRL, batch 32, lr 5e-5, max length 128, one epoch, GradCache 8),
 # and report retrieval on up to 300 pairs mined from EVAL_SRC before and after. Any language
-# `sembed mine` reads. Arguments after N go to `sembed train` (e.g. --lora); LR=… sets the learning rate.
+# `sembed mine` reads. Arguments after N go to `sembed train` (e.g. --lora); LR=… sets the learning rate;
+# KEEP=DIR keeps the pairs and the trained model (DIR/out: metrics.json, checkpoints/epoch-0 with the
+# loss of every step in trainer_state.json) instead of a temporary folder.
 #   bench/finetune_lang.sh TRAIN_SRC EVAL_SRC [N [TRAIN_ARGS…]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +14,13 @@ n=${3:-1000}
 shift $(( $# < 3 ? $# : 3 ))
 cargo build --release -q -p sembed-cli
 bin=$PWD/target/release/sembed
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+if [ -n "${KEEP:-}" ]; then
+  work=$KEEP
+  mkdir -p "$work"
+else
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+fi
 $bin mine -q "$train_src" --out "$work/train-all.jsonl" --heldout-fraction 0
 $bin mine -q "$eval_src" --out "$work/eval-all.jsonl" --heldout-fraction 0
 sample() { python3 -c "import random,sys; l=open(sys.argv[1]).readlines(); random.Random(0).shuffle(l); open(sys.argv[2],'w').writelines(l[:int(sys.argv[3])])" "$@"; }

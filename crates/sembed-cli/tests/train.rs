@@ -224,6 +224,86 @@ fn resumed_run_equals_uninterrupted_run() {
         .is_file());
 }
 
+/// `--precision bf16` trains (every step's loss close to the same f32 run's, different weights at the
+/// end), says how it computed in metrics.json, and refuses f64 master weights.
+#[test]
+fn bf16_mixed_precision_trains_and_reports_its_kernels() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_pairs(dir.path(), 24);
+    let model = root().join("tests/fixtures/bert-tiny");
+    let run = |precision: &str| {
+        let out = dir.path().join(precision);
+        ok(sembed(&[
+            "train",
+            "-m",
+            p(&model),
+            "-o",
+            p(&out),
+            "--data",
+            p(&data),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--dropout",
+            "0",
+            "--precision",
+            precision,
+        ]));
+        let read = |f: &Path| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap()
+        };
+        let state = read(&out.join("checkpoints/epoch-2/trainer_state.json"));
+        let losses: Vec<f64> = state["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let report = read(&out.join("metrics.json"));
+        let weights = load_all(&out.join("model.safetensors"));
+        (
+            losses,
+            report["precision"].as_str().unwrap().to_string(),
+            weights,
+        )
+    };
+    let (l32, p32, w32) = run("f32");
+    let (l16, p16, w16) = run("bf16");
+    assert_eq!(p32, "f32");
+    assert!(p16.starts_with("bf16 mixed precision"), "{p16}");
+    assert_eq!(l32.len(), 6);
+    assert_eq!(l16.len(), 6);
+    for (a, b) in l32.iter().zip(&l16) {
+        assert!(
+            (a - b).abs() < 0.02 * a.abs().max(1.0),
+            "losses {l32:?} vs {l16:?}"
+        );
+    }
+    assert!(l16[5] < l16[0], "bf16 did not learn: {l16:?}");
+    assert!(
+        w32.iter().any(|(name, v)| v != &w16[name]),
+        "bf16 gave the f32 weights bit for bit"
+    );
+    let out = sembed(&[
+        "train",
+        "-m",
+        p(&model),
+        "-o",
+        p(&dir.path().join("x")),
+        "--data",
+        p(&data),
+        "--precision",
+        "bf16",
+        "--dtype",
+        "f64",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dtype f64"));
+}
+
 /// Fine-tuning one Jina task adapter leaves the base weights and the other adapters as they were.
 #[test]
 fn jina_trains_only_the_chosen_adapter() {

@@ -9,7 +9,7 @@
 //! made constants), to time the difference.
 
 use sembed::train::data::read_examples;
-use sembed::train::trainer::{LossKind, TrainConfig, Trainer};
+use sembed::train::trainer::{LossKind, TrainConfig, TrainPrecision, Trainer};
 use std::time::Instant;
 
 /// The allocator setup of the `sembed` binary (see crates/sembed-cli/src/main.rs), so that the numbers
@@ -43,11 +43,18 @@ fn main() -> sembed::Result<()> {
         ),
         _ => (LossKind::Mnrl { scale: 20.0 }, 32),
     };
+    // SEMBED_PRECISION=bf16: bf16 mixed precision (`sembed train --precision bf16`).
+    let precision = match std::env::var("SEMBED_PRECISION").as_deref() {
+        Ok("bf16") => TrainPrecision::Bf16,
+        Ok("f32") | Err(_) => TrainPrecision::F32,
+        Ok(other) => panic!("SEMBED_PRECISION={other}: expected f32 or bf16"),
+    };
     let config = TrainConfig {
         loss,
         max_length: Some(128),
         batch_size,
         task: args.get(5).cloned(),
+        precision,
         ..Default::default()
     };
     let mut trainer = if std::env::var_os("SEMBED_EVERY_GRADIENT").is_some() {
@@ -75,7 +82,8 @@ fn main() -> sembed::Result<()> {
     let n = steps as f64;
     let per_step = t.elapsed().as_secs_f64() / n;
     println!(
-        "{{\"engine\": \"sembed\", \"mode\": \"{mode}\", \"batch\": {batch_size}, \"steps\": {steps}, \"seconds_per_step\": {per_step:.4}, \"forward_s\": {:.4}, \"backward_s\": {:.4}, \"optimizer_s\": {:.4}}}",
+        "{{\"engine\": \"sembed\", \"mode\": \"{mode}\", \"precision\": \"{}\", \"batch\": {batch_size}, \"steps\": {steps}, \"seconds_per_step\": {per_step:.4}, \"forward_s\": {:.4}, \"backward_s\": {:.4}, \"optimizer_s\": {:.4}}}",
+        sembed::train::trainer::precision_description(precision),
         fwd / n,
         bwd / n,
         opt / n

@@ -431,18 +431,8 @@ pub fn matmul_acc_with(
     assert!(last(drs, dcs, m, n) < dst.len(), "bf16 GEMM dst");
     if !kernels.has_bf16() {
         // Both operands rounded, row-major, then the f32 GEMM.
-        let mut a = vec![0f32; m * k];
-        for (r, row) in a.chunks_exact_mut(k.max(1)).enumerate().take(m) {
-            for (i, v) in row.iter_mut().enumerate() {
-                *v = round_bf16(lhs[r * lrs + i * lcs]);
-            }
-        }
-        let mut b = vec![0f32; k * n];
-        for (i, row) in b.chunks_exact_mut(n).enumerate() {
-            for (o, v) in row.iter_mut().enumerate() {
-                *v = round_bf16(rhs[i * rrs + o * rcs]);
-            }
-        }
+        let a = gather(lhs, (lrs, lcs), m, k, round_bf16);
+        let b = gather(rhs, (rrs, rcs), k, n, round_bf16);
         let (ki, ni) = (k as isize, n as isize);
         super::linear::matmul_acc(
             m,
@@ -459,16 +449,14 @@ pub fn matmul_acc_with(
         );
         return;
     }
-    let w = PackedBf16::pack(k, n, |i, o| bf16::from_f32(rhs[i * rrs + o * rcs]));
+    // rhs as PyTorch-layout weights `[n, k]`, packed.
+    let w = PackedBf16::from_torch(&gather(rhs, (rcs, rrs), n, k, |v| v), n, k);
     // The kernels read rows of k consecutive inputs.
     let copied: Vec<f32>;
     let (x, xs) = if lcs == 1 && (m == 1 || lrs >= k) {
         (lhs, if m == 1 { k } else { lrs })
     } else {
-        copied = (0..m)
-            .flat_map(|r| (0..k).map(move |i| (r, i)))
-            .map(|(r, i)| lhs[r * lrs + i * lcs])
-            .collect();
+        copied = gather(lhs, (lrs, lcs), m, k, |v| v);
         (&copied[..], k)
     };
     if !accumulate && dcs == 1 && (m == 1 || drs >= n) {
@@ -488,6 +476,37 @@ pub fn matmul_acc_with(
             };
         }
     }
+}
+
+/// `f(src[r * rs + c * cs])` for `r < rows`, `c < cols`, row-major: row by row from rows of
+/// consecutive values, otherwise in 32 × 32 tiles (a transposed operand: both sides stay in cache).
+fn gather(
+    src: &[f32],
+    (rs, cs): (usize, usize),
+    rows: usize,
+    cols: usize,
+    f: impl Fn(f32) -> f32,
+) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    if cs == 1 {
+        for (r, row) in out.chunks_exact_mut(cols.max(1)).enumerate().take(rows) {
+            for (d, &v) in row.iter_mut().zip(&src[r * rs..r * rs + cols]) {
+                *d = f(v);
+            }
+        }
+        return out;
+    }
+    const T: usize = 32;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for c in c0..(c0 + T).min(cols) {
+                for r in r0..(r0 + T).min(rows) {
+                    out[r * cols + c] = f(src[r * rs + c * cs]);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A raw output pointer shared between threads that write disjoint parts of it.
