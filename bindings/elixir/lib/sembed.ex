@@ -231,8 +231,8 @@ defmodule Sembed do
   ranked by), `:cosine` and `:bm25` (`nil` where the hit was not in that ranking), `:path`, `:lang`,
   `:kind`, `:symbol`, `:start_line`, `:end_line`, `:text` and the rest of what `sembed search --json`
   prints. `index` is an opened `Sembed.Index` (open it once) or a target, opened for this call.
-  Options: `:k`, `:mode` (`:hybrid`, the default: the dense and the BM25 rankings fused by reciprocal
-  rank; `:dense`; `:lexical`), `:lang` (e.g. `"elixir"`), `:path` (a glob such as `"lib/**"`),
+  Options: `:k`, `:mode` (`:hybrid`, the default: the dense and the BM25 rankings' scores fused;
+  `:dense`; `:lexical`), `:lang` (e.g. `"elixir"`), `:path` (a glob such as `"lib/**"`),
   `:exact` (scan every vector instead of the HNSW graph).
   """
   @spec search(Index.t() | String.t(), String.t(), keyword()) ::

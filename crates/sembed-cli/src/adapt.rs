@@ -360,8 +360,9 @@ struct Held {
     bm25: sembed_index::lexical::Bm25,
 }
 
-/// Lexical weights tried for the fusion, the default (1) first so that it wins ties.
-const WEIGHTS: [f64; 5] = [1.0, 0.75, 0.5, 0.25, 0.0];
+/// Lexical weights tried for the fusion, the default ([`sembed_index::lexical::LEXICAL_WEIGHT`])
+/// first so that it wins ties.
+const WEIGHTS: [f64; 5] = [sembed_index::lexical::LEXICAL_WEIGHT, 1.0, 0.6, 0.25, 0.0];
 
 impl Held {
     fn new(rows: &[Mined], lexical_docs: Vec<Vec<String>>) -> Self {
@@ -396,25 +397,21 @@ impl Held {
         let dense = retrieval_metrics(&scores, &relevant);
         // Both rankings as deep as hybrid search takes them for 10 hits.
         let depth = sembed_index::lexical::depth(10);
-        let dense_ranks: Vec<Vec<usize>> = scores
+        let dense_ranks: Vec<Vec<(usize, f64)>> = scores
             .iter()
             .map(|row| {
                 let mut order: Vec<usize> = (0..row.len()).collect();
                 order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
                 order.truncate(depth);
-                order
+                order.into_iter().map(|i| (i, row[i] as f64)).collect()
             })
             .collect();
-        let lexical_ranks: Vec<Vec<usize>> = self
+        let lexical_ranks: Vec<Vec<(usize, f64)>> = self
             .anchors
             .iter()
             .map(|a| {
                 let terms = sembed_index::lexical::query_terms(a);
-                self.bm25
-                    .rank(&terms, depth)
-                    .into_iter()
-                    .map(|(i, _)| i)
-                    .collect()
+                self.bm25.rank(&terms, depth)
             })
             .collect();
         let fused = |w: f64| -> RetrievalMetrics {
@@ -424,7 +421,7 @@ impl Held {
                 .zip(&lexical_ranks)
                 .map(|(dr, lr)| {
                     let mut row = vec![-1.0f32; self.corpus.len()];
-                    let order = sembed_index::lexical::rrf(dr, lr, w);
+                    let order = sembed_index::lexical::fuse_scores(dr, lr, w);
                     for (pos, (doc, _)) in order.iter().enumerate() {
                         row[*doc] = (order.len() - pos) as f32;
                     }

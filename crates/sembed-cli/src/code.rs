@@ -112,7 +112,7 @@ pub struct SearchArgs {
     /// Compare every vector even where the HNSW graph would answer (to check its recall).
     #[arg(long)]
     pub exact: bool,
-    /// How to rank: hybrid (the vectors' and BM25's rankings fused by reciprocal rank), dense (cosine
+    /// How to rank: hybrid (the vectors' and BM25's scores fused), dense (cosine
     /// only) or lexical (BM25 over split identifiers, paths and words only).
     #[arg(long, default_value = "hybrid")]
     pub mode: sembed_index::search::Mode,

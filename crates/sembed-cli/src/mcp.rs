@@ -57,7 +57,7 @@ const MAX_K: u32 = 100;
 #[derive(Debug, Clone, Copy, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 enum ModeArg {
-    /// Vectors and BM25, fused by reciprocal rank (the default).
+    /// Vectors and BM25, their scores fused (the default).
     Hybrid,
     /// Vectors only.
     Dense,

@@ -14,16 +14,31 @@ const WORDS: [&str; 16] = [
     "forest", "marble", "candle", "harbor", "jacket", "ladder", "meadow",
 ];
 
-/// `files` Python files of documented functions whose docs name the words the code uses.
+/// `files` Python files of documented functions. The code names the words its documentation names
+/// with a `z` appended and its number in letters, so that no term is shared: BM25 cannot pair a doc
+/// with its code (the words are other terms), the tiny base model pairs them poorly, and fine-tuning
+/// learns to (the words' pieces are shared).
 fn python_repo(dir: &Path, files: usize, per_file: usize, salt: usize) {
     std::fs::create_dir_all(dir).unwrap();
+    let spell = |w: &str| format!("{w}z");
+    let letters = |mut n: usize| {
+        let mut s = String::new();
+        loop {
+            s.push((b'a' + (n % 26) as u8) as char);
+            n /= 26;
+            if n == 0 {
+                break s;
+            }
+        }
+    };
     for f in 0..files {
         let mut src = String::new();
         for i in 0..per_file {
             let n = salt + f * per_file + i;
             let (a, b) = (WORDS[n % 16], WORDS[(n / 16 + n * 7 + 3) % 16]);
+            let (ra, rb, ln) = (spell(a), spell(b), letters(n));
             src.push_str(&format!(
-                "def {a}_{b}_{n}(x):\n    \"\"\"Return the {a} weight of the {b} number {n}.\"\"\"\n    return x.{a} * {n} + x.{b}\n\n\n"
+                "def {ra}_{rb}_q{ln}(x):\n    \"\"\"Return the {a} weight of the {b} number {n}.\"\"\"\n    return x.{ra} * 3 + x.{rb}\n\n\n"
             ));
         }
         std::fs::write(dir.join(format!("m{f}.py")), src).unwrap();
@@ -211,7 +226,7 @@ fn adapt_refuses_what_would_leak_or_cannot_be_scored() {
 }
 
 /// The lexical weight in a model folder's adapt.json is the one its index's hybrid search fuses
-/// with: every hybrid score is a sum of 1/(10 + dense rank) and w/(10 + lexical rank).
+/// with: every hybrid score is its cosine over the best plus w times its BM25 over the best.
 #[test]
 fn a_models_lexical_weight_reaches_hybrid_search() {
     let tmp = tempfile::tempdir().unwrap();
@@ -248,17 +263,21 @@ fn a_models_lexical_weight_reaches_hybrid_search() {
     let (h, d, l) = (search("hybrid"), search("dense"), search("lexical"));
     assert_eq!(h["lexical_weight"], 0.25, "{h}");
     assert_eq!(d["lexical_weight"], Value::Null);
-    let rank = |v: &Value, path: &Value, start: &Value| {
-        v["hits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .position(|x| &x["path"] == path && &x["start_line"] == start)
+    // A ranking's part: the hit's score over the ranking's best, or its lowest where it is absent.
+    let part = |v: &Value, path: &Value, start: &Value| {
+        let hits = v["hits"].as_array().unwrap();
+        let scores: Vec<f64> = hits.iter().map(|x| x["score"].as_f64().unwrap()).collect();
+        let best = scores.iter().copied().fold(f64::MIN, f64::max);
+        let low = scores.iter().copied().fold(f64::MAX, f64::min);
+        hits.iter()
+            .find(|x| &x["path"] == path && &x["start_line"] == start)
+            .map_or(low, |x| x["score"].as_f64().unwrap())
+            / best
     };
+    assert!(!l["hits"].as_array().unwrap().is_empty());
     for hit in h["hits"].as_array().unwrap() {
         let (p, s) = (&hit["path"], &hit["start_line"]);
-        let want = rank(&d, p, s).map_or(0.0, |r| 1.0 / (11.0 + r as f64))
-            + rank(&l, p, s).map_or(0.0, |r| 0.25 / (11.0 + r as f64));
+        let want = part(&d, p, s) + 0.25 * part(&l, p, s);
         let got = hit["score"].as_f64().unwrap();
         assert!((got - want).abs() < 1e-6, "{hit}: {got} vs {want}");
     }

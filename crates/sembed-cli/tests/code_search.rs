@@ -369,7 +369,12 @@ fn server_search_equals_cli_search() {
                 assert_eq!(served["method"], "lexical");
                 assert!(hit["cosine"].is_null() && hit["bm25"] == hit["score"]);
             }
-            _ => assert!(hit["score"].as_f64().unwrap() <= 2.0 / 11.0 + 1e-6),
+            // Hybrid: each ranking's score over its best, the lexical one weighted 0.4.
+            _ => {
+                let s = hit["score"].as_f64().unwrap();
+                assert!(s > 0.0 && s <= 1.4 + 1e-6, "{s}");
+                assert_eq!(served["lexical_weight"], 0.4);
+            }
         }
     }
     assert_eq!(bad_mode, 422, "{mode_err}");

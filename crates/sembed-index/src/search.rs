@@ -1,6 +1,6 @@
 //! Answering a query: embed it as a query (the model's query prompt, or Jina's retrieval.query
 //! adapter) and ask the store for the nearest chunks, and (by default) for the chunks whose terms
-//! match best by BM25, fused by reciprocal rank ([`crate::lexical`]).
+//! match best by BM25, their scores fused ([`crate::lexical::fuse_scores`]).
 
 use crate::error::{Error, Result};
 use crate::index;
@@ -71,7 +71,10 @@ pub fn ranked(
             let depth = crate::lexical::depth(k);
             let (dense, method) = store.search(vector.ok_or_else(need_vector)?, depth, filter)?;
             let lexical = store.lexical(&crate::lexical::query_terms(query), depth, filter)?;
-            let w = store.meta()?.and_then(|m| m.lexical_weight).unwrap_or(1.0);
+            let w = store
+                .meta()?
+                .and_then(|m| m.lexical_weight)
+                .unwrap_or(crate::lexical::LEXICAL_WEIGHT);
             lexical_weight = Some(w);
             (crate::lexical::fuse(&dense, &lexical, k, w), method)
         }

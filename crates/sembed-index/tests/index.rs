@@ -990,7 +990,8 @@ fn lexical_index_follows_the_tree() {
     assert_eq!((r.embedded, r.added, r.removed), (0, 0, 0), "{r:?}");
 }
 
-/// Hybrid ranking is the reciprocal-rank fusion of the dense and lexical rankings, each 50 deep.
+/// Hybrid ranking fuses the scores of the dense and lexical rankings, each 50 deep: cosine over the
+/// best cosine plus 0.4 × BM25 over the best BM25, a hit missing from one ranking at its lowest.
 #[test]
 fn hybrid_is_the_fusion_of_both_rankings() {
     let m = model("bert-tiny");
@@ -1016,13 +1017,25 @@ fn hybrid_is_the_fusion_of_both_rankings() {
                 all.push(key(h));
             }
         }
+        let part = |hits: &[store::Hit], k: &(String, usize, usize)| {
+            let best = hits.iter().map(|h| h.score as f64).fold(f64::MIN, f64::max);
+            let low = hits.iter().map(|h| h.score as f64).fold(f64::MAX, f64::min);
+            let s = hits
+                .iter()
+                .find(|h| &key(h) == k)
+                .map_or(low, |h| h.score as f64);
+            if hits.is_empty() {
+                0.0
+            } else {
+                s / best
+            }
+        };
         for (order, k) in all.iter().enumerate() {
-            let rr = |hits: &[store::Hit]| {
-                hits.iter()
-                    .position(|h| &key(h) == k)
-                    .map_or(0.0, |r| 1.0 / (10.0 + r as f64 + 1.0))
-            };
-            want.push((rr(&dense.hits) + rr(&lex.hits), order, k.clone()));
+            want.push((
+                part(&dense.hits, k) + 0.4 * part(&lex.hits, k),
+                order,
+                k.clone(),
+            ));
         }
         want.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         let got: Vec<_> = hyb.hits.iter().map(key).collect();

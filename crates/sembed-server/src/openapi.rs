@@ -173,7 +173,7 @@ pub struct SearchRequest {
     pub lang: Option<String>,
     /// Only paths matching this pattern (`*` any characters, `/` included; `?` one).
     pub path: Option<String>,
-    /// `hybrid` (default: the dense and BM25 rankings fused by reciprocal rank), `dense` or `lexical`.
+    /// `hybrid` (default: the dense and BM25 scores fused), `dense` or `lexical`.
     pub mode: Option<String>,
 }
 
@@ -181,9 +181,9 @@ pub struct SearchRequest {
 #[derive(Serialize, Deserialize, ToSchema)]
 #[allow(dead_code)]
 pub struct SearchHit {
-    /// What the hit was ranked by: cosine similarity (dense), BM25 (lexical), or the sum of
-    /// w/(10 + rank) over both rankings (hybrid; w is 1 for the dense ranking and `lexical_weight`
-    /// for the BM25 one).
+    /// What the hit was ranked by: cosine similarity (dense), BM25 (lexical), or (hybrid) its
+    /// cosine over the best cosine plus `lexical_weight` times its BM25 over the best BM25, each
+    /// ranking 50 deep (a hit missing from one takes that ranking's lowest).
     pub score: f32,
     /// Cosine similarity to the query, where the hit was in the dense ranking.
     pub cosine: Option<f32>,
@@ -212,7 +212,7 @@ pub struct SearchResponse {
     pub query: String,
     /// `hybrid`, `dense` or `lexical`.
     pub mode: String,
-    /// Hybrid search: the BM25 ranking's weight in the fusion (1, or the one a model fitted by
+    /// Hybrid search: the BM25 ranking's weight in the fusion (0.4, or the one a model fitted by
     /// `sembed adapt` carries).
     pub lexical_weight: Option<f64>,
     /// How the dense ranking was answered: `exact` (every vector compared) or `ann` (the HNSW

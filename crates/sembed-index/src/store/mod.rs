@@ -32,7 +32,8 @@ pub struct Meta {
     pub dimension: usize,
     /// The chunker's settings: files indexed under other settings are cut again.
     pub chunker: String,
-    /// The lexical ranking's weight in hybrid search (1 when absent): the one a model fitted by
+    /// The lexical ranking's weight in hybrid search ([`crate::lexical::LEXICAL_WEIGHT`] when absent):
+    /// the one a model fitted by
     /// `sembed adapt` chose on its held-out pairs ([`crate::index::model_lexical_weight`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lexical_weight: Option<f64>,
@@ -98,7 +99,7 @@ impl Filter {
 }
 
 /// A search result: the row, the score it was ranked by (the cosine similarity to the query in dense
-/// search, BM25 in lexical search, the reciprocal-rank sum in hybrid search), and the cosine and BM25
+/// search, BM25 in lexical search, the fused score in hybrid search), and the cosine and BM25
 /// where the row was in that ranking.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Hit {

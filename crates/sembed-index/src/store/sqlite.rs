@@ -987,30 +987,38 @@ impl Store for SqliteStore {
             .map(|t| format!("\"{t}\""))
             .collect::<Vec<_>>()
             .join(" OR ");
-        let mut scored: Vec<(f64, String, i64, i64, i64)> = Vec::new();
+        // Every match's score first, without reading its chunk: a query of many words matches most
+        // rows, and reading each one's path to filter and break ties cost more than FTS5's BM25
+        // (17 ms p50 at 12k chunks, most of a hybrid search). Then the chunks of the best ones only,
+        // in score order, until k pass the filter and none left ties the k-th.
+        let mut matches: Vec<(f64, i64)> = Vec::new();
         {
             let mut stmt = self
                 .conn
-                .prepare_cached(
-                    "SELECT s.id, s.score, c.path, c.lang, c.start_byte, c.end_byte
-                     FROM (SELECT rowid AS id, bm25(lexical) AS score FROM lexical
-                           WHERE lexical MATCH ?1) s
-                     JOIN chunks c ON c.id = s.id",
-                )
+                .prepare_cached("SELECT rowid, bm25(lexical) FROM lexical WHERE lexical MATCH ?1")
                 .map_err(self.err())?;
             let mut rows = stmt.query([&query]).map_err(self.err())?;
             while let Some(r) = rows.next().map_err(self.err())? {
-                let path: String = r.get(2).map_err(self.err())?;
-                let lang: String = r.get(3).map_err(self.err())?;
+                let score: f64 = r.get(1).map_err(self.err())?;
+                matches.push((-score, r.get(0).map_err(self.err())?));
+            }
+        }
+        matches.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let mut scored: Vec<(f64, String, i64, i64, i64)> = Vec::new();
+        {
+            let mut place = self
+                .conn
+                .prepare_cached("SELECT path, lang, start_byte, end_byte FROM chunks WHERE id = ?1")
+                .map_err(self.err())?;
+            for (score, id) in matches {
+                if scored.len() >= k && scored[k - 1].0 != score {
+                    break;
+                }
+                let (path, lang, start, end): (String, String, i64, i64) = place
+                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .map_err(self.err())?;
                 if filter.accepts(&path, &lang) {
-                    let score: f64 = r.get(1).map_err(self.err())?;
-                    scored.push((
-                        -score,
-                        path,
-                        r.get(4).map_err(self.err())?,
-                        r.get(5).map_err(self.err())?,
-                        r.get(0).map_err(self.err())?,
-                    ));
+                    scored.push((score, path, start, end, id));
                 }
             }
         }
