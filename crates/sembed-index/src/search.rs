@@ -42,11 +42,41 @@ pub fn search(
     filter: &Filter,
     mode: Mode,
 ) -> Result<Results> {
-    let v = match mode {
-        Mode::Lexical => None,
-        Mode::Dense | Mode::Hybrid => Some(embed_query(model, query)?),
-    };
-    ranked(store, query, v.as_deref(), k, filter, mode)
+    match mode {
+        Mode::Lexical => ranked(store, query, None, k, filter, mode),
+        Mode::Dense => ranked(
+            store,
+            query,
+            Some(&embed_query(model, query)?),
+            k,
+            filter,
+            mode,
+        ),
+        Mode::Hybrid => {
+            // The lexical ranking needs no vector: it runs while the query is embedded.
+            let (v, lexical) = std::thread::scope(|s| {
+                let embedding = s.spawn(|| embed_query(model, query));
+                let lexical = lexical_ranking(store, query, k, filter);
+                let v = embedding
+                    .join()
+                    .expect("the query's embedding thread panicked");
+                (v, lexical)
+            });
+            ranked_with(store, query, Some(&v?), k, filter, mode, Some(lexical?))
+        }
+    }
+}
+
+/// The lexical ranking a hybrid search of `k` hits fuses ([`crate::lexical::depth`] deep): what
+/// can run while the query is being embedded, handed to [`ranked_with`].
+pub fn lexical_ranking(
+    store: &mut dyn Store,
+    query: &str,
+    k: usize,
+    filter: &Filter,
+) -> Result<Vec<Hit>> {
+    let depth = crate::lexical::depth(k);
+    store.lexical(&crate::lexical::query_terms(query), depth, filter)
 }
 
 /// The `k` best chunks for `query` by `mode`, given the query's vector (`None` only for lexical
@@ -59,6 +89,20 @@ pub fn ranked(
     filter: &Filter,
     mode: Mode,
 ) -> Result<Results> {
+    ranked_with(store, query, vector, k, filter, mode, None)
+}
+
+/// [`ranked`], with a hybrid search's lexical ranking already run ([`lexical_ranking`] of the same
+/// query, `k` and filter) when `lexical` is given.
+pub fn ranked_with(
+    store: &mut dyn Store,
+    query: &str,
+    vector: Option<&[f32]>,
+    k: usize,
+    filter: &Filter,
+    mode: Mode,
+    lexical: Option<Vec<Hit>>,
+) -> Result<Results> {
     let need_vector = || Error::Invalid("a dense or hybrid search needs the query's vector".into());
     let mut lexical_weight = None;
     let (hits, method) = match mode {
@@ -70,7 +114,10 @@ pub fn ranked(
         Mode::Hybrid => {
             let depth = crate::lexical::depth(k);
             let (dense, method) = store.search(vector.ok_or_else(need_vector)?, depth, filter)?;
-            let lexical = store.lexical(&crate::lexical::query_terms(query), depth, filter)?;
+            let lexical = match lexical {
+                Some(l) => l,
+                None => lexical_ranking(store, query, k, filter)?,
+            };
             let w = store
                 .meta()?
                 .and_then(|m| m.lexical_weight)

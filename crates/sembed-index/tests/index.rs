@@ -909,6 +909,45 @@ fn lexical_search_is_bm25() {
     assert!(lexical_hits(&mut store, "the of and", 5).is_empty());
 }
 
+/// A lexical search for k hits is the first k of a longer one, however deep the store has to read
+/// for them: here 60 chunks tie on the query's term and the filter keeps the last 5 of them.
+#[test]
+fn a_short_lexical_list_is_the_start_of_a_long_one() {
+    let m = model("bert-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in 0..12 {
+        let src: String = (0..5)
+            .map(|i| format!("def g{f}_{i}(x):\n    return x\n\n\n"))
+            .collect();
+        std::fs::write(dir.join(format!("a{f:02}.py")), src).unwrap();
+    }
+    let db = tmp.path().join("index.sqlite");
+    index(&dir, &db, &m);
+    let mut store = SqliteStore::open(&db, 20_000).unwrap();
+    let terms = sembed_index::lexical::query_terms("return x");
+    let everything = store.lexical(&terms, 100, &Filter::default()).unwrap();
+    assert_eq!(everything.len(), 60);
+    let key = |h: &store::Hit| (h.score, h.row.path.clone(), h.row.start_byte);
+    for path in [None, Some("a11*"), Some("a00.py")] {
+        let f = Filter {
+            lang: None,
+            path: path.map(str::to_string),
+        };
+        let all = store.lexical(&terms, 100, &f).unwrap();
+        for k in [1, 2, 5, 20] {
+            let short = store.lexical(&terms, k, &f).unwrap();
+            let want: Vec<_> = all.iter().take(k).map(key).collect();
+            assert_eq!(
+                short.iter().map(key).collect::<Vec<_>>(),
+                want,
+                "{path:?} k {k}"
+            );
+        }
+    }
+}
+
 /// The lexical index follows edits, renames and deletes in the same transactions as the vectors,
 /// and an index made before it gains it from its stored rows, embedding nothing.
 #[test]

@@ -860,18 +860,47 @@ async fn search_inner(
         ..Default::default()
     };
     let started = Instant::now();
+    // Hybrid: the lexical ranking needs no vector, so it runs while the query is embedded.
+    let lexical = (mode == sembed_index::search::Mode::Hybrid).then(|| {
+        let (st, text, filter) = (state.clone(), query.clone(), filter.clone());
+        tokio::task::spawn_blocking(move || {
+            let ix = st.index.as_ref().expect("checked");
+            let mut store = ix.store.lock().unwrap_or_else(|p| p.into_inner());
+            sembed_index::search::lexical_ranking(store.as_mut(), &text, k, &filter)
+        })
+    });
     let q = if mode == sembed_index::search::Mode::Lexical {
         None
     } else {
         let mut out = run_embed(state, entry, vec![query.clone()], opts, f).await?;
         Some(out.vectors.pop().unwrap_or_default())
     };
+    let lexical = match lexical {
+        Some(task) => Some(task.await.map_err(|e| {
+            ApiError::new(
+                f,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            )
+        })?),
+        None => None,
+    };
     let st = state.clone();
     let text = query.clone();
     let searched = tokio::task::spawn_blocking(move || {
         let ix = st.index.as_ref().expect("checked");
         let mut store = ix.store.lock().unwrap_or_else(|p| p.into_inner());
-        sembed_index::search::ranked(store.as_mut(), &text, q.as_deref(), k, &filter, mode)
+        let lexical = lexical.transpose()?;
+        sembed_index::search::ranked_with(
+            store.as_mut(),
+            &text,
+            q.as_deref(),
+            k,
+            &filter,
+            mode,
+            lexical,
+        )
     })
     .await
     .map_err(|e| {

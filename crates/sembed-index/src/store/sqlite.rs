@@ -987,31 +987,41 @@ impl Store for SqliteStore {
             .map(|t| format!("\"{t}\""))
             .collect::<Vec<_>>()
             .join(" OR ");
-        // Every match's score first, without reading its chunk: a query of many words matches most
-        // rows, and reading each one's path to filter and break ties cost more than FTS5's BM25
-        // (17 ms p50 at 12k chunks, most of a hybrid search). Then the chunks of the best ones only,
-        // in score order, until k pass the filter and none left ties the k-th.
-        let mut matches: Vec<(f64, i64)> = Vec::new();
-        {
-            let mut stmt = self
-                .conn
-                .prepare_cached("SELECT rowid, bm25(lexical) FROM lexical WHERE lexical MATCH ?1")
-                .map_err(self.err())?;
-            let mut rows = stmt.query([&query]).map_err(self.err())?;
-            while let Some(r) = rows.next().map_err(self.err())? {
-                let score: f64 = r.get(1).map_err(self.err())?;
-                matches.push((-score, r.get(0).map_err(self.err())?));
+        // The best matches by score first, sorted and cut by SQLite, without reading their chunks: a
+        // query of many words matches most rows, and reading each match's path to filter and break
+        // ties cost more than FTS5's BM25 (300 long queries at 12k chunks: lexical p50 17.0 ms
+        // reading every match, 9.6 ms scoring all of them first, 8.8 ms with this cut). Then the
+        // chunks of the best ones, in score order, until k pass the filter and none left ties the
+        // k-th; when the cut runs out first, again with a deeper cut.
+        let mut limit = (2 * k).max(k + 16);
+        let mut scored = loop {
+            let mut matches: Vec<(f64, i64)> = Vec::new();
+            {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT rowid, bm25(lexical) AS s FROM lexical WHERE lexical MATCH ?1
+                         ORDER BY s LIMIT ?2",
+                    )
+                    .map_err(self.err())?;
+                let mut rows = stmt
+                    .query(params![&query, limit as i64])
+                    .map_err(self.err())?;
+                while let Some(r) = rows.next().map_err(self.err())? {
+                    let score: f64 = r.get(1).map_err(self.err())?;
+                    matches.push((-score, r.get(0).map_err(self.err())?));
+                }
             }
-        }
-        matches.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let mut scored: Vec<(f64, String, i64, i64, i64)> = Vec::new();
-        {
+            let all = matches.len() < limit;
+            let mut scored: Vec<(f64, String, i64, i64, i64)> = Vec::new();
+            let mut settled = false;
             let mut place = self
                 .conn
                 .prepare_cached("SELECT path, lang, start_byte, end_byte FROM chunks WHERE id = ?1")
                 .map_err(self.err())?;
             for (score, id) in matches {
                 if scored.len() >= k && scored[k - 1].0 != score {
+                    settled = true;
                     break;
                 }
                 let (path, lang, start, end): (String, String, i64, i64) = place
@@ -1021,7 +1031,11 @@ impl Store for SqliteStore {
                     scored.push((score, path, start, end, id));
                 }
             }
-        }
+            if settled || all {
+                break scored;
+            }
+            limit *= 4;
+        };
         scored.sort_by(|a, b| {
             b.0.total_cmp(&a.0)
                 .then_with(|| (&a.1, a.2, a.3).cmp(&(&b.1, b.2, b.3)))
