@@ -56,6 +56,9 @@ fn dump_gradients_match_upstream() {
     for (model, extra) in [
         ("bert-tiny", vec![]),
         ("qwen2-bidir-tiny", vec![]),
+        // Not in ../shared/golden: made by tools/reference/qwen3_grads.py from transformers'
+        // Qwen3Model (causal, q/k RMSNorm, the query prompt on the anchors).
+        ("qwen3-causal-tiny", vec![]),
         ("jina-v3-tiny", vec!["--task", "retrieval.passage"]),
     ] {
         // The cached (GradCache) MNRL must give the same gradients as upstream's plain MNRL (the
