@@ -582,6 +582,34 @@ fn postgres_matches_the_embedded_store() {
     let b = run(&mut pgs, "pg", &m, &opts, &mut (), &stop).unwrap();
     assert_eq!(a, b);
     assert_eq!((b.embedded, b.removed, b.files_removed), (1, 6, 1));
+    // The row and term counts BM25 reads are kept by every write: equal to counting the table.
+    let counts = || {
+        let mut c = postgres::Client::connect(&pg_url().unwrap(), postgres::NoTls).unwrap();
+        let kept: String = c
+            .query_one(
+                "SELECT value FROM sembed_test_parity_meta WHERE key = 'lexical_stats'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        let r = c
+            .query_one(
+                "SELECT count(*), coalesce(sum(n_terms), 0)::bigint FROM sembed_test_parity",
+                &[],
+            )
+            .unwrap();
+        (
+            kept,
+            format!("{} {}", r.get::<_, i64>(0), r.get::<_, i64>(1)),
+        )
+    };
+    let (kept, counted) = counts();
+    assert_eq!(kept, counted);
+    pgs.remove(&["pkg/mod2.py".to_string()]).unwrap();
+    lite.remove(&["pkg/mod2.py".to_string()]).unwrap();
+    let (kept, counted) = counts();
+    assert_eq!(kept, counted);
+    assert!(counted.starts_with(&format!("{} ", lite.rows().unwrap().len())));
 
     // Symbol lookup: the same definitions, whole names and last parts, exact names first; LIKE's
     // wildcards in a name are plain characters; the source each index records.
@@ -681,6 +709,21 @@ fn postgres_matches_the_embedded_store() {
     }
     let mut again = store::pg::PgStore::connect(&pg_url().unwrap(), "sembed_test_parity").unwrap();
     assert_eq!(lexical_hits(&mut again, "module function", 10), before);
+    let (kept, counted) = counts();
+    assert_eq!(kept, counted);
+    // A table from before the kept counts (at the same term rules) gains them alone.
+    {
+        let mut c = postgres::Client::connect(&pg_url().unwrap(), postgres::NoTls).unwrap();
+        c.batch_execute(&format!(
+            "UPDATE sembed_test_parity_meta SET value = '{}' WHERE key = 'lexical';
+             DELETE FROM sembed_test_parity_meta WHERE key = 'lexical_stats';",
+            sembed_index::lexical::VERSION
+        ))
+        .unwrap();
+    }
+    assert_eq!(lexical_hits(&mut again, "module function", 10), before);
+    let (kept, counted) = counts();
+    assert_eq!(kept, counted);
     // A model mismatch is refused by PostgreSQL too.
     let other = model("qwen2-bidir-tiny");
     let err = run(&mut pgs, "pg", &other, &opts, &mut (), &stop).expect_err("refused");

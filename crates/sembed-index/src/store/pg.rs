@@ -382,8 +382,7 @@ impl Store for PgStore {
             }
         }
         let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
-        tx.execute(&format!("DELETE FROM {t} WHERE path = ANY($1)"), &[&paths])
-            .map_err(&err)?;
+        let (mut d_rows, mut d_terms) = delete_rows(&mut tx, &t, &paths)?;
         for f in files {
             tx.execute(
                 &format!(
@@ -454,6 +453,7 @@ impl Store for PgStore {
                 let terms = crate::lexical::of_row(r);
                 let n_terms = terms.len() as i32;
                 let tsv = TsVector::of(&terms);
+                (d_rows, d_terms) = (d_rows + 1, d_terms + n_terms as i64);
                 writer
                     .write(&[
                         &r.path,
@@ -476,6 +476,7 @@ impl Store for PgStore {
             }
         }
         writer.finish().map_err(&err)?;
+        add_to_stats(&mut tx, &t, d_rows, d_terms)?;
         tx.commit().map_err(&err)?;
         Ok(())
     }
@@ -486,8 +487,9 @@ impl Store for PgStore {
         }
         let t = self.table.clone();
         let mut tx = self.client.transaction().map_err(self_err(&t))?;
-        tx.execute(&format!("DELETE FROM {t} WHERE path = ANY($1)"), &[&paths])
-            .map_err(self_err(&t))?;
+        ensure_lexical(&mut tx, &t)?;
+        let (d_rows, d_terms) = delete_rows(&mut tx, &t, paths)?;
+        add_to_stats(&mut tx, &t, d_rows, d_terms)?;
         tx.execute(
             &format!("DELETE FROM {t}_files WHERE path = ANY($1)"),
             &[&paths],
@@ -626,13 +628,8 @@ impl Store for PgStore {
         let mut tx = self.client.transaction().map_err(&err)?;
         // An index from before the lexical columns gets them (from the stored texts) on first use.
         ensure_lexical(&mut tx, &t)?;
-        let stats = tx
-            .query_one(
-                &format!("SELECT count(*), coalesce(sum(n_terms), 0)::bigint FROM {t}"),
-                &[],
-            )
-            .map_err(&err)?;
-        let (n_rows, n_tokens): (i64, i64) = (stats.get(0), stats.get(1));
+        // The rows and their terms, kept by every write (no count over the table per search).
+        let (n_rows, n_tokens) = read_stats(&mut tx, &t)?;
         // Terms are letters and digits only, quoted as lexemes of a tsquery.
         let tsquery = terms
             .iter()
@@ -788,7 +785,11 @@ impl Store for PgStore {
 /// the term rules changed. In the caller's transaction; one table migrates at a time.
 fn ensure_lexical(tx: &mut postgres::Transaction, t: &str) -> Result<()> {
     let err = self_err(t);
-    let want = crate::lexical::VERSION.to_string();
+    // The term rules' version, and that the table's row and term counts are kept in `T_meta`
+    // (`lexical_stats`, see [`add_to_stats`]); a table at the version without the counts only
+    // gains them.
+    let terms_version = crate::lexical::VERSION.to_string();
+    let want = format!("{terms_version} stats");
     let current = |tx: &mut postgres::Transaction| -> Result<Option<String>> {
         Ok(tx
             .query_opt(
@@ -806,9 +807,40 @@ fn ensure_lexical(tx: &mut postgres::Transaction, t: &str) -> Result<()> {
         &[&t],
     )
     .map_err(&err)?;
-    if current(tx)?.as_deref() == Some(want.as_str()) {
+    let now = current(tx)?;
+    if now.as_deref() == Some(want.as_str()) {
         return Ok(());
     }
+    if now.as_deref() != Some(terms_version.as_str()) {
+        make_terms(tx, t)?;
+    }
+    let stats = tx
+        .query_one(
+            &format!("SELECT count(*), coalesce(sum(n_terms), 0)::bigint FROM {t}"),
+            &[],
+        )
+        .map_err(&err)?;
+    let (rows, terms): (i64, i64) = (stats.get(0), stats.get(1));
+    tx.execute(
+        &format!(
+            "INSERT INTO {t}_meta VALUES ('lexical_stats', $1) ON CONFLICT (key) DO UPDATE SET value = $1"
+        ),
+        &[&format!("{rows} {terms}")],
+    )
+    .map_err(&err)?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {t}_meta VALUES ('lexical', $1) ON CONFLICT (key) DO UPDATE SET value = $1"
+        ),
+        &[&want],
+    )
+    .map_err(&err)?;
+    Ok(())
+}
+
+/// The lexical columns of every row made (again) from its stored path, symbol and text.
+fn make_terms(tx: &mut postgres::Transaction, t: &str) -> Result<()> {
+    let err = self_err(t);
     tx.batch_execute(&format!(
         "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS tsv tsvector,
                         ADD COLUMN IF NOT EXISTS n_terms integer;
@@ -832,14 +864,73 @@ fn ensure_lexical(tx: &mut postgres::Transaction, t: &str) -> Result<()> {
         )
         .map_err(&err)?;
     }
-    tx.execute(
-        &format!(
-            "INSERT INTO {t}_meta VALUES ('lexical', $1) ON CONFLICT (key) DO UPDATE SET value = $1"
-        ),
-        &[&want],
-    )
-    .map_err(&err)?;
     Ok(())
+}
+
+/// Delete the rows of `paths`; how many rows, and how many terms they held, as negative counts.
+fn delete_rows<P: postgres::types::ToSql + Sync>(
+    tx: &mut postgres::Transaction,
+    t: &str,
+    paths: &[P],
+) -> Result<(i64, i64)> {
+    let gone = tx
+        .query_one(
+            &format!(
+                "WITH d AS (DELETE FROM {t} WHERE path = ANY($1) RETURNING n_terms)
+                 SELECT count(*), coalesce(sum(n_terms), 0)::bigint FROM d"
+            ),
+            &[&paths],
+        )
+        .map_err(self_err(t))?;
+    Ok((-gone.get::<_, i64>(0), -gone.get::<_, i64>(1)))
+}
+
+/// Add to the table's row and term counts (BM25's N and average length), in the writer's
+/// transaction: the row lock makes concurrent writers (shards) add one after another.
+fn add_to_stats(tx: &mut postgres::Transaction, t: &str, rows: i64, terms: i64) -> Result<()> {
+    if rows == 0 && terms == 0 {
+        return Ok(());
+    }
+    let (r, n) = read_stats_for_update(tx, t)?;
+    tx.execute(
+        &format!("UPDATE {t}_meta SET value = $1 WHERE key = 'lexical_stats'"),
+        &[&format!("{} {}", r + rows, n + terms)],
+    )
+    .map_err(self_err(t))?;
+    Ok(())
+}
+
+fn parse_stats(t: &str, value: Option<String>) -> Result<(i64, i64)> {
+    let bad = || Error::Invalid(format!("PostgreSQL index `{t}`: unreadable lexical counts"));
+    let v = value.ok_or_else(bad)?;
+    let mut it = v.split(' ').map(str::parse::<i64>);
+    match (it.next(), it.next()) {
+        (Some(Ok(r)), Some(Ok(n))) => Ok((r, n)),
+        _ => Err(bad()),
+    }
+}
+
+/// The table's row and term counts ([`add_to_stats`]).
+fn read_stats(tx: &mut postgres::Transaction, t: &str) -> Result<(i64, i64)> {
+    let v = tx
+        .query_opt(
+            &format!("SELECT value FROM {t}_meta WHERE key = 'lexical_stats'"),
+            &[],
+        )
+        .map_err(self_err(t))?
+        .map(|r| r.get(0));
+    parse_stats(t, v)
+}
+
+fn read_stats_for_update(tx: &mut postgres::Transaction, t: &str) -> Result<(i64, i64)> {
+    let v = tx
+        .query_opt(
+            &format!("SELECT value FROM {t}_meta WHERE key = 'lexical_stats' FOR UPDATE"),
+            &[],
+        )
+        .map_err(self_err(t))?
+        .map(|r| r.get(0));
+    parse_stats(t, v)
 }
 
 /// A PostgreSQL error as the index reports it: the table, and the server's SQLSTATE and message.
