@@ -629,7 +629,7 @@ impl Store for PgStore {
         // An index from before the lexical columns gets them (from the stored texts) on first use.
         ensure_lexical(&mut tx, &t)?;
         // The rows and their terms, kept by every write (no count over the table per search).
-        let (n_rows, n_tokens) = read_stats(&mut tx, &t)?;
+        let (n_rows, n_tokens) = read_stats(&mut tx, &t, false)?;
         // Terms are letters and digits only, quoted as lexemes of a tsquery.
         let tsquery = terms
             .iter()
@@ -891,7 +891,7 @@ fn add_to_stats(tx: &mut postgres::Transaction, t: &str, rows: i64, terms: i64) 
     if rows == 0 && terms == 0 {
         return Ok(());
     }
-    let (r, n) = read_stats_for_update(tx, t)?;
+    let (r, n) = read_stats(tx, t, true)?;
     tx.execute(
         &format!("UPDATE {t}_meta SET value = $1 WHERE key = 'lexical_stats'"),
         &[&format!("{} {}", r + rows, n + terms)],
@@ -910,22 +910,13 @@ fn parse_stats(t: &str, value: Option<String>) -> Result<(i64, i64)> {
     }
 }
 
-/// The table's row and term counts ([`add_to_stats`]).
-fn read_stats(tx: &mut postgres::Transaction, t: &str) -> Result<(i64, i64)> {
+/// The table's row and term counts ([`add_to_stats`]), its row locked until the transaction ends
+/// when `lock` (a writer's read-modify-write).
+fn read_stats(tx: &mut postgres::Transaction, t: &str, lock: bool) -> Result<(i64, i64)> {
+    let lock = if lock { " FOR UPDATE" } else { "" };
     let v = tx
         .query_opt(
-            &format!("SELECT value FROM {t}_meta WHERE key = 'lexical_stats'"),
-            &[],
-        )
-        .map_err(self_err(t))?
-        .map(|r| r.get(0));
-    parse_stats(t, v)
-}
-
-fn read_stats_for_update(tx: &mut postgres::Transaction, t: &str) -> Result<(i64, i64)> {
-    let v = tx
-        .query_opt(
-            &format!("SELECT value FROM {t}_meta WHERE key = 'lexical_stats' FOR UPDATE"),
+            &format!("SELECT value FROM {t}_meta WHERE key = 'lexical_stats'{lock}"),
             &[],
         )
         .map_err(self_err(t))?
