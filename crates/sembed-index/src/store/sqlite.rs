@@ -1024,9 +1024,21 @@ impl Store for SqliteStore {
                     settled = true;
                     break;
                 }
-                let (path, lang, start, end): (String, String, i64, i64) = place
-                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                    .map_err(self.err())?;
+                // A match without its chunk is skipped, as the join of the chunks did before.
+                let Some((path, lang, start, end)) = place
+                    .query_row([id], |r| {
+                        Ok::<(String, String, i64, i64), _>((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                        ))
+                    })
+                    .optional()
+                    .map_err(self.err())?
+                else {
+                    continue;
+                };
                 if filter.accepts(&path, &lang) {
                     scored.push((score, path, start, end, id));
                 }
