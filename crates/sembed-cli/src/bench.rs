@@ -240,6 +240,16 @@ pub struct Training {
     /// The same step on candle's graph, in the same run, when the fast training pass ran the step
     /// above: the peer it replaces.
     pub candle: Option<CandleStep>,
+    /// The same step in bf16 mixed precision (`sembed train --precision bf16`), in the same run,
+    /// when the fast training pass ran the step above.
+    pub bf16: Option<Bf16Step>,
+}
+
+#[derive(Serialize)]
+pub struct Bf16Step {
+    /// How it computed on this CPU, e.g. `bf16 mixed precision on amx`.
+    pub precision: String,
+    pub profile: sembed::train::trainer::StepProfile,
 }
 
 #[derive(Serialize)]
@@ -839,9 +849,23 @@ fn training(dir: &Path, texts: &[String], smoke: bool) -> Result<Training> {
     } else {
         None
     };
+    let bf16 = if fast {
+        use sembed::train::trainer::{precision_description, TrainPrecision};
+        trainer.set_precision(TrainPrecision::Bf16);
+        trainer.profile_step(&refs, 1e-5)?; // warm-up: the bf16 buffers' first touch
+        let profile = trainer.profile_step(&refs, 1e-5)?;
+        trainer.set_precision(TrainPrecision::F32);
+        Some(Bf16Step {
+            precision: precision_description(TrainPrecision::Bf16),
+            profile,
+        })
+    } else {
+        None
+    };
     Ok(Training {
         engine: engine.into(),
         candle,
+        bf16,
         batch: examples.len(),
         max_length,
         parameters: mem.parameters,

@@ -102,6 +102,15 @@ fn smoke_bench_writes_every_section() {
         t["candle"]["profile"]["gradients_bytes"],
         t["gradients_formula_bytes"]
     );
+    // The same step in bf16 mixed precision, naming how this CPU computed it.
+    assert!(
+        t["bf16"]["precision"]
+            .as_str()
+            .unwrap()
+            .starts_with("bf16 mixed precision"),
+        "{t}"
+    );
+    assert!(t["bf16"]["profile"]["loss"].as_f64().unwrap().is_finite());
     // Both measured, at two sizes (the finite-difference total is an extrapolation: not compared).
     let g = r["gradients"].as_array().unwrap();
     assert_eq!(g.len(), 2, "{g:?}");

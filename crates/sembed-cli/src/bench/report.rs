@@ -342,6 +342,22 @@ pub fn markdown(r: &Report) -> String {
                 total(q) / total(p).max(1e-12)
             );
         }
+        if let Some(b) = &t.bf16 {
+            let q = &b.profile;
+            let total = |x: &sembed::train::trainer::StepProfile| {
+                x.forward_s + x.backward_s + x.clip_s + x.adamw_s
+            };
+            let _ = writeln!(
+                w,
+                "\n`--precision bf16` ({}), same run: forward {} ms, backward {} ms, clip {:.1} ms, AdamW {:.1} ms: {:.2}× the f32 step's speed.",
+                b.precision,
+                ms(q.forward_s),
+                ms(q.backward_s),
+                q.clip_s * 1e3,
+                q.adamw_s * 1e3,
+                total(p) / total(q).max(1e-12)
+            );
+        }
         let _ = writeln!(
             w,
             "\n{} parameters, {} trained; formulas: gradients 4 bytes per parameter, AdamW 8 bytes per trained parameter.\n",
