@@ -449,8 +449,47 @@ pub fn matmul_acc_with(
         );
         return;
     }
-    // rhs as PyTorch-layout weights `[n, k]`, packed.
-    let w = PackedBf16::from_torch(&gather(rhs, (rcs, rrs), n, k, |v| v), n, k);
+    packed(
+        kernels,
+        m,
+        n,
+        k,
+        lhs,
+        (lrs, lcs),
+        rhs,
+        (rrs, rcs),
+        dst,
+        (drs, dcs),
+        accumulate,
+        par,
+    )
+}
+
+/// [`matmul_acc_with`] through packed weights and a [`PackedBf16`] kernel: `amx`, `avx512-bf16`,
+/// or, for tests on any CPU, the plain-loop reference of the other sets.
+#[allow(clippy::too_many_arguments)]
+fn packed(
+    kernels: Kernels,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    (lrs, lcs): (usize, usize),
+    rhs: &[f32],
+    (rrs, rcs): (usize, usize),
+    dst: &mut [f32],
+    (drs, dcs): (usize, usize),
+    accumulate: bool,
+    par: Parallelism,
+) {
+    // rhs packed as the projections' weights are. Packing walks each output column's inputs in
+    // order: read in place where they are consecutive (a projection's weights, PyTorch layout),
+    // from a copy gathered in tiles where they are not.
+    let w = if rrs == 1 {
+        PackedBf16::pack(k, n, |i, o| bf16::from_f32(rhs[i + o * rcs]))
+    } else {
+        PackedBf16::from_torch(&gather(rhs, (rcs, rrs), n, k, |v| v), n, k)
+    };
     // The kernels read rows of k consecutive inputs.
     let copied: Vec<f32>;
     let (x, xs) = if lcs == 1 && (m == 1 || lrs >= k) {
@@ -730,12 +769,24 @@ mod tests {
 
     /// The training GEMM on every kernel set this CPU runs (bf16 instructions, or the rounded f32
     /// GEMM on the others) against an f64 sum of the same bf16 products, with every operand
-    /// transposed or not, outputs into wider rows or transposed, overwritten or accumulated.
+    /// transposed or not, outputs into wider rows or transposed, overwritten or accumulated. Also
+    /// the bf16 sets' path (packing, gathering, output handling) on the plain-loop reference
+    /// kernel, so that it is tested on every CPU.
     #[test]
     fn mixed_precision_matmul_matches_an_f64_formula() {
         let rb = |v: f32| bf16::from_f32(v).to_f64();
         let mut ran = vec![];
-        for kernels in Kernels::ALL.into_iter().filter(|k| k.supported()) {
+        let runs = Kernels::ALL
+            .into_iter()
+            .filter(|k| k.supported())
+            .map(|k| (k, false))
+            .chain([(Kernels::Portable, true)]);
+        for (kernels, via_packed) in runs {
+            let label = if via_packed {
+                "packed, reference kernel"
+            } else {
+                kernels.name()
+            };
             for (m, k, n) in [(1, 1, 1), (7, 70, 130), (33, 97, 31), (40, 64, 9)] {
                 for layout in 0..16 {
                     let (lt, rt, dt, acc) = (
@@ -758,13 +809,31 @@ mod tests {
                     };
                     let d0 = data(dlen, seed + 2);
                     let idx = |r: usize, o: usize| if dt { o * m + r } else { r * (n + 3) + o };
-                    let mut d = d0.clone();
                     let par = if layout % 3 == 0 {
                         Parallelism::Rayon(2)
                     } else {
                         Parallelism::None
                     };
-                    matmul_acc_with(kernels, m, n, k, &a, ls, &b, rs, &mut d, ds, acc, par);
+                    let mut d = d0.clone();
+                    if via_packed {
+                        let us = |(r, c): (isize, isize)| (r as usize, c as usize);
+                        packed(
+                            kernels,
+                            m,
+                            n,
+                            k,
+                            &a,
+                            us(ls),
+                            &b,
+                            us(rs),
+                            &mut d,
+                            us(ds),
+                            acc,
+                            par,
+                        );
+                    } else {
+                        matmul_acc_with(kernels, m, n, k, &a, ls, &b, rs, &mut d, ds, acc, par);
+                    }
                     for r in 0..m {
                         for o in 0..n {
                             let (mut want, mut mag) = (0f64, 0f64);
@@ -780,7 +849,7 @@ mod tests {
                             let got = d[idx(r, o)] as f64;
                             assert!(
                                 (got - want).abs() <= 1e-6 * mag * (k as f64).sqrt() + 1e-30,
-                                "{kernels} {m}×{k}×{n} layout {layout} at ({r}, {o}): {got} vs {want}"
+                                "{label} {m}×{k}×{n} layout {layout} at ({r}, {o}): {got} vs {want}"
                             );
                         }
                     }
@@ -788,13 +857,13 @@ mod tests {
                         // The columns beyond n are left alone.
                         for r in 0..m {
                             for o in n..n + 3 {
-                                assert_eq!(d[idx(r, o)], d0[idx(r, o)], "{kernels} padding");
+                                assert_eq!(d[idx(r, o)], d0[idx(r, o)], "{label} padding");
                             }
                         }
                     }
                 }
             }
-            ran.push(kernels.name());
+            ran.push(label);
         }
         for k in [Kernels::Amx, Kernels::Avx512Bf16] {
             if let Some(why) = k.unsupported_reason() {
