@@ -337,28 +337,28 @@ fn par_for(m: usize, n: usize, k: usize) -> Parallelism {
     }
 }
 
+/// A GEMM with [`matmul_acc`]'s arguments.
+type Gemm = fn(
+    usize,
+    usize,
+    usize,
+    &[f32],
+    (isize, isize),
+    &[f32],
+    (isize, isize),
+    &mut [f32],
+    (isize, isize),
+    bool,
+    Parallelism,
+);
+
 /// The GEMM of a projection: f32, or bf16 products summed in f32 when `bf16` (mixed precision).
-#[allow(clippy::too_many_arguments)]
-fn proj_gemm(
-    bf16: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: &[f32],
-    ls: (isize, isize),
-    rhs: &[f32],
-    rs: (isize, isize),
-    dst: &mut [f32],
-    ds: (isize, isize),
-    accumulate: bool,
-    par: Parallelism,
-) {
-    let gemm = if bf16 {
+fn proj_gemm(bf16: bool) -> Gemm {
+    if bf16 {
         super::bf16::matmul_acc
     } else {
         matmul_acc
-    };
-    gemm(m, n, k, lhs, ls, rhs, rs, dst, ds, accumulate, par)
+    }
 }
 
 /// `y[t, out] = x[t, in] · w[out, in]ᵀ`, rows of `y` `stride` apart (a column block of a wider
@@ -374,8 +374,7 @@ pub(super) fn linear(
     y: &mut [f32],
     stride: usize,
 ) {
-    proj_gemm(
-        bf16,
+    proj_gemm(bf16)(
         t,
         out,
         inp,
@@ -403,8 +402,7 @@ pub(super) fn linear_dx(
     dx: &mut [f32],
     acc: bool,
 ) {
-    proj_gemm(
-        bf16,
+    proj_gemm(bf16)(
         t,
         inp,
         out,
@@ -430,8 +428,7 @@ pub(super) fn linear_dw(
     out: usize,
 ) -> Vec<f32> {
     let mut dw = vec![0f32; out * inp];
-    proj_gemm(
-        bf16,
+    proj_gemm(bf16)(
         out,
         inp,
         t,
@@ -485,8 +482,7 @@ pub(super) fn proj_forward(
     for v in &mut xa {
         *v *= l.scale;
     }
-    proj_gemm(
-        p.bf16,
+    proj_gemm(p.bf16)(
         t,
         out,
         r,
