@@ -466,15 +466,18 @@ impl Trainer {
         micro: usize,
         scale: f64,
     ) -> Result<(f64, Vec<Option<Tensor>>)> {
+        self.in_precision(|| self.loss_and_gradients_inner(examples, micro, scale))
+    }
+
+    /// Run `f` (one step's forward pass, with or without its backward) in the configured
+    /// precision. Mixed precision lives in the fast training pass: a step that did not run it
+    /// (candle's graph runs f64, adapter dropout, …) would silently be f32, so that is an error.
+    fn in_precision<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         if self.config.precision == TrainPrecision::F32 {
-            return self.loss_and_gradients_inner(examples, micro, scale);
+            return f();
         }
-        // Mixed precision lives in the fast training pass: a step that did not run it (candle's
-        // graph runs f64, adapter dropout, …) would silently be f32.
         let before = crate::fast::train::layer_passes();
-        let out = crate::fast::train::with_mixed_bf16(true, || {
-            self.loss_and_gradients_inner(examples, micro, scale)
-        })?;
+        let out = crate::fast::train::with_mixed_bf16(true, f)?;
         if crate::fast::train::layer_passes() == before {
             return Err(Error::InvalidInput(format!(
                 "--precision {}: mixed precision runs on the fast training pass, which does not \
@@ -661,9 +664,8 @@ impl Trainer {
     /// gradients and of the optimiser state it holds afterwards.
     pub fn profile_step(&mut self, examples: &[&Example], lr: f64) -> Result<StepProfile> {
         use std::time::Instant;
-        let mixed = self.config.precision == TrainPrecision::Bf16;
         let t0 = Instant::now();
-        let loss = crate::fast::train::with_mixed_bf16(mixed, || self.training_loss(examples, 0))?;
+        let loss = self.in_precision(|| self.training_loss(examples, 0))?;
         let loss_value = value(&loss)?;
         let t1 = Instant::now();
         let grads = collect(&self.vars, &loss.backward()?);
