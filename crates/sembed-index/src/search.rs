@@ -43,7 +43,7 @@ pub fn search(
     mode: Mode,
 ) -> Result<Results> {
     match mode {
-        Mode::Lexical => ranked(store, query, None, k, filter, mode),
+        Mode::Lexical => ranked(store, query, None, k, filter, mode, None),
         Mode::Dense => ranked(
             store,
             query,
@@ -51,6 +51,7 @@ pub fn search(
             k,
             filter,
             mode,
+            None,
         ),
         Mode::Hybrid => {
             // The lexical ranking needs no vector: it runs while the query is embedded.
@@ -62,13 +63,13 @@ pub fn search(
                     .expect("the query's embedding thread panicked");
                 (v, lexical)
             });
-            ranked_with(store, query, Some(&v?), k, filter, mode, Some(lexical?))
+            ranked(store, query, Some(&v?), k, filter, mode, Some(lexical?))
         }
     }
 }
 
 /// The lexical ranking a hybrid search of `k` hits fuses ([`crate::lexical::depth`] deep): what
-/// can run while the query is being embedded, handed to [`ranked_with`].
+/// can run while the query is being embedded, handed to [`ranked`].
 pub fn lexical_ranking(
     store: &mut dyn Store,
     query: &str,
@@ -80,21 +81,10 @@ pub fn lexical_ranking(
 }
 
 /// The `k` best chunks for `query` by `mode`, given the query's vector (`None` only for lexical
-/// search): dense and lexical rankings [`crate::lexical::depth`] deep, fused.
+/// search): dense and lexical rankings [`crate::lexical::depth`] deep, fused. A hybrid search's
+/// lexical ranking may come already run (`lexical`: [`lexical_ranking`] of the same query, `k` and
+/// filter); otherwise it runs here.
 pub fn ranked(
-    store: &mut dyn Store,
-    query: &str,
-    vector: Option<&[f32]>,
-    k: usize,
-    filter: &Filter,
-    mode: Mode,
-) -> Result<Results> {
-    ranked_with(store, query, vector, k, filter, mode, None)
-}
-
-/// [`ranked`], with a hybrid search's lexical ranking already run ([`lexical_ranking`] of the same
-/// query, `k` and filter) when `lexical` is given.
-pub fn ranked_with(
     store: &mut dyn Store,
     query: &str,
     vector: Option<&[f32]>,

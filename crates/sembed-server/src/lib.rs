@@ -875,15 +875,17 @@ async fn search_inner(
         let mut out = run_embed(state, entry, vec![query.clone()], opts, f).await?;
         Some(out.vectors.pop().unwrap_or_default())
     };
+    // A blocking task that panicked or was cancelled.
+    let lost = |e: tokio::task::JoinError| {
+        ApiError::new(
+            f,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )
+    };
     let lexical = match lexical {
-        Some(task) => Some(task.await.map_err(|e| {
-            ApiError::new(
-                f,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.to_string(),
-            )
-        })?),
+        Some(task) => Some(task.await.map_err(lost)?),
         None => None,
     };
     let st = state.clone();
@@ -892,7 +894,7 @@ async fn search_inner(
         let ix = st.index.as_ref().expect("checked");
         let mut store = ix.store.lock().unwrap_or_else(|p| p.into_inner());
         let lexical = lexical.transpose()?;
-        sembed_index::search::ranked_with(
+        sembed_index::search::ranked(
             store.as_mut(),
             &text,
             q.as_deref(),
@@ -903,14 +905,7 @@ async fn search_inner(
         )
     })
     .await
-    .map_err(|e| {
-        ApiError::new(
-            f,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            e.to_string(),
-        )
-    })?;
+    .map_err(lost)?;
     let results = searched.map_err(|e| match e {
         sembed_index::Error::Invalid(m) => ApiError::validation(f, m),
         other => ApiError::new(
