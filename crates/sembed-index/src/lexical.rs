@@ -249,7 +249,7 @@ pub fn fuse_scores<K: std::hash::Hash + Eq + Clone>(
         let e = by
             .entry(k.clone())
             .or_insert((None, None, dense.len() + rank));
-        e.1 = Some(e.1.map_or(s / ls, |v: f64| v.max(s / ls)));
+        e.1 = Some(s / ls);
     }
     let mut all: Vec<(K, f64, usize)> = by
         .into_iter()
