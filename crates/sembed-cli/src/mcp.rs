@@ -248,6 +248,7 @@ impl SembedMcp {
                     "query": r.query,
                     "mode": r.mode,
                     "lexical_weight": r.lexical_weight,
+                    "name_weight": r.name_weight,
                     "method": r.method,
                     "hits": r.hits.iter().map(hit_json).collect::<Vec<_>>(),
                     "indexing": status.running,

@@ -103,10 +103,10 @@ fn adapt_keeps_a_better_model_and_reindexes_with_it() {
     // Each side's hybrid score is the best of the weights it tried.
     for side in ["base", "adapted"] {
         let tried = r[side]["hybrid_ndcg_at_10"].as_array().unwrap();
-        assert_eq!(tried.len(), 5);
+        assert_eq!(tried.len(), 10);
         let best = tried
             .iter()
-            .map(|t| t[1].as_f64().unwrap())
+            .map(|t| t[2].as_f64().unwrap())
             .fold(f64::MIN, f64::max);
         assert_eq!(best, r[side]["hybrid"]["ndcg_at_10"].as_f64().unwrap());
     }
@@ -157,6 +157,8 @@ fn adapt_keeps_a_better_model_and_reindexes_with_it() {
     // The weight chosen on the held-out pairs travels with the model into the index's hybrid search.
     assert_eq!(v["lexical_weight"], r["lexical_weight"], "{v}");
     assert_eq!(r["lexical_weight"], r["adapted"]["lexical_weight"]);
+    assert_eq!(v["name_weight"], r["name_weight"], "{v}");
+    assert_eq!(r["name_weight"], r["adapted"]["name_weight"]);
     let o = sembed_in(&repo, &["search", "-m", &model, "Return the castle weight"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -193,6 +195,7 @@ fn adapt_discards_a_model_that_is_not_better() {
     assert_eq!(r["base"]["dense"], r["adapted"]["dense"]);
     assert_eq!(r["base"]["hybrid"], r["adapted"]["hybrid"]);
     assert_eq!(r["lexical_weight"], Value::Null);
+    assert_eq!(r["name_weight"], Value::Null);
     assert!(!repo.join(".sembed/model").exists());
     assert!(!repo.join(".sembed/model.training").exists());
     assert!(repo.join(".sembed/model.adapt/report.json").is_file());
@@ -262,6 +265,8 @@ fn a_models_lexical_weight_reaches_hybrid_search() {
     };
     let (h, d, l) = (search("hybrid"), search("dense"), search("lexical"));
     assert_eq!(h["lexical_weight"], 0.25, "{h}");
+    // Adapted before the name match: its weights were chosen without it.
+    assert_eq!(h["name_weight"], 0.0, "{h}");
     assert_eq!(d["lexical_weight"], Value::Null);
     // A ranking's part: the hit's score over the ranking's best, or its lowest where it is absent.
     let part = |v: &Value, path: &Value, start: &Value| {

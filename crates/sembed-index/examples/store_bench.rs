@@ -100,6 +100,7 @@ fn main() {
                 dimension: d,
                 chunker: "bench".into(),
                 lexical_weight: None,
+                name_weight: None,
             },
             false,
         )

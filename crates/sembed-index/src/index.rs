@@ -180,6 +180,7 @@ pub fn identity_engine(identity: &str) -> &str {
 /// The settings an index of `model` is created with.
 pub fn meta_for(model: &dyn Embed, opts: &IndexOptions) -> Meta {
     let tokens = chunk_tokens(model, opts);
+    let (lexical_weight, name_weight) = model_weights(&opts.model_refs);
     Meta {
         model: model_identity(model),
         model_refs: opts.model_refs.clone(),
@@ -190,7 +191,8 @@ pub fn meta_for(model: &dyn Embed, opts: &IndexOptions) -> Meta {
             opts.overlap_lines,
             if opts.header { " header" } else { "" }
         ),
-        lexical_weight: model_lexical_weight(&opts.model_refs),
+        lexical_weight,
+        name_weight,
     }
 }
 
@@ -198,15 +200,21 @@ pub fn meta_for(model: &dyn Embed, opts: &IndexOptions) -> Meta {
 /// rankings fuse.
 pub const ADAPT_FILE: &str = "adapt.json";
 
-/// The hybrid ranking's lexical weight a model carries: `lexical_weight` in the `adapt.json` of a
-/// single model folder (`sembed adapt` writes it). `None` for other models (weight 1).
-pub fn model_lexical_weight(model_refs: &[String]) -> Option<f64> {
-    let [one] = model_refs else { return None };
-    let text = std::fs::read_to_string(Path::new(one).join(ADAPT_FILE)).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["lexical_weight"]
-        .as_f64()
-        .filter(|w| w.is_finite() && *w >= 0.0)
+/// The hybrid ranking's weights a model carries: `lexical_weight` and `name_weight` in the
+/// `adapt.json` of a single model folder (`sembed adapt` writes them); `None` for other models (the
+/// defaults; how a missing one is read: [`crate::store::Meta::weights`]).
+pub fn model_weights(model_refs: &[String]) -> (Option<f64>, Option<f64>) {
+    let [one] = model_refs else {
+        return (None, None);
+    };
+    let Ok(text) = std::fs::read_to_string(Path::new(one).join(ADAPT_FILE)) else {
+        return (None, None);
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return (None, None);
+    };
+    let weight = |key: &str| v[key].as_f64().filter(|w| w.is_finite() && *w >= 0.0);
+    (weight("lexical_weight"), weight("name_weight"))
 }
 
 /// Most tokens in one chunk: `--chunk-tokens` (default 512), never above the model's maximum.

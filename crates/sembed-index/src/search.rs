@@ -18,6 +18,9 @@ pub struct Results {
     /// [`crate::store::Meta::lexical_weight`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lexical_weight: Option<f64>,
+    /// Hybrid search: the name match's weight ([`crate::store::Meta::name_weight`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_weight: Option<f64>,
     /// How the dense ranking was answered (`lexical` when there was none).
     pub method: Method,
     pub hits: Vec<Hit>,
@@ -94,7 +97,7 @@ pub fn ranked(
     lexical: Option<Vec<Hit>>,
 ) -> Result<Results> {
     let need_vector = || Error::Invalid("a dense or hybrid search needs the query's vector".into());
-    let mut lexical_weight = None;
+    let (mut lexical_weight, mut name_weight) = (None, None);
     let (hits, method) = match mode {
         Mode::Dense => store.search(vector.ok_or_else(need_vector)?, k, filter)?,
         Mode::Lexical => (
@@ -108,18 +111,18 @@ pub fn ranked(
                 Some(l) => l,
                 None => lexical_ranking(store, query, k, filter)?,
             };
-            let w = store
-                .meta()?
-                .and_then(|m| m.lexical_weight)
-                .unwrap_or(crate::lexical::LEXICAL_WEIGHT);
-            lexical_weight = Some(w);
-            (crate::lexical::fuse(&dense, &lexical, k, w), method)
+            let w = store.meta()?.map(|m| m.weights()).unwrap_or_default();
+            lexical_weight = Some(w.lexical);
+            name_weight = Some(w.name);
+            let terms = crate::lexical::query_terms(query);
+            (crate::lexical::fuse(&dense, &lexical, k, w, &terms), method)
         }
     };
     Ok(Results {
         query: query.to_string(),
         mode,
         lexical_weight,
+        name_weight,
         method,
         hits,
     })

@@ -412,6 +412,7 @@ fn fill(store: &mut dyn Store, vectors: &[Vec<f32>], model: &str) {
                 dimension: d,
                 chunker: "test".into(),
                 lexical_weight: None,
+                name_weight: None,
             },
             false,
         )

@@ -924,6 +924,7 @@ async fn search_inner(
         "query": query,
         "mode": results.mode,
         "lexical_weight": results.lexical_weight,
+        "name_weight": results.name_weight,
         "method": results.method,
         "hits": results.hits,
     })))

@@ -183,7 +183,8 @@ pub struct SearchRequest {
 pub struct SearchHit {
     /// What the hit was ranked by: cosine similarity (dense), BM25 (lexical), or (hybrid) its
     /// cosine over the best cosine plus `lexical_weight` times its BM25 over the best BM25, each
-    /// ranking 50 deep (a hit missing from one takes that ranking's lowest).
+    /// ranking 50 deep (a hit missing from one takes that ranking's lowest), plus `name_weight`
+    /// times the share of its symbol's name's words found in the query.
     pub score: f32,
     /// Cosine similarity to the query, where the hit was in the dense ranking.
     pub cosine: Option<f32>,
@@ -215,6 +216,9 @@ pub struct SearchResponse {
     /// Hybrid search: the BM25 ranking's weight in the fusion (0.4, or the one a model fitted by
     /// `sembed adapt` carries).
     pub lexical_weight: Option<f64>,
+    /// Hybrid search: the name match's weight in the fusion (0.25, or the one a model fitted by
+    /// `sembed adapt` carries).
+    pub name_weight: Option<f64>,
     /// How the dense ranking was answered: `exact` (every vector compared) or `ann` (the HNSW
     /// graph); `lexical` when there was none.
     pub method: String,
