@@ -34,11 +34,14 @@ pub const LEXICAL_WEIGHT: f64 = 0.4;
 /// scores. People name a function for what it does and ask for what it does, and BM25 dilutes the
 /// two or three words of a name among the whole body's terms. On the development sets of
 /// [`LEXICAL_WEIGHT`], all-MiniLM-L6-v2, NDCG@10 by weight: Python 0.6311 (none) / 0.6611 / 0.6716 /
-/// 0.6676 / 0.6703 / 0.6698 / 0.6665 and Elixir 0.5698 / 0.5951 / 0.6084 / 0.6150 / 0.6155 /
-/// 0.6185 / 0.6160 at 0.1 / 0.15 / 0.2 / 0.25 / 0.3 / 0.4 (bench/name_match.py); 0.25 is the middle
-/// of the plateau both share. Weighting the name's words by their rarity among names measured the same
-/// (0.6715 / 0.6154 at 0.25); the share of the query's words found in the name, rather than of the
-/// name's words found in the query, less (0.6512 / 0.5762 at 0.2).
+/// 0.6676 / 0.6703 / 0.6698 / 0.6665 and Elixir 0.5698 / 0.5954 / 0.6087 / 0.6154 / 0.6162 /
+/// 0.6197 / 0.6163 at 0.1 / 0.15 / 0.2 / 0.25 / 0.3 / 0.4 (bench/name_match.py); 0.25 is the middle
+/// of the plateau both share. Measured offline on the same sets: weighting the name's words by their
+/// rarity among names, the same (0.6715 / 0.6154 at 0.25); the share of the query's words found in
+/// the name rather than of the name's words found in the query, less (0.6512 / 0.5762 at 0.2); the
+/// share of the name's letters covered by query words (for `isclosed`, `readinto`), +0.008 at 0.35;
+/// the cosine of the query and the name's words embedded, +0.005 / +0.001 on top (it would need a
+/// second vector per chunk). Models from `sembed adapt` search without it (see `adapt`).
 pub const NAME_WEIGHT: f64 = 0.25;
 
 /// How a search ranks.
