@@ -229,7 +229,11 @@ pub fn run(args: AdaptArgs) -> Result<()> {
     let held = Held::new(&held_rows, lexical_docs);
 
     let base = load_f32(args.model.as_deref(), args.engine).context("loading the base model")?;
-    let base_scores = held.score(base.as_ref(), sembed_index::lexical::NAME_WEIGHT, args.quiet)?;
+    let base_scores = held.score(
+        base.as_ref(),
+        sembed_index::lexical::NAME_WEIGHT,
+        args.quiet,
+    )?;
     if args.hard_negatives > 0 {
         let shown = progress::Progressed {
             inner: base.as_ref(),

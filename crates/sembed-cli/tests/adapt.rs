@@ -160,7 +160,10 @@ fn adapt_keeps_a_better_model_and_reindexes_with_it() {
     assert_eq!(v["name_weight"], r["name_weight"], "{v}");
     assert_eq!(r["name_weight"], r["adapted"]["name_weight"]);
     assert_eq!(r["name_weight"], 0.0, "an adapted model reads names itself");
-    assert_eq!(r["base"]["name_weight"], 0.25, "the base searches with the default");
+    assert_eq!(
+        r["base"]["name_weight"], 0.25,
+        "the base searches with the default"
+    );
     let o = sembed_in(&repo, &["search", "-m", &model, "Return the castle weight"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -250,21 +253,14 @@ fn a_models_lexical_weight_reaches_hybrid_search() {
         &repo,
         &["index", "-m", model.to_str().unwrap(), "-q"],
     ));
-    let search = |mode: &str| -> Value {
+    let search_for = |query: &str, mode: &str| -> Value {
         let s = ok(&sembed_in(
             &repo,
-            &[
-                "search",
-                "castle weight number",
-                "--json",
-                "-k",
-                "12",
-                "--mode",
-                mode,
-            ],
+            &["search", query, "--json", "-k", "12", "--mode", mode],
         ));
         serde_json::from_str(s.trim()).unwrap()
     };
+    let search = |mode: &str| search_for("castle weight number", mode);
     let (h, d, l) = (search("hybrid"), search("dense"), search("lexical"));
     assert_eq!(h["lexical_weight"], 0.25, "{h}");
     // Adapted before the name match: its weights were chosen without it.
@@ -288,4 +284,35 @@ fn a_models_lexical_weight_reaches_hybrid_search() {
         let got = hit["score"].as_f64().unwrap();
         assert!((got - want).abs() < 1e-6, "{hit}: {got} vs {want}");
     }
+
+    // A model that carries a name weight: each hit gains it times the share of its name's words in
+    // the query (the names are `{word}z_{word}z_q{letters}`: here a third or two thirds of theirs).
+    std::fs::write(
+        model.join("adapt.json"),
+        r#"{"lexical_weight": 0.25, "name_weight": 0.5}"#,
+    )
+    .unwrap();
+    ok(&sembed_in(
+        &repo,
+        &["index", "-m", model.to_str().unwrap(), "-q"],
+    ));
+    let query = "castlez applez weight";
+    let (h, d, l) = (
+        search_for(query, "hybrid"),
+        search_for(query, "dense"),
+        search_for(query, "lexical"),
+    );
+    assert_eq!(h["name_weight"], 0.5, "{h}");
+    let q = sembed_index::lexical::query_terms(query);
+    let mut named = 0;
+    for hit in h["hits"].as_array().unwrap() {
+        let (p, s) = (&hit["path"], &hit["start_line"]);
+        let name = sembed_index::lexical::name_terms(hit["symbol"].as_str().unwrap_or(""));
+        let m = sembed_index::lexical::name_match(&q, &name);
+        named += usize::from(m > 0.0);
+        let want = part(&d, p, s) + 0.25 * part(&l, p, s) + 0.5 * m;
+        let got = hit["score"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-6, "{hit}: {got} vs {want}");
+    }
+    assert!(named > 0, "some hit's name is in the query: {h}");
 }

@@ -369,11 +369,13 @@ fn server_search_equals_cli_search() {
                 assert_eq!(served["method"], "lexical");
                 assert!(hit["cosine"].is_null() && hit["bm25"] == hit["score"]);
             }
-            // Hybrid: each ranking's score over its best, the lexical one weighted 0.4.
+            // Hybrid: each ranking's score over its best, the lexical one weighted 0.4, and the
+            // name match (at most 1) 0.25.
             _ => {
                 let s = hit["score"].as_f64().unwrap();
-                assert!(s > 0.0 && s <= 1.4 + 1e-6, "{s}");
+                assert!(s > 0.0 && s <= 1.65 + 1e-6, "{s}");
                 assert_eq!(served["lexical_weight"], 0.4);
+                assert_eq!(served["name_weight"], 0.25);
             }
         }
     }
