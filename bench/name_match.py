@@ -2,7 +2,7 @@
 """Hybrid search's name-match weight, swept on an index kept by bench/heldout_search.py.
 
     python3 bench/name_match.py KEEP_DIR [--weights 0,0.1,0.15,0.2,0.25,0.3,0.4]
-        [--sembed target/release/sembed]
+        [--max-queries N] [--seed 7] [--sembed target/release/sembed]
 
 KEEP_DIR is a `--keep` folder of bench/heldout_search.py (its index.sqlite and queries.json). For
 each weight the index's stored settings get that `name_weight` (what a model from `sembed adapt`
@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import random
 import socket
 import sqlite3
 import subprocess
@@ -78,10 +79,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("keep")
     ap.add_argument("--weights", default="0,0.1,0.15,0.2,0.25,0.3,0.4")
+    ap.add_argument("--max-queries", type=int, default=0, help="the same seeded sample as heldout_search.py's")
+    ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--sembed", default="target/release/sembed")
     a = ap.parse_args()
     db = os.path.join(a.keep, "index.sqlite")
     queries = json.load(open(os.path.join(a.keep, "queries.json")))
+    if a.max_queries and len(queries) > a.max_queries:
+        queries = random.Random(a.seed).sample(queries, a.max_queries)
     original = settings(db)
     report = {"index": db, "queries": len(queries), "ndcg@10": {}}
     try:

@@ -378,7 +378,7 @@ struct Held {
 /// first so that it wins ties.
 const WEIGHTS: [f64; 5] = [sembed_index::lexical::LEXICAL_WEIGHT, 1.0, 0.6, 0.25, 0.0];
 
-/// The name match's weight ([`sembed_index::lexical::name_match`]) for an adapted model: none. It
+/// The name match's weight ([`sembed_index::lexical::name_matches`]) for an adapted model: none. It
 /// trains on positives whose first line is the file name and the symbol, so it reads the names
 /// already. On the development sets (bench/heldout_search.py) the name match moved the adapted
 /// models' hybrid NDCG@10 by +0.006 (Python) and −0.001 (Elixir) at 0.25, +0.012 / +0.002 at 0.1:
@@ -462,8 +462,14 @@ impl Held {
                 .zip(&query_terms)
                 .map(|((dr, lr), terms)| {
                     let mut row = vec![-1.0f32; self.corpus.len()];
-                    let name =
-                        |doc: &usize| sembed_index::lexical::name_match(terms, &self.names[*doc]);
+                    // The name match among the candidates, as hybrid search computes it.
+                    let mut docs: Vec<usize> = dr.iter().chain(lr).map(|x| x.0).collect();
+                    docs.sort_unstable();
+                    docs.dedup();
+                    let names: Vec<&[String]> =
+                        docs.iter().map(|&d| self.names[d].as_slice()).collect();
+                    let matches = sembed_index::lexical::name_matches(terms, &names);
+                    let name = |doc: &usize| matches[docs.binary_search(doc).expect("a candidate")];
                     let order = sembed_index::lexical::fuse_scores(dr, lr, w, name_weight, name);
                     for (pos, (doc, _)) in order.iter().enumerate() {
                         row[*doc] = (order.len() - pos) as f32;

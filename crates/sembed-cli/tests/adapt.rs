@@ -304,11 +304,18 @@ fn a_models_lexical_weight_reaches_hybrid_search() {
     );
     assert_eq!(h["name_weight"], 0.5, "{h}");
     let q = sembed_index::lexical::query_terms(query);
+    // The name match is relative to the candidates: here every chunk (12 functions, 12 hits).
+    let hits = h["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 12, "{h}");
+    let names: Vec<Vec<String>> = hits
+        .iter()
+        .map(|x| sembed_index::lexical::name_terms(x["symbol"].as_str().unwrap_or("")))
+        .collect();
+    let refs: Vec<&[String]> = names.iter().map(Vec::as_slice).collect();
+    let matches = sembed_index::lexical::name_matches(&q, &refs);
     let mut named = 0;
-    for hit in h["hits"].as_array().unwrap() {
+    for (hit, m) in hits.iter().zip(matches) {
         let (p, s) = (&hit["path"], &hit["start_line"]);
-        let name = sembed_index::lexical::name_terms(hit["symbol"].as_str().unwrap_or(""));
-        let m = sembed_index::lexical::name_match(&q, &name);
         named += usize::from(m > 0.0);
         let want = part(&d, p, s) + 0.25 * part(&l, p, s) + 0.5 * m;
         let got = hit["score"].as_f64().unwrap();

@@ -29,19 +29,21 @@ pub const B: f64 = 0.75;
 /// 0.5501 at 0.25 / 0.33 / 0.43 / 0.5 / 1.
 pub const LEXICAL_WEIGHT: f64 = 0.4;
 
-/// The weight of a chunk's name match ([`name_match`]) in hybrid search ([`fuse_scores`]): a chunk
-/// whose symbol's words are all in the query gains this much over the fused dense and lexical
-/// scores. People name a function for what it does and ask for what it does, and BM25 dilutes the
-/// two or three words of a name among the whole body's terms. On the development sets of
-/// [`LEXICAL_WEIGHT`], all-MiniLM-L6-v2, NDCG@10 by weight: Python 0.6311 (none) / 0.6611 / 0.6716 /
-/// 0.6676 / 0.6703 / 0.6698 / 0.6665 and Elixir 0.5698 / 0.5954 / 0.6087 / 0.6154 / 0.6162 /
-/// 0.6197 / 0.6163 at 0.1 / 0.15 / 0.2 / 0.25 / 0.3 / 0.4 (bench/name_match.py); 0.25 is the middle
-/// of the plateau both share. Measured offline on the same sets: weighting the name's words by their
-/// rarity among names, the same (0.6715 / 0.6154 at 0.25); the share of the query's words found in
-/// the name rather than of the name's words found in the query, less (0.6512 / 0.5762 at 0.2); the
-/// share of the name's letters covered by query words (for `isclosed`, `readinto`), +0.008 at 0.35;
-/// the cosine of the query and the name's words embedded, +0.005 / +0.001 on top (it would need a
-/// second vector per chunk). Models from `sembed adapt` search without it (see `adapt`).
+/// The weight of a chunk's name match ([`name_matches`]) in hybrid search ([`fuse_scores`]): a chunk
+/// whose symbol's words are all in the query, and which no other candidate is named with, gains this
+/// much over the fused dense and lexical scores. People name a function for what it does and ask for
+/// what it does, and BM25 dilutes the two or three words of a name among the whole body's terms.
+///
+/// On the development sets of [`LEXICAL_WEIGHT`] and a third, 300 `transformers` docstrings among
+/// 24,527 chunks (the standard library and 230 model folders), all-MiniLM-L6-v2, NDCG@10 through the
+/// server (bench/name_match.py) at weight 0 / 0.15 / 0.25 / 0.35: Python 0.6311 / 0.6611 / 0.6755 /
+/// 0.6721, Elixir 0.5698 / 0.5963 / 0.6164 / 0.6273, `transformers` 0.4023 / 0.4203 / 0.4135 /
+/// 0.3989. 0.25 gains on all three. Measured offline on the first two sets, and dropped: the share of
+/// the query's words found in the name rather than of the name's found in the query (0.6538 /
+/// 0.5836 at its best weight); the share of the name's letters covered by query words (for
+/// `isclosed`, `readinto`: +0.008 at 0.35, noise); the cosine of the query and the name's words
+/// embedded (+0.005 / +0.001 on top, and it needs a second vector per chunk). Models from `sembed
+/// adapt` search without it (see `adapt`).
 pub const NAME_WEIGHT: f64 = 0.25;
 
 /// How a search ranks.
@@ -198,17 +200,36 @@ pub fn name_terms(symbol: &str) -> Vec<String> {
         .collect()
 }
 
-/// How much of a name is in a query: the share of the name's terms ([`name_terms`]) among the
-/// query's terms ([`query_terms`]); 0 for a chunk without a name.
-pub fn name_match(query_terms: &[String], name_terms: &[String]) -> f64 {
-    if name_terms.is_empty() {
-        return 0.0;
+/// How much of each candidate's name is in a query, between 0 and 1: the share of the name's terms
+/// ([`name_terms`]) among the query's ([`query_terms`]), times how rare among the candidates' names
+/// the rarest of those found is: `ln(1 + n / n_t) / ln(1 + n)` for a term in `n_t` of the `n`
+/// candidates' names (1 when no other candidate's name has it). 0 for a candidate without a name.
+///
+/// A word most candidates are named with (`forward` among a model library's classes, `handle_call`
+/// in an Elixir application) tells them apart little. At weight 0.25 on the sets of [`NAME_WEIGHT`]
+/// (Python, Elixir, `transformers`), NDCG@10 0.6755 / 0.6164 / 0.4135 with the rarity, 0.6703 /
+/// 0.6162 / 0.394 with the share alone, which lost to no name match at all (0.4023) on
+/// `transformers`, where every model has its `forward`.
+pub fn name_matches(query_terms: &[String], names: &[&[String]]) -> Vec<f64> {
+    let n = names.len() as f64;
+    let mut df: HashMap<&str, usize> = HashMap::new();
+    for name in names {
+        for t in *name {
+            *df.entry(t.as_str()).or_default() += 1;
+        }
     }
-    let found = name_terms
+    let rarity = |t: &String| (1.0 + n / df[t.as_str()] as f64).ln() / (1.0 + n).ln();
+    names
         .iter()
-        .filter(|t| query_terms.contains(t))
-        .count();
-    found as f64 / name_terms.len() as f64
+        .map(|name| {
+            let found: Vec<&String> = name.iter().filter(|t| query_terms.contains(t)).collect();
+            if found.is_empty() {
+                return 0.0;
+            }
+            let rarest = found.iter().map(|t| rarity(t)).fold(0.0, f64::max);
+            found.len() as f64 / name.len() as f64 * rarest
+        })
+        .collect()
 }
 
 /// [`row_terms`] of a row.
@@ -263,7 +284,7 @@ fn key(r: &Row) -> (&str, usize, usize, usize, &[u8; 32]) {
 /// Score fusion of a dense and a lexical ranking of keys, each with its score (cosine, BM25): each
 /// ranking's scores are divided by its best (when positive), a key missing from a ranking takes
 /// that ranking's lowest, and a key scores `dense + lexical_weight · lexical +
-/// name_weight · name_match(key)` ([`NAME_WEIGHT`], [`name_match`]). Best first, ties by the dense ranking's
+/// name_weight · name_match(key)` ([`NAME_WEIGHT`], [`name_matches`]). Best first, ties by the dense ranking's
 /// order, then the lexical one's.
 ///
 /// Chosen over reciprocal rank fusion by measurement: on the development sets of
@@ -350,14 +371,20 @@ pub fn fuse(
             .collect()
     }
     let (d, l) = (scored(dense, |h| h.cosine), scored(lexical, |h| h.bm25));
-    let names: HashMap<Key<'_>, f64> = hits
+    let keys: Vec<Key<'_>> = hits.keys().copied().collect();
+    let names: Vec<Vec<String>> = keys
         .iter()
-        .map(|(k, h)| {
-            let name = h.row.symbol.as_deref().map(name_terms).unwrap_or_default();
-            (*k, name_match(query_terms, &name))
+        .map(|k| {
+            let symbol = hits[k].row.symbol.as_deref();
+            symbol.map(name_terms).unwrap_or_default()
         })
         .collect();
-    fuse_scores(&d, &l, weights.lexical, weights.name, |k| names[k])
+    let refs: Vec<&[String]> = names.iter().map(Vec::as_slice).collect();
+    let matches: HashMap<Key<'_>, f64> = keys
+        .into_iter()
+        .zip(name_matches(query_terms, &refs))
+        .collect();
+    fuse_scores(&d, &l, weights.lexical, weights.name, |k| matches[k])
         .into_iter()
         .take(k)
         .map(|(key, s)| {
@@ -524,13 +551,45 @@ mod tests {
         assert_eq!(name_terms("Mix.Tasks.Xref.filter_fn"), ["filter", "fn"]);
         assert_eq!(name_terms("a::b::get_get"), ["get"]);
         assert!(name_terms("").is_empty());
+    }
+
+    /// The share of a name's words in the query, times the rarity among the candidates' names of
+    /// the rarest word found, by hand.
+    #[test]
+    fn a_name_match_is_its_share_times_its_rarity() {
         let q = query_terms("Return the effective level of this logger");
-        assert_eq!(
-            name_match(&q, &name_terms("Logger.getEffectiveLevel")),
-            2.0 / 3.0
-        );
-        assert_eq!(name_match(&q, &name_terms("Logger.level")), 1.0);
-        assert_eq!(name_match(&q, &[]), 0.0);
+        let names: Vec<Vec<String>> = [
+            "Logger.getEffectiveLevel",
+            "Logger.level",
+            "Handler.set_level",
+            "Filter.filter",
+            "",
+        ]
+        .iter()
+        .map(|s| name_terms(s))
+        .collect();
+        let refs: Vec<&[String]> = names.iter().map(Vec::as_slice).collect();
+        let got = name_matches(&q, &refs);
+        // 5 candidates; `level` is in 3 names, `effect` in 1.
+        let rarity = |n_t: f64| (1.0f64 + 5.0 / n_t).ln() / 6.0f64.ln();
+        let want = [
+            2.0 / 3.0 * rarity(1.0),
+            rarity(3.0),
+            0.5 * rarity(3.0),
+            0.0,
+            0.0,
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{got:?} vs {want:?}");
+        }
+        assert_eq!(rarity(1.0), 1.0);
+        // A word every candidate is named with counts little.
+        let forward: Vec<Vec<String>> = (0..50).map(|_| name_terms("Model.forward")).collect();
+        let refs: Vec<&[String]> = forward.iter().map(Vec::as_slice).collect();
+        let m = name_matches(&query_terms("The forward pass"), &refs);
+        assert!(m
+            .iter()
+            .all(|&x| (x - 51.0f64.ln().recip() * 2.0f64.ln()).abs() < 1e-12));
     }
 
     /// The name match adds its weight times itself: it lifts a chunk named for the query over one
