@@ -447,6 +447,8 @@ pub fn run(args: McpArgs) -> Result<()> {
         opts,
         stop.clone(),
     ));
+    // A server answers many searches: the store may keep what they need in memory.
+    store.answer_many();
     let server = SembedMcp {
         inner: Arc::new(Inner {
             target: target.clone(),

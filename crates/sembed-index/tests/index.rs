@@ -890,7 +890,17 @@ fn lexical_search_is_bm25() {
     .unwrap();
     let db = tmp.path().join("index.sqlite");
     index(&dir, &db, &m);
-    let mut store = SqliteStore::open(&db, 20_000).unwrap();
+    // FTS5's BM25, then the same from the terms in memory (a server's).
+    for memory in [false, true] {
+        let mut store = SqliteStore::open(&db, 20_000).unwrap();
+        if memory {
+            store.answer_many();
+        }
+        lexical_search_is_bm25_on(&mut store);
+    }
+}
+
+fn lexical_search_is_bm25_on(store: &mut SqliteStore) {
     for q in [
         "function of module 3",
         "return x",
@@ -900,7 +910,7 @@ fn lexical_search_is_bm25() {
         "\u{24D2}ircle \u{24DD}ame",
     ] {
         let terms = sembed_index::lexical::query_terms(q);
-        let want = bm25_by_hand(&mut store, &terms);
+        let want = bm25_by_hand(store, &terms);
         // The in-memory ranker (`sembed adapt`'s held-out pairs) ranks the same rows the same way.
         let rows = store.rows().unwrap();
         let mem = sembed_index::lexical::Bm25::new(
@@ -937,7 +947,7 @@ fn lexical_search_is_bm25() {
         }
     }
     // An identifier as written in code, or as words.
-    let hits = lexical_hits(&mut store, "f2_4", 1);
+    let hits = lexical_hits(store, "f2_4", 1);
     assert_eq!(hits[0].1, "pkg/mod2.py");
     // Filters apply before the cut.
     let f = Filter {
@@ -950,7 +960,7 @@ fn lexical_search_is_bm25() {
     assert_eq!(got.len(), 5);
     assert!(got.iter().all(|h| h.row.path == "pkg/mod1.py"));
     // Stop words only: nothing to match.
-    assert!(lexical_hits(&mut store, "the of and", 5).is_empty());
+    assert!(lexical_hits(store, "the of and", 5).is_empty());
 }
 
 /// A lexical search for k hits is the first k of a longer one, however deep the store has to read
@@ -969,7 +979,16 @@ fn a_short_lexical_list_is_the_start_of_a_long_one() {
     }
     let db = tmp.path().join("index.sqlite");
     index(&dir, &db, &m);
-    let mut store = SqliteStore::open(&db, 20_000).unwrap();
+    for memory in [false, true] {
+        let mut store = SqliteStore::open(&db, 20_000).unwrap();
+        if memory {
+            store.answer_many();
+        }
+        a_short_lexical_list_is_the_start_of_a_long_one_on(&mut store);
+    }
+}
+
+fn a_short_lexical_list_is_the_start_of_a_long_one_on(store: &mut SqliteStore) {
     let terms = sembed_index::lexical::query_terms("return x");
     let everything = store.lexical(&terms, 100, &Filter::default()).unwrap();
     assert_eq!(everything.len(), 60);
@@ -1020,6 +1039,10 @@ fn lexical_index_follows_the_tree() {
     };
     let (lex, chunks) = fts_rows(&db);
     assert_eq!(lex, chunks);
+    // A server's store, open through every change below: its terms in memory follow each revision.
+    let mut kept = SqliteStore::open(&db, 20_000).unwrap();
+    kept.answer_many();
+    same_as_fts(&mut kept, &db);
     let top = |q: &str| {
         let mut s = SqliteStore::open(&db, 20_000).unwrap();
         lexical_hits(&mut s, q, 3)
@@ -1036,6 +1059,7 @@ fn lexical_index_follows_the_tree() {
     index(&dir, &db, &m);
     assert!(top("zebra").is_empty());
     assert_eq!(top("yak groom")[0].1, "zoo.py");
+    same_as_fts(&mut kept, &db);
     // Rename: found under the new path only.
     std::fs::create_dir_all(dir.join("farm")).unwrap();
     std::fs::rename(dir.join("zoo.py"), dir.join("farm/zoo.py")).unwrap();
@@ -1046,12 +1070,23 @@ fn lexical_index_follows_the_tree() {
     assert_eq!(hits[0].1, "farm/zoo.py");
     // Path terms: the folder's name finds it.
     assert_eq!(top("farm")[0].1, "farm/zoo.py");
+    same_as_fts(&mut kept, &db);
     // Delete.
     std::fs::remove_file(dir.join("farm/zoo.py")).unwrap();
     index(&dir, &db, &m);
     assert!(top("yak").is_empty());
     let (lex, chunks) = fts_rows(&db);
     assert_eq!(lex, chunks);
+    same_as_fts(&mut kept, &db);
+    // A new file whose rows may take the deleted rows' ids.
+    std::fs::write(dir.join("zz.py"), "def shear_sheep(n):\n    return n - 3\n").unwrap();
+    index(&dir, &db, &m);
+    same_as_fts(&mut kept, &db);
+    assert_eq!(lexical_hits(&mut kept, "sheep", 3)[0].1, "zz.py");
+    assert!(lexical_hits(&mut kept, "yak", 3).is_empty());
+    std::fs::remove_file(dir.join("zz.py")).unwrap();
+    index(&dir, &db, &m);
+    same_as_fts(&mut kept, &db);
 
     // An index from before the lexical index: it is made from the stored rows on open.
     let before = {
@@ -1073,8 +1108,47 @@ fn lexical_index_follows_the_tree() {
     assert_eq!((r.embedded, r.added, r.removed), (0, 0, 0), "{r:?}");
 }
 
+/// A store keeping its terms in memory ranks lexical searches exactly as FTS5 does on the same
+/// index: the same rows, order and scores, with and without a filter.
+fn same_as_fts(kept: &mut SqliteStore, db: &Path) {
+    let mut fts = SqliteStore::open(db, 20_000).unwrap();
+    let filters = [
+        Filter::default(),
+        Filter {
+            lang: None,
+            path: Some("pkg/mod1*".into()),
+        },
+    ];
+    for q in [
+        "function of module 3",
+        "return x",
+        "zebra yak groom farm",
+        "n",
+        "cache strings f2_4",
+    ] {
+        let terms = sembed_index::lexical::query_terms(q);
+        for f in &filters {
+            let key = |h: &store::Hit| (h.score, h.row.clone());
+            let want: Vec<_> = fts
+                .lexical(&terms, 20, f)
+                .unwrap()
+                .iter()
+                .map(key)
+                .collect();
+            let got: Vec<_> = kept
+                .lexical(&terms, 20, f)
+                .unwrap()
+                .iter()
+                .map(key)
+                .collect();
+            assert_eq!(got, want, "{q} {f:?}");
+        }
+    }
+}
+
 /// Hybrid ranking fuses the scores of the dense and lexical rankings, each 50 deep: cosine over the
-/// best cosine plus 0.4 × BM25 over the best BM25, a hit missing from one ranking at its lowest.
+/// best cosine plus 0.4 × BM25 over the best BM25, a hit missing from one ranking at its lowest,
+/// plus 0.25 × its name match among the candidates.
 #[test]
 fn hybrid_is_the_fusion_of_both_rankings() {
     let m = model("bert-tiny");
@@ -1085,6 +1159,7 @@ fn hybrid_is_the_fusion_of_both_rankings() {
     let db = tmp.path().join("index.sqlite");
     index(&dir, &db, &m);
     let mut store = SqliteStore::open(&db, 20_000).unwrap();
+    use sembed_index::lexical::{name_terms, query_terms};
     use sembed_index::search::{search, Mode};
     let f = Filter::default();
     for q in ["function 2 of module 1", "grow the box", "cache"] {
@@ -1095,11 +1170,20 @@ fn hybrid_is_the_fusion_of_both_rankings() {
         let key = |h: &store::Hit| (h.row.path.clone(), h.row.start_byte, h.row.end_byte);
         let mut want: Vec<(f64, usize, (String, usize, usize))> = Vec::new();
         let mut all: Vec<_> = dense.hits.iter().map(key).collect();
+        let mut names: Vec<Vec<String>> = dense
+            .hits
+            .iter()
+            .map(|h| name_terms(h.row.symbol.as_deref().unwrap_or("")))
+            .collect();
         for h in &lex.hits {
             if !all.contains(&key(h)) {
                 all.push(key(h));
+                names.push(name_terms(h.row.symbol.as_deref().unwrap_or("")));
             }
         }
+        let refs: Vec<&[String]> = names.iter().map(Vec::as_slice).collect();
+        let matches = sembed_index::lexical::name_matches(&query_terms(q), &refs);
+        assert!(matches.iter().any(|&x| x > 0.0), "{q}: some name matches");
         let part = |hits: &[store::Hit], k: &(String, usize, usize)| {
             let best = hits.iter().map(|h| h.score as f64).fold(f64::MIN, f64::max);
             let low = hits.iter().map(|h| h.score as f64).fold(f64::MAX, f64::min);
@@ -1115,7 +1199,7 @@ fn hybrid_is_the_fusion_of_both_rankings() {
         };
         for (order, k) in all.iter().enumerate() {
             want.push((
-                part(&dense.hits, k) + 0.4 * part(&lex.hits, k),
+                part(&dense.hits, k) + 0.4 * part(&lex.hits, k) + 0.25 * matches[order],
                 order,
                 k.clone(),
             ));

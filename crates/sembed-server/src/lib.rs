@@ -166,8 +166,11 @@ pub fn build_with_index(
                         ix.model
                     ))
                 })?;
+            let mut store = ix.store;
+            // A server answers many searches: the store may keep what they need in memory.
+            store.answer_many();
             Some(IndexState {
-                store: std::sync::Mutex::new(ix.store),
+                store: std::sync::Mutex::new(store),
                 model,
                 target: ix.target,
             })

@@ -185,6 +185,11 @@ pub trait Store: Send {
     fn count(&mut self) -> Result<usize>;
     /// Compare every vector from now on, whatever the size (to measure the graph's recall).
     fn set_exact(&mut self, exact: bool);
+    /// This store will answer many searches (a server): it may keep what they need in memory. The
+    /// embedded store then ranks lexical searches from its rows' terms in memory
+    /// ([`crate::lexical::MemoryIndex`], the same BM25 as FTS5's, kept current with the index's
+    /// revisions) instead of asking FTS5.
+    fn answer_many(&mut self) {}
     /// The `k` rows most similar to `query` (a unit vector).
     fn search(&mut self, query: &[f32], k: usize, filter: &Filter) -> Result<(Vec<Hit>, Method)>;
     /// The `k` rows best matching these terms by BM25 (see [`crate::lexical`]), best first (ties: by
