@@ -211,6 +211,23 @@ def build_tree(lang, srcs, repo):
     return uniq
 
 
+def serve(sembed, db):
+    """`sembed serve --index DB` on a free loopback port, once it answers: (process, port)."""
+    port = free_port()
+    server = subprocess.Popen([sembed, "serve", "--index", db, "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server, port
+        except Exception:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                sys.exit("sembed serve did not start:\n" + (server.stderr.read() if server.poll() is not None else ""))
+            time.sleep(0.5)
+
+
 def rank_of(hits, q):
     for i, h in enumerate(hits):
         if h["path"] == q["path"] and h["start_line"] <= q["line"] <= h["end_line"]:
@@ -261,18 +278,7 @@ def main():
         report["queries"] = len(queries)
         print(f"{len(queries)} queries, {idx['files']} files, {idx['chunks']} chunks "
               f"({idx['embedded']} embedded in {report['index']['seconds']} s)", file=sys.stderr)
-        port = free_port()
-        server = subprocess.Popen([sembed, "serve", "--index", db, "--host", "127.0.0.1", "--port", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except Exception:
-                if server.poll() is not None or time.time() > deadline:
-                    sys.exit("sembed serve did not start:\n" + (server.stderr.read() if server.poll() is not None else ""))
-                time.sleep(0.5)
+        server, port = serve(sembed, db)
         report["modes"] = {}
         for mode in a.modes.split(","):
             ranks, ms = [], []

@@ -16,12 +16,10 @@ import json
 import math
 import os
 import random
-import socket
 import sqlite3
-import subprocess
 import sys
-import time
-import urllib.request
+
+from heldout_search import post, rank_of, serve
 
 
 def settings(db, new=None):
@@ -36,43 +34,20 @@ def settings(db, new=None):
         c.close()
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def ndcg_at(sembed, db, queries):
-    port = free_port()
-    srv = subprocess.Popen([sembed, "serve", "--index", db, "--host", "127.0.0.1", "--port", str(port)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server, port = serve(sembed, db)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except Exception:
-                if srv.poll() is not None or time.time() > deadline:
-                    sys.exit("sembed serve did not start:\n" + (srv.stderr.read() if srv.poll() is not None else ""))
-                time.sleep(0.5)
         total, weights = 0.0, None
         for q in queries:
-            body = json.dumps({"query": q["query"], "k": 10, "mode": "hybrid"}).encode()
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/search", data=body,
-                                         headers={"Content-Type": "application/json"})
-            r = json.loads(urllib.request.urlopen(req, timeout=120).read())
+            r = post(port, "/search", {"query": q["query"], "k": 10, "mode": "hybrid"})
             weights = (r.get("lexical_weight"), r.get("name_weight"))
-            for i, h in enumerate(r["hits"]):
-                if h["path"] == q["path"] and h["start_line"] <= q["line"] <= h["end_line"]:
-                    total += 1 / math.log2(i + 2)
-                    break
+            rank = rank_of(r["hits"], q)
+            if rank:
+                total += 1 / math.log2(1 + rank)
         return total / max(1, len(queries)), weights
     finally:
-        srv.terminate()
-        srv.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def main():

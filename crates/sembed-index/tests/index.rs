@@ -890,13 +890,17 @@ fn lexical_search_is_bm25() {
     .unwrap();
     let db = tmp.path().join("index.sqlite");
     index(&dir, &db, &m);
-    // FTS5's BM25, then the same from the terms in memory (a server's).
+    both_ways(&db, lexical_search_is_bm25_on);
+}
+
+/// `check` on a store that asks FTS5, then on one that keeps the terms in memory (a server's).
+fn both_ways(db: &Path, check: fn(&mut SqliteStore)) {
     for memory in [false, true] {
-        let mut store = SqliteStore::open(&db, 20_000).unwrap();
+        let mut store = SqliteStore::open(db, 20_000).unwrap();
         if memory {
             store.answer_many();
         }
-        lexical_search_is_bm25_on(&mut store);
+        check(&mut store);
     }
 }
 
@@ -979,13 +983,7 @@ fn a_short_lexical_list_is_the_start_of_a_long_one() {
     }
     let db = tmp.path().join("index.sqlite");
     index(&dir, &db, &m);
-    for memory in [false, true] {
-        let mut store = SqliteStore::open(&db, 20_000).unwrap();
-        if memory {
-            store.answer_many();
-        }
-        a_short_lexical_list_is_the_start_of_a_long_one_on(&mut store);
-    }
+    both_ways(&db, a_short_lexical_list_is_the_start_of_a_long_one_on);
 }
 
 fn a_short_lexical_list_is_the_start_of_a_long_one_on(store: &mut SqliteStore) {
@@ -1128,20 +1126,11 @@ fn same_as_fts(kept: &mut SqliteStore, db: &Path) {
     ] {
         let terms = sembed_index::lexical::query_terms(q);
         for f in &filters {
-            let key = |h: &store::Hit| (h.score, h.row.clone());
-            let want: Vec<_> = fts
-                .lexical(&terms, 20, f)
-                .unwrap()
-                .iter()
-                .map(key)
-                .collect();
-            let got: Vec<_> = kept
-                .lexical(&terms, 20, f)
-                .unwrap()
-                .iter()
-                .map(key)
-                .collect();
-            assert_eq!(got, want, "{q} {f:?}");
+            let ranked = |s: &mut SqliteStore| -> Vec<(f32, store::Row)> {
+                let hits = s.lexical(&terms, 20, f).unwrap();
+                hits.into_iter().map(|h| (h.score, h.row)).collect()
+            };
+            assert_eq!(ranked(kept), ranked(&mut fts), "{q} {f:?}");
         }
     }
 }
