@@ -1106,6 +1106,36 @@ fn lexical_index_follows_the_tree() {
     assert_eq!((r.embedded, r.added, r.removed), (0, 0, 0), "{r:?}");
 }
 
+/// A store keeps its rows' terms in memory only when told it answers many searches, and only up to
+/// its limit: past it, FTS5 answers, with the same results.
+#[test]
+fn terms_are_kept_in_memory_up_to_a_limit() {
+    let m = model("bert-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir(&dir).unwrap();
+    repo(&dir);
+    let db = tmp.path().join("index.sqlite");
+    index(&dir, &db, &m);
+    let rows = SqliteStore::open(&db, 20_000).unwrap().count().unwrap();
+    let terms = sembed_index::lexical::query_terms("function of module 3");
+    let mut fts = SqliteStore::open(&db, 20_000).unwrap();
+    let want = fts.lexical(&terms, 10, &Filter::default()).unwrap();
+    assert_eq!(fts.lexical_memory_rows(), None);
+    for (limit, held) in [(rows, Some(rows)), (rows - 1, None)] {
+        let mut s = SqliteStore::open(&db, 20_000).unwrap();
+        s.set_memory_rows(limit);
+        s.answer_many();
+        assert_eq!(s.lexical_memory_rows(), held, "limit {limit}");
+        let got = s.lexical(&terms, 10, &Filter::default()).unwrap();
+        let key = |h: &store::Hit| (h.score, h.row.clone());
+        assert_eq!(
+            got.iter().map(key).collect::<Vec<_>>(),
+            want.iter().map(key).collect::<Vec<_>>()
+        );
+    }
+}
+
 /// A store keeping its terms in memory ranks lexical searches exactly as FTS5 does on the same
 /// index: the same rows, order and scores, with and without a filter.
 fn same_as_fts(kept: &mut SqliteStore, db: &Path) {
