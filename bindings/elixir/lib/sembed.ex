@@ -181,7 +181,9 @@ defmodule Sembed do
   index was built with; sharing it with your embedding calls saves loading it twice); else
   `:models` — references to load (default: the ones the index recorded, in the precision its
   vectors were made in); `:ann_threshold` — above this many rows the HNSW graph answers
-  (default sembed's).
+  (default sembed's). An opened SQLite index keeps its rows' terms in memory (up to 250,000 rows;
+  0.5 s and 19 MB to read at 24,527 chunks), so its BM25 ranking takes a millisecond instead of
+  FTS5's 17 ms on long queries: open it once and search it many times.
   """
   @spec open_index(String.t(), keyword()) :: {:ok, Index.t()} | {:error, Error.t()}
   def open_index(target, opts \\ []) when is_binary(target) do

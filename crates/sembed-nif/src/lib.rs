@@ -254,7 +254,7 @@ fn open_index(
 ) -> Out<(ResourceArc<Index>, ResourceArc<Model>)> {
     guarded(move || {
         let ann = ann_threshold.unwrap_or(sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD);
-        let (store, model) = match model {
+        let (mut store, model) = match model {
             Some(m) => {
                 let mut store = sembed_index::store::open_existing(&target, ann).map_err(text)?;
                 let meta = store.meta().map_err(text)?.ok_or_else(|| {
@@ -271,6 +271,8 @@ fn open_index(
                 (store, ResourceArc::new(Model::new(embed, precision, None)))
             }
         };
+        // An opened index is for many searches: the embedded store keeps its rows' terms in memory.
+        store.answer_many();
         let index = Index {
             target,
             store: Mutex::new(store),
