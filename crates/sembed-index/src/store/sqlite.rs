@@ -326,25 +326,15 @@ impl SqliteStore {
                 },
             );
         };
+        const COLUMNS: &str = "path, lang, start_byte, end_byte, hash, symbol, text";
         if index.is_empty() {
             let mut stmt = tx
-                .prepare(
-                    "SELECT id, path, lang, start_byte, end_byte, hash, symbol, text FROM chunks",
-                )
+                .prepare(&format!("SELECT {COLUMNS}, id FROM chunks"))
                 .map_err(&err)?;
             let mut rows = stmt.query([]).map_err(&err)?;
             while let Some(r) = rows.next().map_err(&err)? {
-                let id: i64 = r.get(0).map_err(&err)?;
-                let c = (
-                    r.get(1).map_err(&err)?,
-                    r.get(2).map_err(&err)?,
-                    r.get(3).map_err(&err)?,
-                    r.get(4).map_err(&err)?,
-                    r.get(5).map_err(&err)?,
-                    r.get(6).map_err(&err)?,
-                    r.get(7).map_err(&err)?,
-                );
-                add(&mut index, id, c);
+                let id: i64 = r.get(7).map_err(&err)?;
+                add(&mut index, id, read(r).map_err(&err)?);
             }
         } else {
             let mut current: HashMap<i64, (String, i64, i64, Vec<u8>)> = HashMap::new();
@@ -378,10 +368,7 @@ impl SqliteStore {
                 index.remove(k);
             }
             let mut one = tx
-                .prepare(
-                    "SELECT path, lang, start_byte, end_byte, hash, symbol, text FROM chunks
-                     WHERE id = ?1",
-                )
+                .prepare(&format!("SELECT {COLUMNS} FROM chunks WHERE id = ?1"))
                 .map_err(&err)?;
             let new: Vec<i64> = current
                 .into_keys()
