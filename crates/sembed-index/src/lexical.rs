@@ -29,21 +29,22 @@ pub const B: f64 = 0.75;
 /// 0.5501 at 0.25 / 0.33 / 0.43 / 0.5 / 1.
 pub const LEXICAL_WEIGHT: f64 = 0.4;
 
-/// The weight of a chunk's name match ([`name_matches`]) in hybrid search ([`fuse_scores`]): a chunk
-/// whose symbol's words are all in the query, and which no other candidate is named with, gains this
-/// much over the fused dense and lexical scores. People name a function for what it does and ask for
-/// what it does, and BM25 dilutes the two or three words of a name among the whole body's terms.
+/// The weight of a chunk's name match ([`name_matches`]) in hybrid search ([`fuse_scores`]): a
+/// chunk whose symbol's words are all in the query, and which no other candidate is named with,
+/// gains this much over the fused dense and lexical scores. People name a function for what it does
+/// and ask for what it does, and BM25 dilutes the two or three words of a name among the whole
+/// body's terms.
 ///
 /// On the development sets of [`LEXICAL_WEIGHT`] and a third, 300 `transformers` docstrings among
-/// 24,527 chunks (the standard library and 230 model folders), all-MiniLM-L6-v2, NDCG@10 through the
-/// server (bench/name_match.py) at weight 0 / 0.15 / 0.25 / 0.35: Python 0.6311 / 0.6611 / 0.6755 /
-/// 0.6721, Elixir 0.5698 / 0.5963 / 0.6164 / 0.6273, `transformers` 0.4023 / 0.4203 / 0.4135 /
-/// 0.3989. 0.25 gains on all three. Measured offline on the first two sets, and dropped: the share of
-/// the query's words found in the name rather than of the name's found in the query (0.6538 /
-/// 0.5836 at its best weight); the share of the name's letters covered by query words (for
-/// `isclosed`, `readinto`: +0.008 at 0.35, noise); the cosine of the query and the name's words
-/// embedded (+0.005 / +0.001 on top, and it needs a second vector per chunk). Models from `sembed
-/// adapt` search without it (see `adapt`).
+/// 24,527 chunks (the standard library and 230 model folders), all-MiniLM-L6-v2, NDCG@10 through
+/// the server (bench/name_match.py) at weight 0 / 0.15 / 0.25 / 0.35: Python 0.6311 / 0.6611 /
+/// 0.6755 / 0.6721, Elixir 0.5698 / 0.5963 / 0.6164 / 0.6273, `transformers` 0.4023 / 0.4203 /
+/// 0.4135 / 0.3989. 0.25 gains on all three. Measured offline on the first two sets, and dropped:
+/// the share of the query's words found in the name rather than of the name's found in the query
+/// (0.6538 / 0.5836 at its best weight); the share of the name's letters covered by query words
+/// (for `isclosed`, `readinto`: +0.008 at 0.35, noise); the cosine of the query and the name's
+/// words embedded (+0.005 / +0.001 on top, and it needs a second vector per chunk). Models from
+/// `sembed adapt` search without it (see `adapt`).
 pub const NAME_WEIGHT: f64 = 0.25;
 
 /// How a search ranks.
@@ -291,8 +292,8 @@ fn key(r: &Row) -> (&str, usize, usize, usize, &[u8; 32]) {
 
 /// Score fusion of a dense and a lexical ranking of keys, each with its score (cosine, BM25): each
 /// ranking's scores are divided by its best (when positive), a key missing from a ranking takes
-/// that ranking's lowest, and a key scores `dense + lexical_weight · lexical +
-/// name_weight · name_match(key)` ([`NAME_WEIGHT`], [`name_matches`]). Best first, ties by the dense ranking's
+/// that ranking's lowest, and a key scores `dense + lexical_weight · lexical + name_weight ·
+/// name_match(key)` ([`NAME_WEIGHT`], [`name_matches`]). Best first, ties by the dense ranking's
 /// order, then the lexical one's.
 ///
 /// Chosen over reciprocal rank fusion by measurement: on the development sets of
