@@ -1139,21 +1139,30 @@ fn terms_are_kept_in_memory_up_to_a_limit() {
 /// A store keeping its terms in memory ranks lexical searches exactly as FTS5 does on the same
 /// index: the same rows, order and scores, with and without a filter.
 fn same_as_fts(kept: &mut SqliteStore, db: &Path) {
+    same_as_fts_for(
+        kept,
+        db,
+        &[
+            "function of module 3",
+            "return x",
+            "zebra yak groom farm",
+            "n",
+            "cache strings f2_4",
+        ],
+        "pkg/mod1*",
+    );
+}
+
+fn same_as_fts_for(kept: &mut SqliteStore, db: &Path, queries: &[&str], glob: &str) {
     let mut fts = SqliteStore::open(db, 20_000).unwrap();
     let filters = [
         Filter::default(),
         Filter {
             lang: None,
-            path: Some("pkg/mod1*".into()),
+            path: Some(glob.into()),
         },
     ];
-    for q in [
-        "function of module 3",
-        "return x",
-        "zebra yak groom farm",
-        "n",
-        "cache strings f2_4",
-    ] {
+    for q in queries {
         let terms = sembed_index::lexical::query_terms(q);
         for f in &filters {
             let ranked = |s: &mut SqliteStore| -> Vec<(f32, store::Row)> {
@@ -1162,6 +1171,65 @@ fn same_as_fts(kept: &mut SqliteStore, db: &Path) {
             };
             assert_eq!(ranked(kept), ranked(&mut fts), "{q} {f:?}");
         }
+    }
+}
+
+/// Many rounds of edits, deletes and new files under one open store: its terms in memory (rows
+/// removed, rows added under reused ids, the index built anew once the dead outnumber the live)
+/// rank every query as FTS5 does on the same index.
+#[test]
+fn terms_in_memory_follow_many_edits() {
+    let m = model("bert-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir(&dir).unwrap();
+    let words = [
+        "parse", "header", "cache", "retry", "socket", "decode", "buffer", "token", "queue", "lock",
+    ];
+    let mut seed = 12345u64;
+    let mut next = |n: usize| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize % n
+    };
+    let mut write = |name: &str, next: &mut dyn FnMut(usize) -> usize| {
+        let src: String = (0..1 + next(4))
+            .map(|i| {
+                let (a, b) = (words[next(10)], words[next(10)]);
+                let body: Vec<&str> = (0..1 + next(6)).map(|_| words[next(10)]).collect();
+                format!("def {a}_{b}_{i}(x):\n    return {}\n\n\n", body.join(" + "))
+            })
+            .collect();
+        std::fs::write(dir.join(name), src).unwrap();
+    };
+    for f in 0..6 {
+        write(&format!("f{f}.py"), &mut next);
+    }
+    let db = tmp.path().join("index.sqlite");
+    index(&dir, &db, &m);
+    let mut kept = SqliteStore::open(&db, 20_000).unwrap();
+    kept.answer_many();
+    let queries = [
+        "parse the header",
+        "retry socket",
+        "decode buffer token",
+        "queue lock cache",
+        "x",
+    ];
+    for round in 0..10 {
+        for _ in 0..3 {
+            write(&format!("f{}.py", next(6)), &mut next);
+        }
+        let gone = dir.join(format!("f{}.py", next(6)));
+        if gone.exists() {
+            std::fs::remove_file(&gone).unwrap();
+        }
+        write(&format!("n{round}.py"), &mut next);
+        index(&dir, &db, &m);
+        same_as_fts_for(&mut kept, &db, &queries, "f*");
+        let rows = SqliteStore::open(&db, 20_000).unwrap().count().unwrap();
+        assert_eq!(kept.lexical_memory_rows(), Some(rows), "round {round}");
     }
 }
 
