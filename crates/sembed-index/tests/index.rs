@@ -1193,7 +1193,7 @@ fn terms_in_memory_follow_many_edits() {
             .wrapping_add(1442695040888963407);
         (seed >> 33) as usize % n
     };
-    let mut write = |name: &str, next: &mut dyn FnMut(usize) -> usize| {
+    let write = |name: &str, next: &mut dyn FnMut(usize) -> usize| {
         let src: String = (0..1 + next(4))
             .map(|i| {
                 let (a, b) = (words[next(10)], words[next(10)]);
