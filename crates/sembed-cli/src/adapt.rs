@@ -381,11 +381,12 @@ const WEIGHTS: [f64; 5] = [sembed_index::lexical::LEXICAL_WEIGHT, 1.0, 0.6, 0.25
 /// The name match's weight ([`sembed_index::lexical::name_matches`]) for an adapted model: none. It
 /// trains on positives whose first line is the file name and the symbol, so it reads the names
 /// already. On the development sets (bench/heldout_search.py) the name match moved the adapted
-/// models' hybrid NDCG@10 by +0.006 (Python) and −0.001 (Elixir) at 0.25, +0.012 / +0.002 at 0.1:
-/// noise, where it gave the base model +0.04. On the reported sets it cost them 0.03. It is not
-/// chosen on the held-out pairs like the lexical weight: there every positive is a distinct
-/// definition, so a name match wins far more than in a repository where many chunks share a name
-/// (`emit`, `handle_call`).
+/// models' hybrid NDCG@10 by +0.015 (Python) and −0.002 (Elixir) at 0.25, +0.008 / −0.000 at 0.1,
+/// where it gave the base model +0.044 / +0.047; its first version (the share of the name alone)
+/// moved them by +0.006 / −0.001 there and cost them 0.03 on the reported sets. It is not chosen on
+/// the held-out pairs like the lexical weight: there every positive is a distinct definition, so a
+/// name match wins far more than in a repository where many chunks share a name (`emit`,
+/// `handle_call`).
 const ADAPTED_NAME_WEIGHT: f64 = 0.0;
 
 impl Held {
