@@ -1106,17 +1106,24 @@ fn lexical_index_follows_the_tree() {
     assert_eq!((r.embedded, r.added, r.removed), (0, 0, 0), "{r:?}");
 }
 
-/// A store keeps its rows' terms in memory only when told it answers many searches, and only up to
-/// its limit: past it, FTS5 answers, with the same results.
-#[test]
-fn terms_are_kept_in_memory_up_to_a_limit() {
-    let m = model("bert-tiny");
+/// [`repo`] in a scratch folder, indexed with `m`: the folder (kept while it lives), the tree and
+/// the index.
+fn indexed_repo(m: &dyn Embed) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("repo");
     std::fs::create_dir(&dir).unwrap();
     repo(&dir);
     let db = tmp.path().join("index.sqlite");
-    index(&dir, &db, &m);
+    index(&dir, &db, m);
+    (tmp, dir, db)
+}
+
+/// A store keeps its rows' terms in memory only when told it answers many searches, and only up to
+/// its limit: past it, FTS5 answers, with the same results.
+#[test]
+fn terms_are_kept_in_memory_up_to_a_limit() {
+    let m = model("bert-tiny");
+    let (_tmp, _dir, db) = indexed_repo(&m);
     let rows = SqliteStore::open(&db, 20_000).unwrap().count().unwrap();
     let terms = sembed_index::lexical::query_terms("function of module 3");
     let mut fts = SqliteStore::open(&db, 20_000).unwrap();
@@ -1239,12 +1246,7 @@ fn terms_in_memory_follow_many_edits() {
 #[test]
 fn hybrid_is_the_fusion_of_both_rankings() {
     let m = model("bert-tiny");
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("repo");
-    std::fs::create_dir(&dir).unwrap();
-    repo(&dir);
-    let db = tmp.path().join("index.sqlite");
-    index(&dir, &db, &m);
+    let (_tmp, _dir, db) = indexed_repo(&m);
     let mut store = SqliteStore::open(&db, 20_000).unwrap();
     use sembed_index::lexical::{name_terms, query_terms};
     use sembed_index::search::{search, Mode};
