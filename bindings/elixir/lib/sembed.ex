@@ -186,7 +186,11 @@ defmodule Sembed do
   FTS5's 17 ms on long queries: open it once and search it many times.
   """
   @spec open_index(String.t(), keyword()) :: {:ok, Index.t()} | {:error, Error.t()}
-  def open_index(target, opts \\ []) when is_binary(target) do
+  def open_index(target, opts \\ []) when is_binary(target), do: open(target, opts, true)
+
+  # `many`: the index will answer many searches (an opened `Sembed.Index`), not one (`search/3`
+  # with a target), so reading its rows' terms into memory pays off.
+  defp open(target, opts, many) do
     opts = Keyword.validate!(opts, model: nil, models: [], ann_threshold: nil)
 
     model_resource =
@@ -204,7 +208,7 @@ defmodule Sembed do
     refs = if opts[:models] == [], do: [], else: refs!(opts[:models])
     ann = pos_int_or_nil!(opts[:ann_threshold], :ann_threshold)
 
-    with {:ok, {index, model}} <- wrap(Native.open_index(target, model_resource, refs, ann), :index),
+    with {:ok, {index, model}} <- wrap(Native.open_index(target, model_resource, refs, ann, many), :index),
          {:ok, info} <- wrap(Native.index_info(index), :index) do
       model =
         case opts[:model] do
@@ -242,7 +246,7 @@ defmodule Sembed do
   def search(index, query, opts \\ [])
 
   def search(target, query, opts) when is_binary(target) do
-    with {:ok, index} <- open_index(target), do: search(index, query, opts)
+    with {:ok, index} <- open(target, [], false), do: search(index, query, opts)
   end
 
   def search(%Index{resource: r}, query, opts) when is_binary(query) do

@@ -244,13 +244,15 @@ fn release_memory(model: ResourceArc<Model>) -> Out<Atom> {
 
 /// Open an index built by `sembed index`: with `model`, that model (checked against the index's
 /// recorded identity); else `refs` (empty: the references the index recorded), loaded in the
-/// precision its vectors were made in. Answers the index and the model embedding its queries.
+/// precision its vectors were made in. Answers the index and the model embedding its queries. `many`:
+/// it will answer many searches (the embedded store then keeps its rows' terms in memory).
 #[rustler::nif(schedule = "DirtyCpu")]
 fn open_index(
     target: String,
     model: Option<ResourceArc<Model>>,
     refs: Vec<String>,
     ann_threshold: Option<usize>,
+    many: bool,
 ) -> Out<(ResourceArc<Index>, ResourceArc<Model>)> {
     guarded(move || {
         let ann = ann_threshold.unwrap_or(sembed_index::store::sqlite::DEFAULT_ANN_THRESHOLD);
@@ -271,8 +273,9 @@ fn open_index(
                 (store, ResourceArc::new(Model::new(embed, precision, None)))
             }
         };
-        // An opened index is for many searches: the embedded store keeps its rows' terms in memory.
-        store.answer_many();
+        if many {
+            store.answer_many();
+        }
         let index = Index {
             target,
             store: Mutex::new(store),

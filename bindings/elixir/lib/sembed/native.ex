@@ -27,7 +27,7 @@ defmodule Sembed.Native do
   def embed(_model, _texts, _opts), do: nif_error()
   def info(_model), do: nif_error()
   def release_memory(_model), do: nif_error()
-  def open_index(_target, _model, _refs, _ann_threshold), do: nif_error()
+  def open_index(_target, _model, _refs, _ann_threshold, _many), do: nif_error()
   def index_info(_index), do: nif_error()
   def search(_index, _query, _k, _lang, _path, _exact, _mode), do: nif_error()
   def panic_for_test, do: nif_error()
