@@ -195,18 +195,18 @@ pub fn run(args: AdaptArgs) -> Result<()> {
     }
     // The held-out pairs' lexical side, as the index would store them (path, symbol, bare code).
     let roots: Vec<&PathBuf> = repo.iter().chain(&also).collect();
-    let lexical_docs: Vec<Vec<String>> = held
+    let lexical_docs: Vec<LexicalDoc> = held
         .iter()
         .map(|m| {
             let rel = roots
                 .iter()
                 .find_map(|r| m.file.strip_prefix(r).ok())
                 .unwrap_or(&m.file);
-            sembed_index::lexical::row_terms(
-                &rel.to_string_lossy(),
-                m.symbol.as_deref(),
-                &m.example.positive,
-            )
+            LexicalDoc {
+                path: rel.to_string_lossy().into_owned(),
+                symbol: m.symbol.clone(),
+                text: m.example.positive.clone(),
+            }
         })
         .collect();
     let header = args.chunk_header;
@@ -369,7 +369,7 @@ struct Held {
     anchors: Vec<String>,
     corpus: Vec<String>,
     relevant: Vec<usize>,
-    bm25: sembed_index::lexical::Bm25,
+    bm25: sembed_index::lexical::MemoryIndex<()>,
     /// Each corpus entry's name ([`sembed_index::lexical::name_terms`] of its symbol).
     names: Vec<Vec<String>>,
 }
@@ -389,17 +389,30 @@ const WEIGHTS: [f64; 5] = [sembed_index::lexical::LEXICAL_WEIGHT, 1.0, 0.6, 0.25
 /// `handle_call`).
 const ADAPTED_NAME_WEIGHT: f64 = 0.0;
 
+/// A held-out positive as the index would store it for lexical search: path, symbol, bare code.
+struct LexicalDoc {
+    path: String,
+    symbol: Option<String>,
+    text: String,
+}
+
 impl Held {
-    fn new(rows: &[Mined], lexical_docs: Vec<Vec<String>>) -> Self {
+    fn new(rows: &[Mined], lexical_docs: Vec<LexicalDoc>) -> Self {
         let mut corpus = Vec::new();
-        let mut docs = Vec::new();
+        let mut bm25 = sembed_index::lexical::MemoryIndex::default();
         let mut names = Vec::new();
         let mut index = std::collections::HashMap::new();
         let mut relevant = Vec::new();
         for (m, d) in rows.iter().zip(lexical_docs) {
             let id = *index.entry(m.example.positive.clone()).or_insert_with(|| {
                 corpus.push(m.example.positive.clone());
-                docs.push(d);
+                bm25.add(
+                    (corpus.len() - 1) as i64,
+                    &d.path,
+                    d.symbol.as_deref(),
+                    &d.text,
+                    (),
+                );
                 names.push(
                     m.symbol
                         .as_deref()
@@ -414,7 +427,7 @@ impl Held {
             anchors: rows.iter().map(|m| m.example.anchor.clone()).collect(),
             corpus,
             relevant,
-            bm25: sembed_index::lexical::Bm25::new(docs),
+            bm25,
             names,
         }
     }
@@ -453,7 +466,10 @@ impl Held {
             .collect();
         let lexical_ranks: Vec<Vec<(usize, f64)>> = query_terms
             .iter()
-            .map(|terms| self.bm25.rank(terms, depth))
+            .map(|terms| {
+                let ranked = self.bm25.rank(terms, depth);
+                ranked.into_iter().map(|(id, s)| (id as usize, s)).collect()
+            })
             .collect();
         let fused = |w: f64| -> RetrievalMetrics {
             // The fused order as scores: the first hit highest, what it left out below all.

@@ -404,68 +404,9 @@ pub fn fuse(
         .collect()
 }
 
-/// BM25 over documents held in memory, with the stores' terms and formula: the lexical ranking of a
-/// set too small to index (`sembed adapt`'s held-out pairs).
-pub struct Bm25 {
-    docs: Vec<HashMap<String, usize>>,
-    lens: Vec<f64>,
-    df: HashMap<String, usize>,
-    avgdl: f64,
-}
-
-impl Bm25 {
-    /// Each document's terms ([`row_terms`]).
-    pub fn new(docs: Vec<Vec<String>>) -> Self {
-        let mut df: HashMap<String, usize> = HashMap::new();
-        let lens: Vec<f64> = docs.iter().map(|d| d.len() as f64).collect();
-        let docs: Vec<HashMap<String, usize>> = docs
-            .into_iter()
-            .map(|d| {
-                let mut tf = HashMap::new();
-                for t in d {
-                    *tf.entry(t).or_default() += 1;
-                }
-                for t in tf.keys() {
-                    *df.entry(t.clone()).or_default() += 1;
-                }
-                tf
-            })
-            .collect();
-        let avgdl = lens.iter().sum::<f64>() / lens.len().max(1) as f64;
-        Bm25 {
-            docs,
-            lens,
-            df,
-            avgdl,
-        }
-    }
-
-    /// The documents holding any of `terms` ([`query_terms`]), best first (ties by position), at
-    /// most `depth`, with their scores.
-    pub fn rank(&self, terms: &[String], depth: usize) -> Vec<(usize, f64)> {
-        let n = self.docs.len() as f64;
-        let df: Vec<f64> = terms
-            .iter()
-            .map(|t| self.df.get(t).copied().unwrap_or(0) as f64)
-            .collect();
-        let mut out: Vec<(usize, f64)> = Vec::new();
-        for (i, d) in self.docs.iter().enumerate() {
-            let tf: Vec<f64> = terms
-                .iter()
-                .map(|t| d.get(t).copied().unwrap_or(0) as f64)
-                .collect();
-            if tf.iter().any(|&x| x > 0.0) {
-                out.push((i, bm25(&tf, &df, self.lens[i], n, self.avgdl)));
-            }
-        }
-        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        out.truncate(depth);
-        out
-    }
-}
-
 /// BM25 over rows held in memory, scored as the stores score them ([`bm25_term`] summed in query
-/// order, FTS5's formula): for a store that answers many searches. FTS5 scores every row that
+/// order, FTS5's formula): for a store that answers many searches, and for a set too small to index
+/// (`sembed adapt`'s held-out pairs). FTS5 scores every row that
 /// matches any term, phrase by phrase through its auxiliary-function interface: a median 17 ms for
 /// the long queries of 24,527 chunks (300 `transformers` docstrings), most of hybrid search's time.
 /// Here each query term's postings are added into one array of scores.
@@ -629,6 +570,19 @@ impl<P> MemoryIndex<P> {
         self.alive -= 1;
         self.total -= s.len as u64;
         true
+    }
+
+    /// The rows holding any of `terms` ([`query_terms`]), best first (ties by key), at most `depth`,
+    /// with their scores.
+    pub fn rank(&self, terms: &[String], depth: usize) -> Vec<(i64, f64)> {
+        let mut out: Vec<(i64, f64)> = self
+            .scores(terms)
+            .into_iter()
+            .map(|(s, key, _)| (key, s))
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out.truncate(depth);
+        out
     }
 
     /// Every row holding any of `terms`, with its key, BM25 ([`bm25_term`] over the terms in their
@@ -904,7 +858,9 @@ mod tests {
             });
         }
         assert_eq!((mem.len(), mem.dead()), (live.len(), 4));
-        let bm25 = Bm25::new(live.iter().map(|x| x.1.clone()).collect());
+        // The reference: BM25 ([`bm25`], the formula) over the live rows' own row_terms.
+        let n = live.len() as f64;
+        let avgdl = live.iter().map(|x| x.1.len()).sum::<usize>() as f64 / n;
         for q in [
             "parse the http header",
             "decode 16",
@@ -913,10 +869,18 @@ mod tests {
             "nothing",
         ] {
             let terms = query_terms(q);
-            let mut want: Vec<(i64, f64)> = bm25
-                .rank(&terms, usize::MAX)
-                .into_iter()
-                .map(|(i, s)| (live[i].0, s))
+            let count = |d: &[String], t: &String| d.iter().filter(|x| *x == t).count() as f64;
+            let df: Vec<f64> = terms
+                .iter()
+                .map(|t| live.iter().filter(|x| x.1.contains(t)).count() as f64)
+                .collect();
+            let mut want: Vec<(i64, f64)> = live
+                .iter()
+                .filter(|(_, d)| terms.iter().any(|t| d.contains(t)))
+                .map(|(k, d)| {
+                    let tf: Vec<f64> = terms.iter().map(|t| count(d, t)).collect();
+                    (*k, bm25(&tf, &df, d.len() as f64, n, avgdl))
+                })
                 .collect();
             let mut got: Vec<(i64, f64)> = mem
                 .scores(&terms)

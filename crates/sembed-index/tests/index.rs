@@ -917,17 +917,16 @@ fn lexical_search_is_bm25_on(store: &mut SqliteStore) {
         let want = bm25_by_hand(store, &terms);
         // The in-memory ranker (`sembed adapt`'s held-out pairs) ranks the same rows the same way.
         let rows = store.rows().unwrap();
-        let mem = sembed_index::lexical::Bm25::new(
-            rows.iter()
-                .map(|(r, _)| sembed_index::lexical::of_row(r))
-                .collect(),
-        )
-        .rank(&terms, 8);
+        let mut held = sembed_index::lexical::MemoryIndex::default();
+        for (i, (r, _)) in rows.iter().enumerate() {
+            held.add(i as i64, &r.path, r.symbol.as_deref(), &r.text, ());
+        }
+        let mem = held.rank(&terms, 8);
         assert_eq!(mem.len(), want.len().min(8), "{q}");
         for ((i, score), w) in mem.iter().zip(&want) {
             assert!((score - w.0).abs() <= 1e-9 * w.0.abs().max(1.0), "{q}");
             // Equal scores may come in either order; the same score means the same rank.
-            let r = &rows[*i].0;
+            let r = &rows[*i as usize].0;
             assert!(
                 (&r.path, r.start_byte) == (&w.1, w.2)
                     || want
