@@ -459,15 +459,15 @@ impl Held {
                 order.into_iter().map(|i| (i, row[i] as f64)).collect()
             })
             .collect();
-        let query_terms: Vec<Vec<String>> = self
+        let queries: Vec<sembed_index::lexical::NameQuery> = self
             .anchors
             .iter()
-            .map(|a| sembed_index::lexical::query_terms(a))
+            .map(|a| sembed_index::lexical::NameQuery::new(a))
             .collect();
-        let lexical_ranks: Vec<Vec<(usize, f64)>> = query_terms
+        let lexical_ranks: Vec<Vec<(usize, f64)>> = queries
             .iter()
-            .map(|terms| {
-                let ranked = self.bm25.rank(terms, depth);
+            .map(|q| {
+                let ranked = self.bm25.rank(&q.terms, depth);
                 ranked.into_iter().map(|(id, s)| (id as usize, s)).collect()
             })
             .collect();
@@ -476,8 +476,8 @@ impl Held {
             let scores: Vec<Vec<f32>> = dense_ranks
                 .iter()
                 .zip(&lexical_ranks)
-                .zip(&query_terms)
-                .map(|((dr, lr), terms)| {
+                .zip(&queries)
+                .map(|((dr, lr), query)| {
                     let mut row = vec![-1.0f32; self.corpus.len()];
                     // The name match among the candidates, as hybrid search computes it.
                     let mut docs: Vec<usize> = dr.iter().chain(lr).map(|x| x.0).collect();
@@ -485,7 +485,7 @@ impl Held {
                     docs.dedup();
                     let names: Vec<&[String]> =
                         docs.iter().map(|&d| self.names[d].as_slice()).collect();
-                    let matches = sembed_index::lexical::name_matches(terms, &names);
+                    let matches = sembed_index::lexical::name_matches(query, &names);
                     let name = |doc: &usize| matches[docs.binary_search(doc).expect("a candidate")];
                     let order = sembed_index::lexical::fuse_scores(dr, lr, w, name_weight, name);
                     for (pos, (doc, _)) in order.iter().enumerate() {

@@ -303,7 +303,7 @@ fn a_models_lexical_weight_reaches_hybrid_search() {
         search_for(query, "lexical"),
     );
     assert_eq!(h["name_weight"], 0.5, "{h}");
-    let q = sembed_index::lexical::query_terms(query);
+    let q = sembed_index::lexical::NameQuery::new(query);
     // The name match is relative to the candidates: here every chunk (12 functions, 12 hits).
     let hits = h["hits"].as_array().unwrap();
     assert_eq!(hits.len(), 12, "{h}");

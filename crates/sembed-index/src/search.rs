@@ -114,8 +114,8 @@ pub fn ranked(
             let w = store.meta()?.map(|m| m.weights()).unwrap_or_default();
             lexical_weight = Some(w.lexical);
             name_weight = Some(w.name);
-            let terms = crate::lexical::query_terms(query);
-            (crate::lexical::fuse(&dense, &lexical, k, w, &terms), method)
+            let q = crate::lexical::NameQuery::new(query);
+            (crate::lexical::fuse(&dense, &lexical, k, w, &q), method)
         }
     };
     Ok(Results {

@@ -1247,7 +1247,7 @@ fn hybrid_is_the_fusion_of_both_rankings() {
     let m = model("bert-tiny");
     let (_tmp, _dir, db) = indexed_repo(&m);
     let mut store = SqliteStore::open(&db, 20_000).unwrap();
-    use sembed_index::lexical::{name_terms, query_terms};
+    use sembed_index::lexical::{name_terms, NameQuery};
     use sembed_index::search::{search, Mode};
     let f = Filter::default();
     for q in ["function 2 of module 1", "grow the box", "cache"] {
@@ -1270,7 +1270,7 @@ fn hybrid_is_the_fusion_of_both_rankings() {
             }
         }
         let refs: Vec<&[String]> = names.iter().map(Vec::as_slice).collect();
-        let matches = sembed_index::lexical::name_matches(&query_terms(q), &refs);
+        let matches = sembed_index::lexical::name_matches(&NameQuery::new(q), &refs);
         assert!(matches.iter().any(|&x| x > 0.0), "{q}: some name matches");
         let part = |hits: &[store::Hit], k: &(String, usize, usize)| {
             let best = hits.iter().map(|h| h.score as f64).fold(f64::MIN, f64::max);
