@@ -334,6 +334,11 @@ fn role<'t>(lang: Lang, src: &str, node: Node<'t>) -> Role<'t> {
                 },
                 None => Role::Other,
             },
+            // Definitions made under a condition (`if sys.platform == "win32": def proxy_bypass…`,
+            // `try: from _json import … except ImportError: def scanstring…`, `with …:`) are
+            // definitions like the others: the statement's own lines stay `code`.
+            "if_statement" | "elif_clause" | "else_clause" | "try_statement" | "except_clause"
+            | "finally_clause" | "with_statement" | "block" => Role::Transparent,
             _ => Role::Other,
         },
         Lang::JavaScript | Lang::TypeScript | Lang::Tsx => match kind {

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Version of the chunking rules: a change re-cuts every file (vectors are still reused by text).
-const CHUNKER_VERSION: u32 = 1;
+/// 2: Python definitions under `if`/`try`/`with` are definitions.
+const CHUNKER_VERSION: u32 = 2;
 
 /// Settings of one run.
 #[derive(Debug, Clone)]

@@ -80,6 +80,71 @@ fn python() {
     );
 }
 
+/// Functions defined under an `if`, a `try` or a `with`, at the top or in a class, are functions;
+/// the statements around them stay code, and a function's own body is never searched for more.
+#[test]
+fn python_definitions_under_a_condition() {
+    let src = "import os\n\
+               \n\
+               if os.name == 'nt':\n\
+               \x20   def proxy_bypass(host):\n\
+               \x20       return True\n\
+               elif os.name == 'posix':\n\
+               \x20   def proxy_bypass(host):\n\
+               \x20       if host:\n\
+               \x20           def inner():\n\
+               \x20               return 1\n\
+               \x20       return False\n\
+               else:\n\
+               \x20   proxy_bypass = None\n\
+               \n\
+               try:\n\
+               \x20   from _json import scanstring\n\
+               except ImportError:\n\
+               \x20   def scanstring(s):\n\
+               \x20       return s\n\
+               finally:\n\
+               \x20   pass\n\
+               \n\
+               class Server:\n\
+               \x20   if hasattr(os, 'fork'):\n\
+               \x20       def fork_child(self):\n\
+               \x20           return os.fork()\n";
+    let budget = Budget {
+        max_tokens: 512,
+        count: &count,
+        window_lines: 40,
+        overlap_lines: 5,
+    };
+    let got: Vec<(&str, String, usize, usize)> = chunk_file("cond.py", src, &budget)
+        .into_iter()
+        .map(|c| {
+            (
+                c.kind,
+                c.symbol.unwrap_or_default(),
+                c.start_line,
+                c.end_line,
+            )
+        })
+        .collect();
+    let want = [
+        ("code", "", 1, 3),
+        ("function", "proxy_bypass", 4, 5),
+        ("code", "", 6, 6),
+        ("function", "proxy_bypass", 7, 11),
+        ("code", "", 12, 17),
+        ("function", "scanstring", 18, 19),
+        ("code", "", 20, 21),
+        ("class", "Server", 23, 24),
+        ("method", "Server.fork_child", 25, 26),
+    ];
+    let want: Vec<(&str, String, usize, usize)> = want
+        .iter()
+        .map(|(k, s, a, b)| (*k, s.to_string(), *a, *b))
+        .collect();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn elixir() {
     expect(
