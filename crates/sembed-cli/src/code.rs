@@ -19,8 +19,10 @@ pub struct IndexArgs {
     /// Model: a folder, hf:ORG/NAME, a fusion .toml, or NAME=REF parts. Default: all-MiniLM-L6-v2.
     #[arg(long = "model", short = 'm')]
     pub models: Vec<String>,
-    /// Most tokens per chunk (default: the model's maximum, at most 512); longer definitions are split
-    /// into overlapping windows.
+    /// Most tokens per chunk (default: the model's maximum, at most 512); longer code outside
+    /// definitions and longer text are split into overlapping windows. By default a definition is
+    /// one chunk however long (the model reads its head, the lexical index all of it); given, this
+    /// splits longer definitions too.
     #[arg(long)]
     pub chunk_tokens: Option<usize>,
     /// Lines per window of text that has no grammar (Markdown, config...).
@@ -343,7 +345,7 @@ fn summary(
         report.removed,
         if report.split > 0 {
             format!(
-                ", {} definitions split into windows to fit {} tokens",
+                ", {} chunks split into windows to fit {} tokens",
                 report.split,
                 sembed_index::index::chunk_tokens(model, opts)
             )

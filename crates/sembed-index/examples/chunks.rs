@@ -7,6 +7,7 @@ fn main() {
         count: &count,
         window_lines: 40,
         overlap_lines: 5,
+        split_definitions: false,
     };
     for path in std::env::args().skip(1) {
         let src = std::fs::read_to_string(&path).expect("read");

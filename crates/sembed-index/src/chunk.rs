@@ -9,8 +9,10 @@
 //! (imports, top-level statements) is kept as `code` chunks, unless it is only punctuation and keywords
 //! (`}` or `end`). Other text is cut into overlapping line windows.
 //!
-//! No chunk is longer than the token budget: a longer one is split into overlapping line windows
-//! (a single over-long line into pieces), and every piece records `part`/`parts`.
+//! No chunk of code outside the definitions or of text is longer than the token budget: a longer
+//! one is split into overlapping line windows (a single over-long line into pieces), and every piece
+//! records `part`/`parts`. A definition is one chunk however long, unless the budget says to split
+//! definitions too ([`Budget::split_definitions`]).
 
 use std::ops::Range;
 use tree_sitter::{Node, Parser};
@@ -108,6 +110,11 @@ pub struct Budget<'a> {
     pub window_lines: usize,
     /// Lines shared by neighbouring windows.
     pub overlap_lines: usize,
+    /// Whether a definition over `max_tokens` is split too. When not, a definition (a function, a
+    /// class header, a module...) is one chunk however long, and only code outside every
+    /// definition and plain text are cut to size: a model reads a definition's head (its
+    /// signature), and the lexical index all of it ([`crate::index::IndexOptions::chunk_tokens`]).
+    pub split_definitions: bool,
 }
 
 /// Cut one file.
@@ -679,7 +686,8 @@ fn fit(src: &str, p: Piece, budget: &Budget, out: &mut Vec<Chunk>) {
     if text.trim().is_empty() {
         return;
     }
-    if (budget.count)(text) <= budget.max_tokens {
+    let definition = !matches!(p.kind, "code" | "text");
+    if (definition && !budget.split_definitions) || (budget.count)(text) <= budget.max_tokens {
         out.push(chunk(src, &p, p.bytes.clone(), 1, 1));
         return;
     }

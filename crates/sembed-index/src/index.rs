@@ -18,8 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Version of the chunking rules: a change re-cuts every file (vectors are still reused by text).
-/// 2: Python definitions under `if`/`try`/`with` are definitions.
-const CHUNKER_VERSION: u32 = 2;
+/// 2: Python definitions under `if`/`try`/`with` are definitions. 3: tokens counted whole (a count
+/// stopped at the model's maximum, so nothing was split at the default budget); definitions are
+/// split only with an explicit `chunk_tokens`.
+const CHUNKER_VERSION: u32 = 3;
 
 /// Settings of one run.
 #[derive(Debug, Clone)]
@@ -27,7 +29,12 @@ pub struct IndexOptions {
     pub roots: Vec<PathBuf>,
     /// Stored paths are relative to this folder.
     pub base: PathBuf,
-    /// Tokens per chunk; default: the model's maximum, at most 512.
+    /// Tokens per chunk; default: the model's maximum, at most 512. Given, definitions longer than
+    /// it are split into windows too; by default a definition is one chunk however long (the model
+    /// reads its head, the lexical index all of it). On the development sets of
+    /// [`crate::lexical::NAME_WEIGHT`] (MiniLM, 256 tokens), hybrid NDCG@10 0.6834 / 0.6324
+    /// (Python / Elixir) whole, 0.6516 / 0.6189 split, and 0.6671 / 0.6345 split with a search
+    /// keeping one hit per definition (offline).
     pub chunk_tokens: Option<usize>,
     pub window_lines: usize,
     pub overlap_lines: usize,
@@ -187,10 +194,15 @@ pub fn meta_for(model: &dyn Embed, opts: &IndexOptions) -> Meta {
         model_refs: opts.model_refs.clone(),
         dimension: model.dimension(),
         chunker: format!(
-            "v{CHUNKER_VERSION} tokens={tokens} window={} overlap={}{}",
+            "v{CHUNKER_VERSION} tokens={tokens} window={} overlap={}{}{}",
             opts.window_lines,
             opts.overlap_lines,
-            if opts.header { " header" } else { "" }
+            if opts.header { " header" } else { "" },
+            if opts.chunk_tokens.is_some() {
+                " split"
+            } else {
+                ""
+            }
         ),
         lexical_weight,
         name_weight,
@@ -293,9 +305,16 @@ pub fn run(
         batch_size: opts.batch_size,
         ..EmbedOptions::default()
     };
+    // Counted whole: with truncation on, a text of any length counts as at most the model's
+    // maximum, and a definition longer than the model reads was never split. Over the maximum,
+    // counting is an error: more than any budget.
+    let count_opts = EmbedOptions {
+        truncate: false,
+        ..doc_opts.clone()
+    };
     let count = |text: &str| -> usize {
         model
-            .count_tokens(&[text.to_string()], &doc_opts)
+            .count_tokens(&[text.to_string()], &count_opts)
             .map(|c| c[0])
             .unwrap_or(usize::MAX)
     };
@@ -304,6 +323,7 @@ pub fn run(
         count: &count,
         window_lines: opts.window_lines,
         overlap_lines: opts.overlap_lines,
+        split_definitions: opts.chunk_tokens.is_some(),
     };
 
     let found = walk(&opts.roots, &opts.base, opts.max_file_bytes).map_err(|e| Error::Io {

@@ -21,6 +21,7 @@ fn cut(name: &str) -> Vec<(String, String, usize, usize)> {
         count: &count,
         window_lines: 40,
         overlap_lines: 5,
+        split_definitions: true,
     };
     chunk_file(name, &fixture(name), &budget)
         .into_iter()
@@ -115,6 +116,7 @@ fn python_definitions_under_a_condition() {
         count: &count,
         window_lines: 40,
         overlap_lines: 5,
+        split_definitions: true,
     };
     let got: Vec<(&str, String, usize, usize)> = chunk_file("cond.py", src, &budget)
         .into_iter()
@@ -226,6 +228,7 @@ fn text_windows_overlap() {
         count: &count,
         window_lines: 40,
         overlap_lines: 5,
+        split_definitions: true,
     };
     let chunks = chunk_file("notes.txt", &src, &budget);
     let spans: Vec<(usize, usize)> = chunks.iter().map(|c| (c.start_line, c.end_line)).collect();
@@ -248,6 +251,7 @@ fn long_definition_is_split_and_recorded() {
         count: &count,
         window_lines: 40,
         overlap_lines: 3,
+        split_definitions: true,
     };
     let chunks: Vec<Chunk> = chunk_file("x.rs", &src, &budget);
     let parts: Vec<&Chunk> = chunks
@@ -285,6 +289,50 @@ fn long_definition_is_split_and_recorded() {
     assert_eq!((short.part, short.parts, short.start_line), (1, 1, 205));
 }
 
+/// Unless told to split definitions, a definition is one chunk however long, while code outside
+/// every definition is still cut to the budget.
+#[test]
+fn long_definition_stays_whole_and_long_code_is_cut() {
+    let body: String = (0..200)
+        .map(|i| format!("    v{i} = compute({i}, \"some text\")\n"))
+        .collect();
+    let top: String = (0..200)
+        .map(|i| format!("SETTING_{i} = load({i}, \"some text\")\n"))
+        .collect();
+    let src = format!("def long():\n{body}    return 1\n\n{top}");
+    let budget = Budget {
+        max_tokens: 128,
+        count: &count,
+        window_lines: 40,
+        overlap_lines: 3,
+        split_definitions: false,
+    };
+    let chunks = chunk_file("x.py", &src, &budget);
+    let long: Vec<&Chunk> = chunks
+        .iter()
+        .filter(|c| c.symbol.as_deref() == Some("long"))
+        .collect();
+    assert_eq!(long.len(), 1);
+    assert_eq!(
+        (
+            long[0].part,
+            long[0].parts,
+            long[0].start_line,
+            long[0].end_line
+        ),
+        (1, 1, 1, 202)
+    );
+    assert!(count(&long[0].text) > 128);
+    let code: Vec<&Chunk> = chunks.iter().filter(|c| c.kind == "code").collect();
+    assert!(code.len() > 5, "{} pieces", code.len());
+    for c in &code {
+        assert!(count(&c.text) <= 128, "{} tokens", count(&c.text));
+        assert_eq!(c.parts, code.len());
+    }
+    assert_eq!(code[0].start_line, 204);
+    assert_eq!(code[code.len() - 1].end_line, 403);
+}
+
 /// A single line longer than the budget (minified code) is cut into pieces, never left over-long.
 #[test]
 fn over_long_line_is_cut() {
@@ -294,6 +342,7 @@ fn over_long_line_is_cut() {
         count: &count,
         window_lines: 40,
         overlap_lines: 2,
+        split_definitions: true,
     };
     let chunks = chunk_file("blob.txt", &line, &budget);
     assert!(chunks.len() >= 5000 / 4 / 100, "{} pieces", chunks.len());

@@ -1420,3 +1420,69 @@ fn watch_follows_the_tree_and_a_branch_switch_is_one_run() {
     watcher.join().unwrap();
     assert!(!indexer.status().watching);
 }
+
+/// With the model's own tokenizer: code outside definitions longer than the model reads is cut into
+/// pieces that each fit (counted whole, not stopped at the model's maximum), a long definition stays
+/// one chunk, and an explicit `chunk_tokens` splits definitions too.
+#[test]
+fn long_code_is_cut_to_the_model_and_definitions_stay_whole() {
+    let m = model("bert-tiny");
+    let max = m.max_length();
+    assert!(max < 100, "{max}: the texts below are several times longer");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir(&dir).unwrap();
+    let body: String = (0..60)
+        .map(|i| format!("    total_{i} = accumulate(values, {i})\n"))
+        .collect();
+    let top: String = (0..60)
+        .map(|i| format!("LIMIT_{i} = configure(options, {i})\n"))
+        .collect();
+    std::fs::write(
+        dir.join("m.py"),
+        format!("def summarise(values):\n{body}    return values\n\n{top}"),
+    )
+    .unwrap();
+    let whole = |text: &str| {
+        let opts = sembed::EmbedOptions {
+            role: Some(sembed::InputRole::Document),
+            truncate: false,
+            ..Default::default()
+        };
+        m.count_tokens(&[text.to_string()], &opts).ok()
+    };
+    for (split, tweak) in [(false, None), (true, Some(max / 2))] {
+        let db = tmp.path().join(format!("index-{split}.sqlite"));
+        let report = index_with(&dir, &db, &m, |o| o.chunk_tokens = tweak, &mut ());
+        let mut store = SqliteStore::open(&db, 20_000).unwrap();
+        let all: Vec<store::Row> = store.rows().unwrap().into_iter().map(|r| r.0).collect();
+        let def: Vec<&store::Row> = all
+            .iter()
+            .filter(|r| r.symbol.as_deref() == Some("summarise"))
+            .collect();
+        let code: Vec<&store::Row> = all.iter().filter(|r| r.kind == "code").collect();
+        let budget = tweak.unwrap_or(max);
+        assert!(code.len() > 3, "{split}: {} code pieces", code.len());
+        for r in code
+            .iter()
+            .chain(if split { def.iter() } else { [].iter() })
+        {
+            let n = whole(&r.text);
+            assert!(
+                n.as_ref().is_some_and(|n| n[0] <= budget),
+                "{split}: lines {}-{}: {n:?} tokens",
+                r.start_line,
+                r.end_line
+            );
+        }
+        if split {
+            assert!(def.len() > 3, "{} pieces", def.len());
+            assert_eq!(report.split, 2);
+        } else {
+            assert_eq!(def.len(), 1);
+            assert_eq!((def[0].start_line, def[0].end_line), (1, 62));
+            assert_eq!(whole(&def[0].text), None, "longer than the model reads");
+            assert_eq!(report.split, 1);
+        }
+    }
+}

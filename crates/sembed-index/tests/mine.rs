@@ -167,6 +167,7 @@ fn symbols_are_the_index_chunks_symbols() {
         count: &words,
         window_lines: 40,
         overlap_lines: 0,
+        split_definitions: false,
     };
     let mut all = Vec::new();
     for f in std::fs::read_dir(&dir).unwrap() {
