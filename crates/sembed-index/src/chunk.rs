@@ -137,6 +137,9 @@ struct Piece {
     kind: &'static str,
     symbol: Option<String>,
     bytes: Range<usize>,
+    /// An Elixir function clause's arity: consecutive clauses of one function (same name and
+    /// arity) are one definition.
+    arity: Option<usize>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -162,6 +165,7 @@ fn syntax_pieces(lang: Lang, src: &str) -> Option<Vec<Piece>> {
     let mut defs = Vec::new();
     collect(lang, src, tree.root_node(), &[], &mut defs);
     defs.sort_by_key(|p| (p.bytes.start, p.bytes.end));
+    defs = merge_clauses(defs);
     // Code outside every definition, by line.
     let starts = line_starts(src);
     let mut covered = vec![false; starts.len()];
@@ -190,6 +194,7 @@ fn syntax_pieces(lang: Lang, src: &str) -> Option<Vec<Piece>> {
                 kind: "code",
                 symbol: None,
                 bytes: trim_lines(src, bytes),
+                arity: None,
             });
         }
     }
@@ -239,6 +244,7 @@ fn collect(lang: Lang, src: &str, node: Node, scope: &[String], out: &mut Vec<Pi
                         kind: shown,
                         symbol,
                         bytes: header,
+                        arity: None,
                     });
                     // Members are methods, not free functions.
                     for p in &mut out[inner_start..] {
@@ -249,10 +255,15 @@ fn collect(lang: Lang, src: &str, node: Node, scope: &[String], out: &mut Vec<Pi
                         }
                     }
                 } else {
+                    let arity = match lang {
+                        Lang::Elixir if kind == "function" => Some(elixir_arity(child)),
+                        _ => None,
+                    };
                     out.push(Piece {
                         kind,
                         symbol,
                         bytes: start..end,
+                        arity,
                     });
                 }
             }
@@ -481,6 +492,62 @@ fn elixir_role<'t>(src: &str, node: Node<'t>) -> Role<'t> {
     }
 }
 
+/// One definition per function: consecutive clauses (`def f(0)`, `def f(n)`) with the same symbol
+/// and arity become one piece, from the first clause's docs to the last clause's end.
+fn merge_clauses(defs: Vec<Piece>) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::with_capacity(defs.len());
+    for p in defs {
+        if let Some(last) = out.last_mut() {
+            if p.arity.is_some()
+                && p.arity == last.arity
+                && p.symbol.is_some()
+                && p.symbol == last.symbol
+                && p.bytes.start >= last.bytes.end
+            {
+                last.bytes.end = p.bytes.end;
+                continue;
+            }
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// The arity of an Elixir definition as written: `def f(a, b \\ 1)` 2, `def f(a) when a > 0` 1,
+/// `def f do` 0.
+fn elixir_arity(node: Node) -> usize {
+    let mut c = node.walk();
+    let Some(args) = node
+        .named_children(&mut c)
+        .find(|n| n.kind() == "arguments")
+    else {
+        return 0;
+    };
+    let mut c = args.walk();
+    let Some(mut head) = args.named_children(&mut c).next() else {
+        return 0;
+    };
+    // `f(a) when guard`: the call is the operator's left side.
+    while head.kind() == "binary_operator" {
+        match head.child_by_field_name("left") {
+            Some(l) => head = l,
+            None => return 0,
+        }
+    }
+    if head.kind() != "call" {
+        return 0;
+    }
+    let mut c = head.walk();
+    let found = head
+        .named_children(&mut c)
+        .find(|n| n.kind() == "arguments")
+        .map_or(0, |a| {
+            let mut c = a.walk();
+            a.named_children(&mut c).count()
+        });
+    found
+}
+
 /// `name(args)`, `name(args) when guard`, `name`: the name.
 fn elixir_fn_name(src: &str, node: Node) -> String {
     match node.kind() {
@@ -667,6 +734,7 @@ fn text_pieces(src: &str, window: usize, overlap: usize) -> Vec<Piece> {
                 kind: "text",
                 symbol: None,
                 bytes,
+                arity: None,
             });
         }
         if b + 1 >= n {

@@ -20,8 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Version of the chunking rules: a change re-cuts every file (vectors are still reused by text).
 /// 2: Python definitions under `if`/`try`/`with` are definitions. 3: tokens counted whole (a count
 /// stopped at the model's maximum, so nothing was split at the default budget); definitions are
-/// split only with an explicit `chunk_tokens`.
-const CHUNKER_VERSION: u32 = 3;
+/// split only with an explicit `chunk_tokens`. 4: an Elixir function's consecutive clauses are one
+/// chunk.
+const CHUNKER_VERSION: u32 = 4;
 
 /// Settings of one run.
 #[derive(Debug, Clone)]

@@ -162,6 +162,57 @@ fn elixir() {
     );
 }
 
+/// An Elixir function's clauses (same name and arity, one after another) are one chunk, from the
+/// first clause's docs to the last clause's end; another arity, or a clause after another
+/// function, is another definition.
+#[test]
+fn elixir_clauses_of_one_function_are_one_chunk() {
+    let src = "defmodule M do\n\
+               \x20 @doc \"Counts.\"\n\
+               \x20 def count([]), do: 0\n\
+               \x20 def count([_ | t]), do: 1 + count(t)\n\
+               \n\
+               \x20 # The last clause.\n\
+               \x20 def count(x) when is_map(x) do\n\
+               \x20   map_size(x)\n\
+               \x20 end\n\
+               \n\
+               \x20 def count(x, acc), do: acc + count(x)\n\
+               \x20 defp go, do: :ok\n\
+               \x20 defp go, do: :again\n\
+               \x20 def count(nil), do: 0\n\
+               end\n";
+    let budget = Budget {
+        max_tokens: 512,
+        count: &count,
+        window_lines: 40,
+        overlap_lines: 5,
+        split_definitions: true,
+    };
+    let got: Vec<(&str, String, usize, usize)> = chunk_file("m.ex", src, &budget)
+        .into_iter()
+        .map(|c| {
+            (
+                c.kind,
+                c.symbol.unwrap_or_default(),
+                c.start_line,
+                c.end_line,
+            )
+        })
+        .collect();
+    let want = [
+        ("function", "M.count", 2, 9),
+        ("function", "M.count", 11, 11),
+        ("function", "M.go", 12, 13),
+        ("function", "M.count", 14, 14),
+    ];
+    let want: Vec<(&str, String, usize, usize)> = want
+        .iter()
+        .map(|(k, s, a, b)| (*k, s.to_string(), *a, *b))
+        .collect();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn javascript() {
     expect(
