@@ -651,6 +651,27 @@ pub(crate) fn definition(
     }
 }
 
+/// The clauses after an Elixir function's `node` that the chunker joins to it ([`merge_clauses`]):
+/// its next siblings with the same name and arity, with only comments and attributes between.
+pub(crate) fn later_clauses<'t>(src: &str, node: Node<'t>) -> Vec<Node<'t>> {
+    let Some(("function", Some(name))) = definition(Lang::Elixir, src, node) else {
+        return Vec::new();
+    };
+    let arity = elixir_arity(node);
+    let mut out = Vec::new();
+    let mut next = node.next_named_sibling();
+    while let Some(n) = next {
+        match definition(Lang::Elixir, src, n) {
+            Some(("function", Some(m))) if m == name && elixir_arity(n) == arity => out.push(n),
+            None if n.kind() == "comment"
+                || (n.kind() == "unary_operator" && text_of(src, n).starts_with('@')) => {}
+            _ => break,
+        }
+        next = n.next_named_sibling();
+    }
+    out
+}
+
 /// A qualified symbol as the chunker writes it (`Mod.f`, `Store::open`).
 pub(crate) fn qualified(lang: Lang, parts: &[String]) -> String {
     join(lang, parts)

@@ -14,7 +14,9 @@
 //! definition without its documentation, dedented, at most [`MAX_LINES`] lines. Definitions without a
 //! body (trait and interface signatures) give no pair.
 
-use crate::chunk::{attached, definition, doc_anchor, parse, qualified, text_of, Lang};
+use crate::chunk::{
+    attached, definition, doc_anchor, later_clauses, parse, qualified, text_of, Lang,
+};
 use crate::walk::{unindexable, walk};
 use sembed::train::data::Example;
 use sembed::train::mine::Mined;
@@ -95,10 +97,20 @@ fn pair(lang: Lang, src: &str, node: Node, kind: &str) -> Option<Example> {
         _ => (outer_doc(lang, src, anchor_node)?, None),
     };
     let anchor = first_paragraph(&doc)?;
-    if !has_body(lang, node) {
+    // An Elixir function is all its clauses, as the index cuts it (a documented head without a
+    // body, `def get(repo, id, opts \\ [])`, has its code in the clauses below).
+    let later = if lang == Lang::Elixir && !module {
+        later_clauses(src, node)
+    } else {
+        Vec::new()
+    };
+    if !has_body(lang, node) && !later.iter().any(|n| has_body(lang, *n)) {
         return None;
     }
-    let range = anchor_node.byte_range();
+    let mut range = anchor_node.byte_range();
+    if let Some(last) = later.last() {
+        range.end = last.end_byte();
+    }
     let mut text = String::new();
     match cut {
         Some(c) => {

@@ -205,3 +205,22 @@ fn symbols_are_the_index_chunks_symbols() {
         .iter()
         .all(|s| s.as_deref().is_some_and(|s| s.starts_with("Shop.Cart."))));
 }
+
+/// An Elixir function's positive is all its clauses, as the index cuts it: a documented head
+/// without a body gives the clauses below it, and the next function is not part of it.
+#[test]
+fn elixir_clauses_of_one_function_are_one_positive() {
+    let src = "defmodule M do\n  @doc \"Fetch a record by id with options.\"\n  def get(repo, id, opts \\\\ [])\n  def get(repo, nil, _opts), do: {:error, repo}\n\n  # By id.\n  def get(repo, id, opts) do\n    repo.get(id, opts)\n  end\n\n  def get(repo, id, opts, extra), do: {repo, id, opts, extra}\n\n  @doc \"Only a head and nothing below it.\"\n  def lonely(a)\nend\n";
+    let pairs = sembed_index::mine::mine_file("m.ex", src);
+    let got: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|e| (e.anchor.as_str(), e.positive.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [(
+            "Fetch a record by id with options.",
+            "def get(repo, id, opts \\\\ [])\ndef get(repo, nil, _opts), do: {:error, repo}\n\n# By id.\ndef get(repo, id, opts) do\n  repo.get(id, opts)\nend"
+        )]
+    );
+}
