@@ -15,15 +15,20 @@ fn count(s: &str) -> usize {
     s.len().div_ceil(4) + 2
 }
 
-fn cut(name: &str) -> Vec<(String, String, usize, usize)> {
-    let budget = Budget {
-        max_tokens: 512,
+/// 40-line windows of text, `overlap` lines shared.
+fn budget(max_tokens: usize, overlap: usize, split_definitions: bool) -> Budget<'static> {
+    Budget {
+        max_tokens,
         count: &count,
         window_lines: 40,
-        overlap_lines: 5,
-        split_definitions: true,
-    };
-    chunk_file(name, &fixture(name), &budget)
+        overlap_lines: overlap,
+        split_definitions,
+    }
+}
+
+fn cut(name: &str, src: &str) -> Vec<(String, String, usize, usize)> {
+    let budget = budget(512, 5, true);
+    chunk_file(name, src, &budget)
         .into_iter()
         .map(|c| {
             assert_eq!((c.part, c.parts), (1, 1), "{name}: nothing is split");
@@ -37,8 +42,14 @@ fn cut(name: &str) -> Vec<(String, String, usize, usize)> {
         .collect()
 }
 
+/// The chunks of a fixture file.
 fn expect(name: &str, want: &[(&str, &str, usize, usize)]) {
-    let got = cut(name);
+    expect_src(name, &fixture(name), want);
+}
+
+/// The chunks of a source given here, cut as if named `name`.
+fn expect_src(name: &str, src: &str, want: &[(&str, &str, usize, usize)]) {
+    let got = cut(name, src);
     let want: Vec<(String, String, usize, usize)> = want
         .iter()
         .map(|(k, s, a, b)| (k.to_string(), s.to_string(), *a, *b))
@@ -111,40 +122,21 @@ fn python_definitions_under_a_condition() {
                \x20   if hasattr(os, 'fork'):\n\
                \x20       def fork_child(self):\n\
                \x20           return os.fork()\n";
-    let budget = Budget {
-        max_tokens: 512,
-        count: &count,
-        window_lines: 40,
-        overlap_lines: 5,
-        split_definitions: true,
-    };
-    let got: Vec<(&str, String, usize, usize)> = chunk_file("cond.py", src, &budget)
-        .into_iter()
-        .map(|c| {
-            (
-                c.kind,
-                c.symbol.unwrap_or_default(),
-                c.start_line,
-                c.end_line,
-            )
-        })
-        .collect();
-    let want = [
-        ("code", "", 1, 3),
-        ("function", "proxy_bypass", 4, 5),
-        ("code", "", 6, 6),
-        ("function", "proxy_bypass", 7, 11),
-        ("code", "", 12, 17),
-        ("function", "scanstring", 18, 19),
-        ("code", "", 20, 21),
-        ("class", "Server", 23, 24),
-        ("method", "Server.fork_child", 25, 26),
-    ];
-    let want: Vec<(&str, String, usize, usize)> = want
-        .iter()
-        .map(|(k, s, a, b)| (*k, s.to_string(), *a, *b))
-        .collect();
-    assert_eq!(got, want);
+    expect_src(
+        "cond.py",
+        src,
+        &[
+            ("code", "", 1, 3),
+            ("function", "proxy_bypass", 4, 5),
+            ("code", "", 6, 6),
+            ("function", "proxy_bypass", 7, 11),
+            ("code", "", 12, 17),
+            ("function", "scanstring", 18, 19),
+            ("code", "", 20, 21),
+            ("class", "Server", 23, 24),
+            ("method", "Server.fork_child", 25, 26),
+        ],
+    );
 }
 
 #[test]
@@ -182,35 +174,16 @@ fn elixir_clauses_of_one_function_are_one_chunk() {
                \x20 defp go, do: :again\n\
                \x20 def count(nil), do: 0\n\
                end\n";
-    let budget = Budget {
-        max_tokens: 512,
-        count: &count,
-        window_lines: 40,
-        overlap_lines: 5,
-        split_definitions: true,
-    };
-    let got: Vec<(&str, String, usize, usize)> = chunk_file("m.ex", src, &budget)
-        .into_iter()
-        .map(|c| {
-            (
-                c.kind,
-                c.symbol.unwrap_or_default(),
-                c.start_line,
-                c.end_line,
-            )
-        })
-        .collect();
-    let want = [
-        ("function", "M.count", 2, 9),
-        ("function", "M.count", 11, 11),
-        ("function", "M.go", 12, 13),
-        ("function", "M.count", 14, 14),
-    ];
-    let want: Vec<(&str, String, usize, usize)> = want
-        .iter()
-        .map(|(k, s, a, b)| (*k, s.to_string(), *a, *b))
-        .collect();
-    assert_eq!(got, want);
+    expect_src(
+        "m.ex",
+        src,
+        &[
+            ("function", "M.count", 2, 9),
+            ("function", "M.count", 11, 11),
+            ("function", "M.go", 12, 13),
+            ("function", "M.count", 14, 14),
+        ],
+    );
 }
 
 #[test]
@@ -274,13 +247,7 @@ fn java() {
 #[test]
 fn text_windows_overlap() {
     let src: String = (1..=100).map(|i| format!("line {i}\n")).collect();
-    let budget = Budget {
-        max_tokens: 10_000,
-        count: &count,
-        window_lines: 40,
-        overlap_lines: 5,
-        split_definitions: true,
-    };
+    let budget = budget(10_000, 5, true);
     let chunks = chunk_file("notes.txt", &src, &budget);
     let spans: Vec<(usize, usize)> = chunks.iter().map(|c| (c.start_line, c.end_line)).collect();
     assert_eq!(spans, vec![(1, 40), (36, 75), (71, 100)]);
@@ -297,13 +264,7 @@ fn long_definition_is_split_and_recorded() {
         .map(|i| format!("    let v{i} = compute({i}, \"some text\");\n"))
         .collect();
     let src = format!("/// Long.\nfn long() {{\n{body}}}\n\nfn short() {{}}\n");
-    let budget = Budget {
-        max_tokens: 128,
-        count: &count,
-        window_lines: 40,
-        overlap_lines: 3,
-        split_definitions: true,
-    };
+    let budget = budget(128, 3, true);
     let chunks: Vec<Chunk> = chunk_file("x.rs", &src, &budget);
     let parts: Vec<&Chunk> = chunks
         .iter()
@@ -351,13 +312,7 @@ fn long_definition_stays_whole_and_long_code_is_cut() {
         .map(|i| format!("SETTING_{i} = load({i}, \"some text\")\n"))
         .collect();
     let src = format!("def long():\n{body}    return 1\n\n{top}");
-    let budget = Budget {
-        max_tokens: 128,
-        count: &count,
-        window_lines: 40,
-        overlap_lines: 3,
-        split_definitions: false,
-    };
+    let budget = budget(128, 3, false);
     let chunks = chunk_file("x.py", &src, &budget);
     let long: Vec<&Chunk> = chunks
         .iter()
@@ -388,13 +343,7 @@ fn long_definition_stays_whole_and_long_code_is_cut() {
 #[test]
 fn over_long_line_is_cut() {
     let line = "x".repeat(5000);
-    let budget = Budget {
-        max_tokens: 100,
-        count: &count,
-        window_lines: 40,
-        overlap_lines: 2,
-        split_definitions: true,
-    };
+    let budget = budget(100, 2, true);
     let chunks = chunk_file("blob.txt", &line, &budget);
     assert!(chunks.len() >= 5000 / 4 / 100, "{} pieces", chunks.len());
     for c in &chunks {
