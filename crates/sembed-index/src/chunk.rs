@@ -233,9 +233,13 @@ fn collect(lang: Lang, src: &str, node: Node, scope: &[String], out: &mut Vec<Pi
                         .unwrap_or(child.end_byte());
                     let header = trim_lines(src, start..line_start_of(src, first));
                     // A bare `impl Foo {` or `class Foo:` line says nothing the members don't: kept
-                    // (kind "") only to mark its lines as covered.
+                    // (kind "") only to mark its lines as covered. A module's is kept: its name
+                    // says what the module is for (`defmodule Mix.Tasks.Deps.Clean do`), and a
+                    // search for the module finds the module (on the development sets, bare
+                    // module headers kept: Elixir NDCG@10 0.6585 → 0.6663; bare class headers
+                    // too: Python 0.6827 → 0.6725).
                     let h = &src[header.clone()];
-                    let shown = if h.lines().count() >= 2 && words(h) >= 4 {
+                    let shown = if (h.lines().count() >= 2 && words(h) >= 4) || kind == "module" {
                         kind
                     } else {
                         ""

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// 2: Python definitions under `if`/`try`/`with` are definitions. 3: tokens counted whole (a count
 /// stopped at the model's maximum, so nothing was split at the default budget); definitions are
 /// split only with an explicit `chunk_tokens`. 4: an Elixir function's consecutive clauses are one
-/// chunk.
-const CHUNKER_VERSION: u32 = 4;
+/// chunk. 5: a module's header is a chunk even when it is only its first line.
+const CHUNKER_VERSION: u32 = 5;
 
 /// Settings of one run.
 #[derive(Debug, Clone)]

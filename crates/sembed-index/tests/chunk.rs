@@ -71,6 +71,8 @@ fn rust() {
             ("method", "Cache::put", 18, 21),
             ("method", "Cache::get", 23, 25),
             ("method", "<Cache as Display>::fmt", 29, 31),
+            // A module's header is kept even when it is only its first line.
+            ("module", "tests", 34, 34),
             ("function", "tests::put_get", 35, 40),
         ],
     );
@@ -149,6 +151,7 @@ fn elixir() {
             // @doc and @spec belong to the def; the guard is not part of the name.
             ("function", "MyApp.Repo.get", 7, 11),
             ("function", "MyApp.Repo.helper", 13, 13),
+            ("module", "MyApp.Repo.Inner", 15, 15),
             ("function", "MyApp.Repo.Inner.run", 16, 16),
         ],
     );
@@ -178,6 +181,7 @@ fn elixir_clauses_of_one_function_are_one_chunk() {
         "m.ex",
         src,
         &[
+            ("module", "M", 1, 1),
             ("function", "M.count", 2, 9),
             ("function", "M.count", 11, 11),
             ("function", "M.go", 12, 13),
