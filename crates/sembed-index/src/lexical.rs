@@ -152,13 +152,15 @@ fn runs(text: &str) -> impl Iterator<Item = &str> {
         .filter(|r| !r.is_empty())
 }
 
+/// The words of one run: its `_`-separated pieces, each cut at case and letter/digit changes
+/// ([`parts`]).
+fn run_words(run: &str) -> impl Iterator<Item = &str> {
+    run.split('_').filter(|p| !p.is_empty()).flat_map(parts)
+}
+
 /// The terms of one run ([`terms`]).
 fn run_terms(run: &str, out: &mut Vec<String>) {
-    let pieces: Vec<&str> = run
-        .split('_')
-        .filter(|p| !p.is_empty())
-        .flat_map(parts)
-        .collect();
+    let pieces: Vec<&str> = run_words(run).collect();
     if pieces.len() > 1 {
         let whole: String = run.chars().filter(|c| *c != '_').collect();
         let whole = whole.to_lowercase();
@@ -201,9 +203,7 @@ pub fn name_terms(symbol: &str) -> Vec<String> {
         .find(|r| r.chars().any(char::is_alphabetic))
         .unwrap_or("");
     let mut seen = HashSet::new();
-    last.split('_')
-        .filter(|p| !p.is_empty())
-        .flat_map(parts)
+    run_words(last)
         .filter_map(term)
         .filter(|t| seen.insert(t.clone()))
         .collect()
@@ -222,7 +222,7 @@ impl NameQuery {
     pub fn new(query: &str) -> Self {
         let mut seen = HashSet::new();
         let words = runs(query)
-            .flat_map(|run| run.split('_').filter(|p| !p.is_empty()).flat_map(parts))
+            .flat_map(run_words)
             .map(str::to_lowercase)
             .filter(|w| w.chars().count() > 1 && !stop_words().contains(w.as_str()))
             .filter(|w| seen.insert(w.clone()))
