@@ -137,9 +137,6 @@ struct Piece {
     kind: &'static str,
     symbol: Option<String>,
     bytes: Range<usize>,
-    /// An Elixir function clause's arity: consecutive clauses of one function (same name and
-    /// arity) are one definition.
-    arity: Option<usize>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -165,7 +162,6 @@ fn syntax_pieces(lang: Lang, src: &str) -> Option<Vec<Piece>> {
     let mut defs = Vec::new();
     collect(lang, src, tree.root_node(), &[], &mut defs);
     defs.sort_by_key(|p| (p.bytes.start, p.bytes.end));
-    defs = merge_clauses(defs);
     // Code outside every definition, by line.
     let starts = line_starts(src);
     let mut covered = vec![false; starts.len()];
@@ -194,7 +190,6 @@ fn syntax_pieces(lang: Lang, src: &str) -> Option<Vec<Piece>> {
                 kind: "code",
                 symbol: None,
                 bytes: trim_lines(src, bytes),
-                arity: None,
             });
         }
     }
@@ -208,13 +203,26 @@ fn syntax_pieces(lang: Lang, src: &str) -> Option<Vec<Piece>> {
 fn collect(lang: Lang, src: &str, node: Node, scope: &[String], out: &mut Vec<Piece>) {
     let mut cursor = node.walk();
     let children: Vec<Node> = node.named_children(&mut cursor).collect();
+    // Clauses already joined to the function before them ([`later_clauses`]).
+    let mut joined: std::collections::HashSet<usize> = std::collections::HashSet::new();
     for child in children {
+        if joined.contains(&child.id()) {
+            continue;
+        }
         match role(lang, src, child) {
             Role::Def { kind, name, body } => {
                 // `export function f`, `declare class C`: the wrapper carries the docs.
                 let anchor = doc_anchor(child);
                 let start = doc_start(lang, src, anchor);
-                let end = anchor.end_byte().max(child.end_byte());
+                let mut end = anchor.end_byte().max(child.end_byte());
+                // An Elixir function is all its clauses: one chunk to the last one's end.
+                if lang == Lang::Elixir {
+                    let later = later_clauses(src, child);
+                    if let Some(last) = later.last() {
+                        end = end.max(last.end_byte());
+                    }
+                    joined.extend(later.iter().map(|n| n.id()));
+                }
                 let mut qualified = scope.to_vec();
                 if let Some(n) = &name {
                     qualified.push(n.clone());
@@ -248,7 +256,6 @@ fn collect(lang: Lang, src: &str, node: Node, scope: &[String], out: &mut Vec<Pi
                         kind: shown,
                         symbol,
                         bytes: header,
-                        arity: None,
                     });
                     // Members are methods, not free functions.
                     for p in &mut out[inner_start..] {
@@ -259,15 +266,10 @@ fn collect(lang: Lang, src: &str, node: Node, scope: &[String], out: &mut Vec<Pi
                         }
                     }
                 } else {
-                    let arity = match lang {
-                        Lang::Elixir if kind == "function" => Some(elixir_arity(child)),
-                        _ => None,
-                    };
                     out.push(Piece {
                         kind,
                         symbol,
                         bytes: start..end,
-                        arity,
                     });
                 }
             }
@@ -496,27 +498,6 @@ fn elixir_role<'t>(src: &str, node: Node<'t>) -> Role<'t> {
     }
 }
 
-/// One definition per function: consecutive clauses (`def f(0)`, `def f(n)`) with the same symbol
-/// and arity become one piece, from the first clause's docs to the last clause's end.
-fn merge_clauses(defs: Vec<Piece>) -> Vec<Piece> {
-    let mut out: Vec<Piece> = Vec::with_capacity(defs.len());
-    for p in defs {
-        if let Some(last) = out.last_mut() {
-            if p.arity.is_some()
-                && p.arity == last.arity
-                && p.symbol.is_some()
-                && p.symbol == last.symbol
-                && p.bytes.start >= last.bytes.end
-            {
-                last.bytes.end = p.bytes.end;
-                continue;
-            }
-        }
-        out.push(p);
-    }
-    out
-}
-
 /// The arity of an Elixir definition as written: `def f(a, b \\ 1)` 2, `def f(a) when a > 0` 1,
 /// `def f do` 0.
 fn elixir_arity(node: Node) -> usize {
@@ -655,8 +636,9 @@ pub(crate) fn definition(
     }
 }
 
-/// The clauses after an Elixir function's `node` that the chunker joins to it ([`merge_clauses`]):
-/// its next siblings with the same name and arity, with only comments and attributes between.
+/// The clauses after an Elixir function's `node`, which the chunker ([`collect`]) and the miner
+/// join to it: its next siblings with the same name and arity, up to the next other definition.
+/// None for anything else.
 pub(crate) fn later_clauses<'t>(src: &str, node: Node<'t>) -> Vec<Node<'t>> {
     let Some(("function", Some(name))) = definition(Lang::Elixir, src, node) else {
         return Vec::new();
@@ -667,9 +649,9 @@ pub(crate) fn later_clauses<'t>(src: &str, node: Node<'t>) -> Vec<Node<'t>> {
     while let Some(n) = next {
         match definition(Lang::Elixir, src, n) {
             Some(("function", Some(m))) if m == name && elixir_arity(n) == arity => out.push(n),
-            None if n.kind() == "comment"
-                || (n.kind() == "unary_operator" && text_of(src, n).starts_with('@')) => {}
-            _ => break,
+            Some(_) => break,
+            // Comments, attributes, code that makes more clauses (`for … do def f(…)`): part of it.
+            None => {}
         }
         next = n.next_named_sibling();
     }
@@ -759,7 +741,6 @@ fn text_pieces(src: &str, window: usize, overlap: usize) -> Vec<Piece> {
                 kind: "text",
                 symbol: None,
                 bytes,
-                arity: None,
             });
         }
         if b + 1 >= n {
