@@ -488,10 +488,15 @@ pub fn run(args: McpArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let service = server
-            .serve(rmcp::transport::stdio())
-            .await
-            .context("starting the MCP session")?;
+        let service = match server.serve(rmcp::transport::stdio()).await {
+            Ok(service) => service,
+            // The client left before a session began (it sent nothing, or only pings, discovery
+            // or messages that were answered with errors): an end like any other, not a failure.
+            Err(rmcp::service::ServerInitializeError::ConnectionClosed(_)) => {
+                return anyhow::Ok(());
+            }
+            Err(e) => return Err(e).context("starting the MCP session"),
+        };
         service.waiting().await.context("the MCP session")?;
         anyhow::Ok(())
     })?;

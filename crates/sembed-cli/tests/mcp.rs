@@ -327,6 +327,29 @@ fn raw_input_gets_errors_never_a_crash_and_stdout_is_protocol_only() {
 }
 
 #[test]
+fn a_client_that_leaves_before_a_session_is_a_clean_exit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    indexed_repo(dir);
+    // Nothing at all, then a ping and a request without the stateless revision's metadata (answered
+    // with an error): neither begins a session, and closing stdin after them ends the server with
+    // success, as it does after a session.
+    Server::start(&[dir.to_str().unwrap(), "--no-refresh"]).finish();
+    let mut s = Server::start(&[dir.to_str().unwrap(), "--no-refresh"]);
+    s.send(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#);
+    let r = s.next();
+    assert_eq!((&r["id"], &r["result"]), (&json!(1), &json!({})), "{r}");
+    s.send(br#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#);
+    let r = s.next();
+    assert_eq!(
+        (&r["id"], &r["error"]["code"]),
+        (&json!(2), &json!(-32602)),
+        "{r}"
+    );
+    s.finish();
+}
+
+#[test]
 fn watch_mode_picks_up_an_edit() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
