@@ -64,6 +64,9 @@ defmodule Sembed.SearchTest do
     {:ok, [hit | _]} = Sembed.search(index, "add", k: 1, lang: "python")
     assert hit.lang == "python"
     assert hit.path =~ "parse.py"
+    # A language no chunk can have is an error naming those there are, not an empty list.
+    assert {:error, %Sembed.Error{message: msg}} = Sembed.search(index, "add", lang: "pyhton")
+    assert msg =~ "one of rust, python"
     {:ok, hits} = Sembed.search(index, "add", path: "*lib/*")
     assert Enum.all?(hits, &String.contains?(&1.path, "lib/"))
 

@@ -364,10 +364,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
         args.ann_threshold,
     )?;
     store.set_exact(args.exact);
-    let filter = Filter {
-        lang: args.lang.clone(),
-        path: args.path.clone(),
-    };
+    let filter = Filter::new(args.lang.clone(), args.path.clone()).map_err(anyhow::Error::msg)?;
     let t = std::time::Instant::now();
     let results = sembed_index::search::search(
         store.as_mut(),

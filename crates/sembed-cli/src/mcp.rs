@@ -127,32 +127,8 @@ fn invalid(message: impl Into<String>) -> ErrorData {
     ErrorData::invalid_params(message.into(), None)
 }
 
-fn languages() -> &'static [&'static str] {
-    &[
-        "rust",
-        "python",
-        "elixir",
-        "javascript",
-        "typescript",
-        "go",
-        "java",
-        "text",
-    ]
-}
-
 fn filter(language: Option<String>, path: Option<String>) -> Result<Filter, ErrorData> {
-    if let Some(l) = &language {
-        if !languages().contains(&l.as_str()) {
-            return Err(invalid(format!(
-                "language `{l}`: expected one of {}",
-                languages().join(", ")
-            )));
-        }
-    }
-    Ok(Filter {
-        lang: language,
-        path,
-    })
+    Filter::new(language, path).map_err(invalid)
 }
 
 fn count(k: Option<u32>, default: u32, what: &str) -> Result<usize, ErrorData> {

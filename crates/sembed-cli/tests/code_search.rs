@@ -348,6 +348,11 @@ fn server_search_equals_cli_search() {
         modes.push((mode, cli, post(port, "/search", &body)));
     }
     let (bad_mode, mode_err) = post(port, "/search", r#"{"query": "x", "mode": "fuzzy"}"#);
+    // A language no chunk can have is an error naming those there are (not an empty answer), in
+    // every way of asking; its case does not matter.
+    let (bad_lang, lang_err) = post(port, "/search", r#"{"query": "x", "lang": "pyhton"}"#);
+    let (upper, upper_hits) = post(port, "/search", r#"{"query": "x", "lang": "Python"}"#);
+    let cli_lang = sembed_in(&dir, &["search", "x", "--lang", "pyhton"]);
     let _ = server.kill();
     let _ = server.wait();
     assert_eq!(status, 200, "{served}");
@@ -380,6 +385,19 @@ fn server_search_equals_cli_search() {
         }
     }
     assert_eq!(bad_mode, 422, "{mode_err}");
+    assert_eq!(bad_lang, 422, "{lang_err}");
+    assert!(
+        lang_err["error"]
+            .as_str()
+            .unwrap()
+            .contains("`pyhton`: one of rust, python, elixir"),
+        "{lang_err}"
+    );
+    assert_eq!(upper, 200, "{upper_hits}");
+    assert!(!upper_hits["hits"].as_array().unwrap().is_empty());
+    assert!(!cli_lang.status.success());
+    let stderr = String::from_utf8_lossy(&cli_lang.stderr);
+    assert!(stderr.contains("`pyhton`: one of rust, python"), "{stderr}");
     assert!(
         mode_err["error"]
             .as_str()

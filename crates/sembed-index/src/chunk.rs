@@ -95,6 +95,18 @@ impl Lang {
     }
 }
 
+/// Every language name a chunk can be stored with: the grammars' and `text`.
+pub const LANGUAGES: &[&str] = &[
+    "rust",
+    "python",
+    "elixir",
+    "javascript",
+    "typescript",
+    "go",
+    "java",
+    "text",
+];
+
 /// The language name stored for a path: a grammar's, or `text`.
 pub fn lang_name(path: &str) -> &'static str {
     Lang::of_path(path).map_or("text", Lang::name)

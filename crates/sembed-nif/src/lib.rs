@@ -351,7 +351,7 @@ fn search(
         let mode: sembed_index::search::Mode = mode.parse()?;
         let mut store = index.store.lock().unwrap_or_else(PoisonError::into_inner);
         store.set_exact(exact);
-        let filter = Filter { lang, path };
+        let filter = Filter::new(lang, path)?;
         let results = sembed_index::search::search(
             &mut **store,
             index.model.embedder(),

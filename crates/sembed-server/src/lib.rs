@@ -844,10 +844,8 @@ async fn search_inner(
             format!("`k` {k}: between 1 and {MAX_SEARCH_K}"),
         ));
     }
-    let filter = sembed_index::store::Filter {
-        lang: opt_str(&v, "lang", f)?,
-        path: opt_str(&v, "path", f)?,
-    };
+    let filter = sembed_index::store::Filter::new(opt_str(&v, "lang", f)?, opt_str(&v, "path", f)?)
+        .map_err(|e| ApiError::validation(f, e))?;
     let mode: sembed_index::search::Mode = match opt_str(&v, "mode", f)? {
         Some(m) => m.parse().map_err(|e: String| ApiError::validation(f, e))?,
         None => sembed_index::search::Mode::Hybrid,

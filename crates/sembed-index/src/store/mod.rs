@@ -106,6 +106,20 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// A filter from a user's language and path glob. A language no chunk can have is an error
+    /// naming the ones there are (it would find nothing, silently); case is ignored.
+    pub fn new(lang: Option<String>, path: Option<String>) -> std::result::Result<Filter, String> {
+        let lang = lang.map(|l| l.to_lowercase());
+        if let Some(l) = &lang {
+            if !crate::chunk::LANGUAGES.contains(&l.as_str()) {
+                return Err(format!(
+                    "language `{l}`: one of {}",
+                    crate::chunk::LANGUAGES.join(", ")
+                ));
+            }
+        }
+        Ok(Filter { lang, path })
+    }
     pub fn is_empty(&self) -> bool {
         self.lang.is_none() && self.path.is_none()
     }
