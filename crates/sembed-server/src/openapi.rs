@@ -169,7 +169,7 @@ pub struct SearchRequest {
     #[schema(minimum = 1, maximum = 1000)]
     pub k: Option<u32>,
     /// Only chunks of this language (`rust`, `python`, `elixir`, `javascript`, `typescript`, `go`,
-    /// `java`, `text`).
+    /// `java`, `text`; any case). Another name is a 422 listing these.
     pub lang: Option<String>,
     /// Only paths matching this pattern (`*` any characters, `/` included; `?` one).
     pub path: Option<String>,
