@@ -356,3 +356,28 @@ fn over_long_line_is_cut() {
     let joined: String = chunks.iter().map(|c| c.text.as_str()).collect();
     assert_eq!(joined, line);
 }
+
+/// Every name a chunk is stored with is one a search filter accepts (`Filter::new` checks against
+/// `LANGUAGES`): a language added to the chunker and not to the list could never be searched alone.
+#[test]
+fn every_stored_language_is_a_filter_language() {
+    use sembed_index::chunk::{lang_name, LANGUAGES};
+    use sembed_index::store::Filter;
+    let exts = [
+        "rs", "py", "pyi", "ex", "exs", "js", "mjs", "cjs", "jsx", "ts", "mts", "cts", "tsx", "go",
+        "java", "md", "toml",
+    ];
+    for ext in exts {
+        let name = lang_name(&format!("a.{ext}"));
+        assert!(LANGUAGES.contains(&name), "{ext}: {name}");
+        assert!(
+            Filter::new(Some(name.to_uppercase()), None).is_ok(),
+            "{name}"
+        );
+    }
+    let e = Filter::new(Some("cobol".into()), None).unwrap_err();
+    assert!(
+        e.contains("`cobol`") && e.contains("typescript, go, java, text"),
+        "{e}"
+    );
+}
